@@ -1,0 +1,122 @@
+"""Train-step throughput of jaxsd's UNet vs diffusers' FlaxUNet2DConditionModel.
+
+Times jit(value_and_grad(MSE of the UNet output)) at the MNIST architecture
+and prints one JSON object: images/s (median over timed runs) and compile
+seconds for each implementation, and their speed ratio.
+
+  python benchmarks/bench_unet.py [--batch 64] [--runs 10] [--dtype float32]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from jaxsd.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+
+# The MNIST UNet (configs/mnist.py), as a diffusers config.
+MNIST_CONFIG = dict(
+    sample_size=28, in_channels=1, out_channels=1,
+    block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=64)
+
+
+def random_params(shapes, seed=0):
+  """Small random values for every leaf of an eval_shape'd param tree."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), jnp.float32), shapes)
+
+
+def time_train_step(apply_fn, params, batch, runs):
+  """Compile seconds and per-step seconds of jit(value_and_grad(MSE))."""
+  x, t, ctx = batch
+
+  @jax.jit
+  def step(params):
+    def loss_fn(p):
+      return jnp.mean(jnp.square(apply_fn(p, x, t, ctx) - x))
+    return jax.value_and_grad(loss_fn)(params)
+
+  start = time.perf_counter()
+  compiled = step.lower(params).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(params))  # warm-up
+  jax.block_until_ready(compiled(params))
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params))
+    times.append(time.perf_counter() - start)
+  return compile_s, times
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--tokens", type=int, default=8)
+  parser.add_argument("--runs", type=int, default=10)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--only", choices=("jaxsd", "diffusers"), default=None)
+  args = parser.parse_args()
+  dtype = jnp.dtype(args.dtype)
+
+  from diffusers import FlaxUNet2DConditionModel  # slow import
+  from diffusers.utils import logging as diffusers_logging
+  diffusers_logging.set_verbosity_error()
+
+  cfg = MNIST_CONFIG
+  b, s = args.batch, cfg["sample_size"]
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (b, s, s, cfg["in_channels"]))
+  t = jax.random.randint(jax.random.fold_in(key, 1), (b,), 0, 1000)
+  ctx = jax.random.normal(jax.random.fold_in(key, 2),
+                          (b, args.tokens, cfg["cross_attention_dim"]))
+
+  theirs = FlaxUNet2DConditionModel(dtype=dtype, **cfg)
+  shapes = jax.eval_shape(
+      lambda: theirs.init(key, jnp.zeros((1, cfg["in_channels"], s, s)),
+                          jnp.zeros((1,), jnp.int32), ctx[:1]))["params"]
+  their_params = random_params(shapes)
+  ours = unet_lib.unet_from_diffusers_config(theirs.config, dtype=dtype)
+  our_params = unet_lib.convert_diffusers_params(their_params)
+
+  def apply_theirs(p, x, t, ctx):
+    out = theirs.apply({"params": p}, jnp.transpose(x, (0, 3, 1, 2)), t, ctx)
+    return jnp.transpose(out.sample, (0, 2, 3, 1)).astype(jnp.float32)
+
+  def apply_ours(p, x, t, ctx):
+    return ours.apply({"params": p}, x, t, ctx)
+
+  result = dict(batch=b, image=[s, s, cfg["in_channels"]],
+                tokens=args.tokens, dtype=args.dtype,
+                backend=jax.default_backend(),
+                cpu_count=os.cpu_count(), runs=args.runs)
+  impls = {"jaxsd": (apply_ours, our_params),
+           "diffusers": (apply_theirs, their_params)}
+  for name, (fn, params) in impls.items():
+    if args.only and name != args.only:
+      continue
+    compile_s, times = time_train_step(fn, params, (x, t, ctx), args.runs)
+    median = statistics.median(times)
+    result[name] = dict(compile_s=round(compile_s, 2),
+                        step_s_median=round(median, 4),
+                        step_s_min=round(min(times), 4),
+                        images_per_s=round(b / median, 1))
+  if "jaxsd" in result and "diffusers" in result:
+    result["speedup"] = round(result["diffusers"]["step_s_median"] /
+                              result["jaxsd"]["step_s_median"], 2)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,114 @@
+"""Default configuration: every field jaxsd reads, with documented defaults.
+
+Experiment files (`configs/mnist.py`, ...) start from this tree and override
+fields; any field can also be overridden on the command line, e.g.
+`--config.training.num_steps=100`. Unknown keys are errors.
+"""
+import os
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  # --- Data ---------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "mnist"  # tensorflow-datasets name
+  # Folder with the four original MNIST files; builds the dataset offline.
+  data.mnist_dir = os.environ.get("JAXSD_MNIST_DIR", "")
+  # Where tfds keeps prepared datasets ("" = TFDS_DATA_DIR or ~/tensorflow_datasets).
+  data.tfds_data_dir = os.environ.get("TFDS_DATA_DIR", "")
+  data.caption_template = "a photograph of the number {label}"
+  data.image_size = 28  # 32 pads 28x28 MNIST with background to 32x32
+  data.random_flip = False  # horizontal flips; wrong for digits
+  data.shuffle = True
+
+  # --- Text encoder (transformers FlaxCLIPTextModel) ----------------------
+  config.text = text = ml_collections.ConfigDict()
+  # Hub id or local folder; env JAXSD_CLIP_TOKENIZER overrides the default.
+  text.tokenizer = os.environ.get("JAXSD_CLIP_TOKENIZER",
+                                  "openai/clip-vit-large-patch14")
+  text.max_length = 77  # tokens per caption (padded / truncated)
+  text.pretrained = ""  # hub id or path of a FlaxCLIPTextModel; "" = fresh weights
+  text.trainable = True
+  # Architecture of a freshly initialised encoder (ignored when pretrained).
+  text.hidden_size = 512
+  text.num_layers = 4
+  text.num_heads = 8
+  text.intermediate_size = 2048
+
+  # --- UNet ---------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.implementation = "diffusers"  # "diffusers" (FlaxUNet2DConditionModel)
+  model.pretrained = ""  # diffusers UNet id/path (subfolder "unet"); "" = fresh
+  model.in_channels = 1
+  model.out_channels = 1
+  model.block_out_channels = (64, 128, 128)
+  # Attention at the 28x28 level costs (784 tokens)^2 per head; MNIST keeps
+  # it to the 14x14 and 7x7 levels.
+  model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D",
+                            "CrossAttnDownBlock2D")
+  model.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                          "UpBlock2D")
+  model.layers_per_block = 1
+  model.attention_head_dim = 8
+  model.norm_num_groups = 32
+  model.use_linear_projection = False
+  model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 master weights
+
+  # --- Diffusion ----------------------------------------------------------
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = "cosine"  # linear | scaled_linear | cosine
+  diffusion.num_timesteps = 1000
+  diffusion.prediction_type = "epsilon"  # epsilon | v_prediction
+  diffusion.min_snr_gamma = 0.0  # > 0 enables min-SNR-gamma loss weighting
+  diffusion.cfg_dropout = 0.1  # probability of training on the empty prompt
+
+  # --- Optimisation -------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-3
+  optim.warmup_steps = 100
+  optim.end_learning_rate_factor = 0.0  # cosine decays to lr * this
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.weight_decay = 1e-2  # not applied to biases, norm scales, embeddings
+  optim.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+  optim.ema_decay = 0.999
+  optim.grad_accum_steps = 1  # micro-batches per step (same global batch)
+
+  # --- Training loop --------------------------------------------------------
+  config.training = training = ml_collections.ConfigDict()
+  training.num_steps = 10_000
+  training.batch_size = 128  # global, over all processes and devices
+  training.seed = 0
+  training.log_every = 50
+  training.eval_every = 2000
+  training.checkpoint_every = 2000
+  training.keep_checkpoints = 3
+  training.steps_per_call = 1  # train steps fused into one jitted call
+
+  # --- Sampling (periodic grids and jaxsd.sample) -------------------------
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ddim"
+  sampling.num_steps = 50
+  sampling.guidance_scale = 3.0
+  sampling.eta = 0.0
+  sampling.use_ema = True
+  sampling.samples_per_prompt = 2  # per prompt in the periodic grid
+  sampling.chunk_size = 64  # images per jitted sampling call (bounds memory)
+  sampling.prompts = tuple(f"a photograph of the number {d}" for d in range(10))
+
+  # --- Logging ------------------------------------------------------------
+  config.logging = logging = ml_collections.ConfigDict()
+  logging.mlflow = True
+  logging.experiment_name = "jaxsd"
+  logging.run_name = ""  # "" = the workdir's name
+
+  # --- Parallelism ----------------------------------------------------------
+  config.parallel = parallel = ml_collections.ConfigDict()
+  # "auto": jax.distributed.initialize() under SLURM / when a coordinator is set.
+  parallel.distributed = "auto"  # auto | on | off
+
+  return config

@@ -1,0 +1,63 @@
+"""Builds a run's components from its config: tokenizer, text encoder, UNet,
+noise schedule. Shared by training, sampling and evaluation."""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd import models
+from jaxsd import text as text_lib
+from jaxsd.diffusion import schedules
+
+
+@dataclasses.dataclass
+class Components:
+  config: Any
+  tokenizer: Any
+  text_encoder: text_lib.TextEncoder
+  unet: Any
+  schedule: schedules.NoiseSchedule
+  uncond_ids: np.ndarray  # [1, L] token ids of the empty prompt
+
+  @property
+  def image_shape(self):
+    c = self.config
+    return (c.data.image_size, c.data.image_size, c.model.in_channels)
+
+  def init_params(self, rng):
+    """{"unet": ..., "text": ...}, freshly initialised or pretrained."""
+    rng_text, rng_unet = jax.random.split(rng)
+    context_shape = (self.text_encoder.max_length,
+                     self.text_encoder.hidden_size)
+    return {"unet": self.unet.init(rng_unet, self.image_shape, context_shape),
+            "text": self.text_encoder.init(rng_text)}
+
+  def denoise_fn(self, params):
+    """(x_t [B,H,W,C], t [B], context [B,L,D]) -> model output, for samplers."""
+    def fn(x_t, t, context):
+      return self.unet.apply(params["unet"], x_t, t, context)
+    return fn
+
+  def encode(self, params, input_ids):
+    return self.text_encoder(params["text"], input_ids)
+
+
+def build_components(config) -> Components:
+  tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
+  encoder = text_lib.TextEncoder(config.text, text_lib.vocab_size(tokenizer))
+  unet = models.build_unet(config.model, encoder.hidden_size)
+  schedule = schedules.make_schedule(config.diffusion.schedule,
+                                     config.diffusion.num_timesteps)
+  uncond = text_lib.empty_prompt_ids(tokenizer, config.text.max_length)
+  return Components(config=config, tokenizer=tokenizer, text_encoder=encoder,
+                    unet=unet, schedule=schedule, uncond_ids=uncond)
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def as_jnp(tree):
+  return jax.tree_util.tree_map(jnp.asarray, tree)

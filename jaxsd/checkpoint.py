@@ -1,0 +1,56 @@
+"""Checkpoints with orbax: train state plus run metadata, atomic and resumable.
+
+Layout: WORKDIR/checkpoints/<step>/{state,meta}. orbax writes each step to a
+temporary folder and renames it when complete, so a crash mid-save leaves the
+previous checkpoint intact and the partial one is ignored.
+"""
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def manager(workdir: str, keep: Optional[int] = None,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      # Saves happen exactly when the train loop asks.
+      save_interval_steps=1)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any,
+         meta: Dict[str, Any]):
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
+            step: Optional[int] = None) -> Tuple[Any, Dict[str, Any], int]:
+  """Restores (state, meta, step); abstract_state carries target shardings."""
+  step = latest_step_or_raise(mngr) if step is None else step
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      meta=ocp.args.JsonRestore()))
+  return out["state"], out["meta"], step
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
+  return mngr.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))["meta"]
+
+
+def latest_step_or_raise(mngr: ocp.CheckpointManager) -> int:
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {mngr.directory}: train first with "
+        "`python -m jaxsd.main --config=... --workdir=WORKDIR`, or point "
+        "--workdir at a finished run.")
+  return step

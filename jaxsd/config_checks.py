@@ -1,0 +1,56 @@
+"""Config validation: bad values fail at start-up with the key and the fix."""
+from jaxsd import models
+from jaxsd.diffusion import losses
+from jaxsd.diffusion import schedules
+
+REQUIRED_POSITIVE = ("training.num_steps", "training.batch_size",
+                     "training.log_every", "training.eval_every",
+                     "training.checkpoint_every", "training.steps_per_call",
+                     "optim.grad_accum_steps", "text.max_length",
+                     "diffusion.num_timesteps", "data.image_size")
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config):
+  for key in REQUIRED_POSITIVE:
+    value = _get(config, key)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{key}={value!r} must be a positive integer.")
+  if config.diffusion.schedule not in schedules.schedule_names():
+    raise ValueError(f"diffusion.schedule={config.diffusion.schedule!r}; "
+                     f"choose one of {schedules.schedule_names()}.")
+  if config.diffusion.prediction_type not in losses.PREDICTION_TYPES:
+    raise ValueError(
+        f"diffusion.prediction_type={config.diffusion.prediction_type!r}; "
+        f"choose one of {losses.PREDICTION_TYPES}.")
+  if not 0.0 <= config.diffusion.cfg_dropout < 1.0:
+    raise ValueError(f"diffusion.cfg_dropout={config.diffusion.cfg_dropout} "
+                     "must be in [0, 1).")
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    raise ValueError(f"optim.ema_decay={config.optim.ema_decay} must be in "
+                     "[0, 1).")
+  if config.model.implementation not in models.unet_implementations():
+    raise ValueError(f"model.implementation={config.model.implementation!r};"
+                     f" choose one of {models.unet_implementations()}.")
+  models.compute_dtype(config.model.dtype)
+  n_blocks = len(config.model.block_out_channels)
+  for key in ("down_block_types", "up_block_types"):
+    if len(config.model[key]) != n_blocks:
+      raise ValueError(
+          f"model.{key} has {len(config.model[key])} entries but "
+          f"model.block_out_channels has {n_blocks}; give one per level.")
+  if config.training.num_steps % config.training.steps_per_call:
+    raise ValueError(
+        f"training.num_steps={config.training.num_steps} must be a multiple "
+        f"of training.steps_per_call={config.training.steps_per_call}.")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    if config.training[key] % config.training.steps_per_call:
+      raise ValueError(
+          f"training.{key}={config.training[key]} must be a multiple of "
+          f"training.steps_per_call={config.training.steps_per_call}.")

@@ -1,0 +1,1 @@
+"""Diffusion maths: noise schedules, training losses and samplers (pure JAX, no I/O)."""

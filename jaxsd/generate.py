@@ -1,0 +1,84 @@
+"""Prompts in, images out: text encoding, guided sampling, sharding, chunks.
+
+Used by training's periodic sample grid, `jaxsd.sample` and evaluation.
+"""
+import functools
+from typing import Optional, Sequence
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd import parallel
+from jaxsd import text as text_lib
+from jaxsd.build import Components
+from jaxsd.diffusion import samplers
+
+
+class Generator:
+  """Jitted text-to-image sampling over all devices, in fixed-size chunks.
+
+  Each chunk is one compiled call of `chunk_size` images (a multiple of the
+  device count); the last chunk is padded, so any number of images works and
+  memory stays bounded by the chunk.
+  """
+
+  def __init__(self, components: Components, mesh, *, sampler: str,
+               num_steps: int, guidance_scale: float, eta: float = 0.0,
+               chunk_size: int = 64):
+    samplers.get_sampler(sampler)  # fails early on an unknown name
+    if num_steps < 1:
+      raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    self._n_dev = jax.device_count()
+    self.chunk_size = max(self._n_dev, (chunk_size // self._n_dev) * self._n_dev)
+    self.components = components
+    self.mesh = mesh
+    self._sharding = parallel.batch_sharding(mesh)
+    self._replicated = parallel.replicated(mesh)
+    fn = functools.partial(self._generate, sampler=sampler,
+                           num_steps=num_steps,
+                           guidance_scale=float(guidance_scale), eta=eta)
+    self._jitted = jax.jit(
+        fn, in_shardings=(self._replicated, self._sharding, self._replicated),
+        out_shardings=self._sharding)
+
+  def _generate(self, params, input_ids, rng, *, sampler, num_steps,
+                guidance_scale, eta):
+    c = self.components
+    cond = c.encode(params, input_ids)
+    uncond = c.encode(params, jnp.asarray(c.uncond_ids))
+    shape = (input_ids.shape[0],) + c.image_shape
+    return samplers.sample(
+        c.denoise_fn(params), c.schedule, rng, shape, cond, uncond,
+        sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+        prediction_type=c.config.diffusion.prediction_type, eta=eta)
+
+  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    return text_lib.tokenize(self.components.tokenizer, prompts,
+                             self.components.config.text.max_length,
+                             warn_truncation=True)
+
+  def __call__(self, params, prompts: Sequence[str], rng,
+               input_ids: Optional[np.ndarray] = None) -> np.ndarray:
+    """Images float32 [len(prompts), H, W, C] in [-1, 1] (host numpy).
+
+    Chunk i uses the key fold_in(rng, i): the same prompts, rng and chunk
+    size give the same images.
+    """
+    ids = self.tokenize(prompts) if input_ids is None else input_ids
+    n = len(ids)
+    # Fewer images than a chunk: a smaller call (rounded up to the devices).
+    size = min(self.chunk_size, -(-n // self._n_dev) * self._n_dev)
+    out = []
+    for i, lo in enumerate(range(0, n, size)):
+      chunk = ids[lo:lo + size]
+      pad = size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+      chunk = parallel.shard_replicated_host_array(chunk, self._sharding)
+      images = self._jitted(params, chunk, jax.random.fold_in(rng, i))
+      out.append(np.asarray(multihost_utils.process_allgather(
+          images, tiled=True))[:size - pad])
+    return np.concatenate(out, 0) if out else np.zeros((0,) + tuple(
+        self.components.image_shape), np.float32)

@@ -1,0 +1,88 @@
+"""UNet denoisers behind one interface: NHWC in, NHWC out.
+
+`build_unet(model_config, cross_attention_dim)` returns an object with
+`init(rng, image_shape, context_shape) -> params` and
+`apply(params, x [B, H, W, C], t [B], context [B, L, D]) -> [B, H, W, C]`.
+"""
+from typing import Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+_IMPLEMENTATIONS: Dict[str, Callable] = {}
+
+
+def register_unet(name: str):
+  def wrap(cls):
+    _IMPLEMENTATIONS[name] = cls
+    return cls
+  return wrap
+
+
+def unet_implementations():
+  return sorted(_IMPLEMENTATIONS)
+
+
+def compute_dtype(name: str):
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+            "float16": jnp.float16}
+  if name not in dtypes:
+    raise ValueError(f"model.dtype={name!r}; choose one of {sorted(dtypes)}.")
+  return dtypes[name]
+
+
+@register_unet("diffusers")
+class DiffusersUNet:
+  """diffusers 0.39 FlaxUNet2DConditionModel (NCHW inside; we transpose)."""
+
+  def __init__(self, model_config, cross_attention_dim: int):
+    import diffusers  # pylint: disable=g-import-not-at-top
+    diffusers.utils.logging.set_verbosity_error()
+    if model_config.norm_num_groups != 32:
+      raise ValueError(
+          "The diffusers UNet hard-codes GroupNorm(32): set "
+          "model.norm_num_groups=32 (and channels divisible by 32), or "
+          "model.implementation='jaxsd'.")
+    self._pretrained_params = None
+    if model_config.pretrained:
+      model, params = diffusers.FlaxUNet2DConditionModel.from_pretrained(
+          model_config.pretrained, subfolder="unet",
+          dtype=compute_dtype(model_config.dtype))
+      self._pretrained_params = params
+    else:
+      model = diffusers.FlaxUNet2DConditionModel(
+          sample_size=32,
+          in_channels=model_config.in_channels,
+          out_channels=model_config.out_channels,
+          down_block_types=tuple(model_config.down_block_types),
+          up_block_types=tuple(model_config.up_block_types),
+          block_out_channels=tuple(model_config.block_out_channels),
+          layers_per_block=model_config.layers_per_block,
+          attention_head_dim=model_config.attention_head_dim,
+          cross_attention_dim=cross_attention_dim,
+          use_linear_projection=model_config.use_linear_projection,
+          dtype=compute_dtype(model_config.dtype))
+    self.module = model
+
+  def init(self, rng, image_shape: Tuple[int, ...], context_shape):
+    if self._pretrained_params is not None:
+      return jax.tree_util.tree_map(jnp.asarray, self._pretrained_params)
+    def init_fn(rng):
+      x = jnp.zeros((1, image_shape[-1]) + tuple(image_shape[:2]), jnp.float32)
+      t = jnp.zeros((1,), jnp.int32)
+      ctx = jnp.zeros((1,) + tuple(context_shape), jnp.float32)
+      return self.module.init(rng, x, t, ctx)["params"]
+    return jax.jit(init_fn)(rng)  # op-by-op init takes tens of seconds
+
+  def apply(self, params, x, t, context):
+    x = jnp.transpose(x, (0, 3, 1, 2))
+    out = self.module.apply({"params": params}, x, t, context).sample
+    return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
+
+
+def build_unet(model_config, cross_attention_dim: int):
+  name = model_config.implementation
+  if name not in _IMPLEMENTATIONS:
+    raise ValueError(f"model.implementation={name!r}; choose one of "
+                     f"{unet_implementations()}.")
+  return _IMPLEMENTATIONS[name](model_config, cross_attention_dim)

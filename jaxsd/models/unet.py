@@ -1,0 +1,476 @@
+"""Text-conditioned UNet (Stable Diffusion layout), NHWC throughout.
+
+A drop-in, faster replacement for diffusers' `FlaxUNet2DConditionModel`: the
+same blocks, the same numerics and the same parameter tree (module names and
+kernel layouts), so `convert_diffusers_params` is nearly the identity. It
+differs in what it computes with, not what it computes:
+
+* NHWC in and out, so no layout transposes at the model's edges.
+* Attention heads go through `jax.nn.dot_product_attention` ([B, T, N, H]
+  layout: no head<->batch transposes).
+* 2x nearest upsampling is a broadcast + reshape instead of the gather in
+  `jax.image.resize` (whose gradient is a scatter-add).
+* 1x1 convolutions (transformer projections, resnet shortcuts) are matmuls.
+
+Numerics follow diffusers' Flax classes, including their quirks:
+`attention_head_dim` is the number of heads (diffusers issue #2011), GEGLU
+uses the tanh approximation of GELU (`flax.linen.gelu`'s default; the PyTorch
+UNet uses the exact one), GroupNorm/LayerNorm eps is 1e-5.
+"""
+from typing import Any, Tuple, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+IntOrTuple = Union[int, Tuple[int, ...]]
+
+_NORM_EPS = 1e-5
+
+
+def _per_block(value, n: int) -> Tuple[Any, ...]:
+  """Broadcasts a scalar setting to one entry per down block."""
+  if isinstance(value, (tuple, list)):
+    if len(value) != n:
+      raise ValueError(f"expected {n} per-block values, got {value!r}")
+    return tuple(value)
+  return (value,) * n
+
+
+def _conv3x3(features: int, dtype: Dtype, name: str, strides: int = 1):
+  return nn.Conv(features, kernel_size=(3, 3), strides=(strides, strides),
+                 padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+
+
+def timestep_embedding(timesteps: jnp.ndarray, dim: int,
+                       flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0) -> jnp.ndarray:
+  """Sinusoidal embedding of (possibly fractional) timesteps.
+
+  Args:
+    timesteps: [B] float.
+    dim: even embedding size.
+    flip_sin_to_cos: put the cosines first (diffusers' default for SD).
+    freq_shift: diffusers' `freq_shift` (downscale_freq_shift).
+
+  Returns:
+    [B, dim] float32.
+  """
+  half = dim // 2
+  # log(10000) / (half - shift), as diffusers' get_sinusoidal_embeddings.
+  log_increment = jnp.log(1.0e4) / (half - freq_shift)
+  inv_timescales = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -log_increment)
+  angles = timesteps.astype(jnp.float32)[:, None] * inv_timescales[None, :]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  parts = (cos, sin) if flip_sin_to_cos else (sin, cos)
+  return jnp.concatenate(parts, axis=-1)
+
+
+class Conv1x1(nn.Module):
+  """1x1 convolution computed as a matmul; params as `nn.Conv` ([1, 1, I, O])."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """[..., I] -> [..., O]."""
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    return jnp.dot(x, kernel[0, 0]) + bias
+
+
+class Upsample2x(nn.Module):
+  """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """[B, H, W, C] -> [B, 2H, 2W, features]."""
+    b, h, w, c = x.shape
+    # Same result as jax.image.resize(..., "nearest") for an exact 2x scale
+    # (source index floor((i + 0.5) / 2) == i // 2) but a broadcast, not a
+    # gather, so its gradient is a cheap reduction instead of a scatter-add.
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    x = x.reshape(b, 2 * h, 2 * w, c)
+    return _conv3x3(self.features, self.dtype, "conv")(x)
+
+
+class Downsample2x(nn.Module):
+  """3x3 conv with stride 2 and padding 1: H -> ceil(H / 2) (28 -> 14 -> 7)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    return _conv3x3(self.features, self.dtype, "conv", strides=2)(x)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-SiLU-conv twice, timestep embedding added in between."""
+  features: int
+  norm_num_groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray,
+               train: bool = False) -> jnp.ndarray:
+    """x: [B, H, W, C_in], temb: [B, D] -> [B, H, W, features]."""
+    norm = lambda name: nn.GroupNorm(self.norm_num_groups, epsilon=_NORM_EPS,
+                                     dtype=self.dtype, name=name)
+    h = nn.swish(norm("norm1")(x))
+    h = _conv3x3(self.features, self.dtype, "conv1")(h)
+    temb = nn.Dense(self.features, dtype=self.dtype,
+                    name="time_emb_proj")(nn.swish(temb))
+    h = h + temb[:, None, None, :]
+    h = nn.swish(norm("norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv3x3(self.features, self.dtype, "conv2")(h)
+    if x.shape[-1] != self.features:
+      x = Conv1x1(self.features, self.dtype, name="conv_shortcut")(x)
+    return x + h
+
+
+class Attention(nn.Module):
+  """Multi-head attention; queries from `x`, keys/values from `context`."""
+  heads: int
+  dim_head: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
+    """x: [B, T, C], context: [B, S, D] -> [B, T, C]."""
+    inner = self.heads * self.dim_head
+    dense = lambda name: nn.Dense(inner, use_bias=False, dtype=self.dtype,
+                                  name=name)
+    split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
+    q, k, v = (split(dense("to_q")(x)), split(dense("to_k")(context)),
+               split(dense("to_v")(context)))
+    # implementation=None: XLA's einsum-softmax-einsum on CPU, cuDNN's fused
+    # kernel on GPUs where it applies.
+    out = jax.nn.dot_product_attention(q, k, v, implementation=None)
+    out = out.reshape(*out.shape[:2], inner)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+
+
+class GEGLU(nn.Module):
+  """Dense to 2 * 4 * dim, then value * gelu(gate)."""
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    h = nn.Dense(self.dim * 8, dtype=self.dtype, name="proj")(x)
+    value, gate = jnp.split(h, 2, axis=-1)
+    # Tanh-approximate GELU, as diffusers' FlaxGEGLU (nn.gelu's default).
+    return value * nn.gelu(gate, approximate=True)
+
+
+class FeedForward(nn.Module):
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    h = GEGLU(self.dim, self.dtype, name="net_0")(x)
+    return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN self-attention, cross-attention and GEGLU feed-forward."""
+  heads: int
+  dim_head: int
+  only_cross_attention: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
+    """x: [B, T, C], context: [B, S, D] -> [B, T, C]."""
+    ln = lambda name: nn.LayerNorm(epsilon=_NORM_EPS, dtype=self.dtype,
+                                   name=name)
+    attn = lambda name: Attention(self.heads, self.dim_head, self.dtype,
+                                  name=name)
+    h = ln("norm1")(x)
+    x = x + attn("attn1")(h, context if self.only_cross_attention else h)
+    x = x + attn("attn2")(ln("norm2")(x), context)
+    x = x + FeedForward(x.shape[-1], self.dtype, name="ff")(ln("norm3")(x))
+    return x
+
+
+class SpatialTransformer(nn.Module):
+  """GroupNorm, project in, transformer blocks over H*W tokens, project out."""
+  heads: int
+  depth: int = 1
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  norm_num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
+    """x: [B, H, W, C], context: [B, S, D] -> [B, H, W, C]."""
+    b, height, width, c = x.shape
+    h = nn.GroupNorm(self.norm_num_groups, epsilon=_NORM_EPS, dtype=self.dtype,
+                     name="norm")(x)
+    # A 1x1 conv and a Dense are the same matmul; only the kernel's stored
+    # shape differs, which the param tree has to keep.
+    proj = ((lambda name: nn.Dense(c, dtype=self.dtype, name=name))
+            if self.use_linear_projection
+            else (lambda name: Conv1x1(c, self.dtype, name=name)))
+    h = proj("proj_in")(h).reshape(b, height * width, c)
+    for i in range(self.depth):
+      h = TransformerBlock(self.heads, c // self.heads,
+                           self.only_cross_attention, self.dtype,
+                           name=f"transformer_blocks_{i}")(h, context)
+    h = proj("proj_out")(h.reshape(b, height, width, c))
+    return x + h
+
+
+class TimestepEmbedding(nn.Module):
+  """Dense-SiLU-Dense on the sinusoidal embedding."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """[B, D_in] -> [B, features]."""
+    x = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x)
+    return nn.Dense(self.features, dtype=self.dtype,
+                    name="linear_2")(nn.swish(x))
+
+
+class _Block(nn.Module):
+  """Fields shared by the down, mid and up blocks."""
+  features: int
+  num_layers: int = 1
+  has_attention: bool = True
+  heads: int = 8
+  depth: int = 1
+  only_cross_attention: bool = False
+  use_linear_projection: bool = False
+  norm_num_groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def resnet(self, name: str) -> ResnetBlock:
+    return ResnetBlock(self.features, self.norm_num_groups, self.dropout,
+                       self.dtype, name=name)
+
+  def transformer(self, name: str) -> SpatialTransformer:
+    return SpatialTransformer(self.heads, self.depth,
+                              self.use_linear_projection,
+                              self.only_cross_attention, self.norm_num_groups,
+                              self.dtype, name=name)
+
+
+class DownBlock(_Block):
+  """(Resnet [+ transformer]) x num_layers, then an optional downsample.
+
+  diffusers' CrossAttnDownBlock2D (has_attention) or DownBlock2D.
+  """
+  add_downsample: bool = True
+
+  @nn.compact
+  def __call__(self, x, temb, context, train: bool = False):
+    """Returns the output [B, H', W', features] and the skips it produced."""
+    skips = []
+    for j in range(self.num_layers):
+      x = self.resnet(f"resnets_{j}")(x, temb, train)
+      if self.has_attention:
+        x = self.transformer(f"attentions_{j}")(x, context)
+      skips.append(x)
+    if self.add_downsample:
+      x = Downsample2x(self.features, self.dtype, name="downsamplers_0")(x)
+      skips.append(x)
+    return x, skips
+
+
+class MidBlock(_Block):
+  """Resnet, transformer, resnet (diffusers' UNetMidBlock2DCrossAttn)."""
+
+  @nn.compact
+  def __call__(self, x, temb, context, train: bool = False):
+    x = self.resnet("resnets_0")(x, temb, train)
+    x = self.transformer("attentions_0")(x, context)
+    return self.resnet("resnets_1")(x, temb, train)
+
+
+class UpBlock(_Block):
+  """(Concat skip, resnet [+ transformer]) x num_layers, optional upsample.
+
+  diffusers' CrossAttnUpBlock2D (has_attention) or UpBlock2D.
+  """
+  add_upsample: bool = True
+
+  @nn.compact
+  def __call__(self, x, skips, temb, context, train: bool = False):
+    """Consumes `skips` from the end (last skip first)."""
+    for j in range(self.num_layers):
+      x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
+      x = self.resnet(f"resnets_{j}")(x, temb, train)
+      if self.has_attention:
+        x = self.transformer(f"attentions_{j}")(x, context)
+    if self.add_upsample:
+      x = Upsample2x(self.features, self.dtype, name="upsamplers_0")(x)
+    return x
+
+
+class UNet(nn.Module):
+  """Text-conditioned UNet; fields mirror diffusers' UNet2DConditionModel.
+
+  `attention_head_dim` is, as in diffusers, the number of heads per block
+  (head size = channels // attention_head_dim). Params are float32; `dtype`
+  is the compute dtype. diffusers' Flax UNet hard-codes 32 norm groups, so
+  only `norm_num_groups=32` reproduces it.
+  """
+  in_channels: int = 4
+  out_channels: int = 4
+  down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D",
+                                       "CrossAttnDownBlock2D",
+                                       "CrossAttnDownBlock2D", "DownBlock2D")
+  up_block_types: Tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D",
+                                     "CrossAttnUpBlock2D",
+                                     "CrossAttnUpBlock2D")
+  only_cross_attention: Union[bool, Tuple[bool, ...]] = False
+  block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+  layers_per_block: int = 2
+  attention_head_dim: IntOrTuple = 8
+  cross_attention_dim: int = 1280
+  norm_num_groups: int = 32
+  flip_sin_to_cos: bool = True
+  freq_shift: int = 0
+  use_linear_projection: bool = False
+  transformer_layers_per_block: IntOrTuple = 1
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, sample: jnp.ndarray, timesteps: jnp.ndarray,
+               encoder_hidden_states: jnp.ndarray,
+               train: bool = False) -> jnp.ndarray:
+    """Predicts noise (or v, ...) for a noisy batch.
+
+    Args:
+      sample: [B, H, W, in_channels] noisy images/latents.
+      timesteps: [B] or scalar, int or float.
+      encoder_hidden_states: [B, L, cross_attention_dim] text encodings.
+      train: enables dropout (needs a 'dropout' rng when dropout > 0).
+
+    Returns:
+      [B, H, W, out_channels] float32.
+    """
+    n = len(self.block_out_channels)
+    for types in (self.down_block_types, self.up_block_types):
+      if len(types) != n:
+        raise ValueError(f"{types} and {self.block_out_channels} differ in "
+                         "length")
+    heads = _per_block(self.attention_head_dim, n)
+    cross_only = _per_block(self.only_cross_attention, n)
+    depths = _per_block(self.transformer_layers_per_block, n)
+    channels = self.block_out_channels
+
+    def settings(i):
+      return dict(heads=heads[i], depth=depths[i],
+                  use_linear_projection=self.use_linear_projection,
+                  norm_num_groups=self.norm_num_groups, dropout=self.dropout,
+                  dtype=self.dtype)
+
+    t = jnp.asarray(timesteps, jnp.float32).reshape(-1)
+    t = jnp.broadcast_to(t, (sample.shape[0],))
+    temb = timestep_embedding(t, channels[0], self.flip_sin_to_cos,
+                              self.freq_shift)
+    temb = TimestepEmbedding(channels[0] * 4, self.dtype,
+                             name="time_embedding")(temb)
+    context = encoder_hidden_states.astype(self.dtype)
+
+    x = _conv3x3(channels[0], self.dtype, "conv_in")(sample.astype(self.dtype))
+    skips = [x]
+    for i, block_type in enumerate(self.down_block_types):
+      x, block_skips = DownBlock(
+          channels[i], self.layers_per_block,
+          has_attention=_has_attention(block_type, "Down"),
+          only_cross_attention=cross_only[i], add_downsample=i < n - 1,
+          name=f"down_blocks_{i}", **settings(i))(x, temb, context, train)
+      skips.extend(block_skips)
+
+    x = MidBlock(channels[-1], name="mid_block",
+                 **settings(n - 1))(x, temb, context, train)
+
+    for i, block_type in enumerate(self.up_block_types):
+      r = n - 1 - i  # the down block this one mirrors
+      num_layers = self.layers_per_block + 1
+      block_skips, skips = skips[-num_layers:], skips[:-num_layers]
+      x = UpBlock(
+          channels[r], num_layers,
+          has_attention=_has_attention(block_type, "Up"),
+          only_cross_attention=cross_only[r], add_upsample=i < n - 1,
+          name=f"up_blocks_{i}", **settings(r))(x, block_skips, temb, context,
+                                                 train)
+
+    x = nn.GroupNorm(self.norm_num_groups, epsilon=_NORM_EPS, dtype=self.dtype,
+                     name="conv_norm_out")(x)
+    x = _conv3x3(self.out_channels, self.dtype, "conv_out")(nn.swish(x))
+    return x.astype(jnp.float32)
+
+
+def _has_attention(block_type: str, direction: str) -> bool:
+  """"CrossAttn{direction}Block2D" -> True, "{direction}Block2D" -> False."""
+  name = block_type.removeprefix("Flax")
+  if name == f"CrossAttn{direction}Block2D":
+    return True
+  if name == f"{direction}Block2D":
+    return False
+  raise ValueError(f"unsupported {direction.lower()} block type {block_type!r}")
+
+
+_CONFIG_FIELDS = ("in_channels", "out_channels", "down_block_types",
+                  "up_block_types", "only_cross_attention",
+                  "block_out_channels", "layers_per_block",
+                  "attention_head_dim", "cross_attention_dim",
+                  "norm_num_groups", "flip_sin_to_cos", "freq_shift",
+                  "use_linear_projection", "transformer_layers_per_block",
+                  "dropout")
+
+
+def unet_from_diffusers_config(cfg: dict, dtype: Dtype = jnp.float32) -> UNet:
+  """Builds the UNet a diffusers UNet2DConditionModel config describes.
+
+  Keys this UNet has no use for (sample_size, act_fn, ...) are ignored; ones
+  that would change the architecture into something it does not implement
+  raise.
+  """
+  cfg = dict(cfg)
+  unsupported = {
+      "num_attention_heads": None, "addition_embed_type": None,
+      "class_embed_type": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
+      "act_fn": "silu", "center_input_sample": False,
+  }
+  for key, ok in unsupported.items():
+    if key in cfg and cfg[key] != ok:
+      raise ValueError(f"unsupported diffusers config {key}={cfg[key]!r}")
+  kwargs = {k: cfg[k] for k in _CONFIG_FIELDS if k in cfg}
+  for k in ("down_block_types", "up_block_types", "block_out_channels",
+            "attention_head_dim", "only_cross_attention",
+            "transformer_layers_per_block"):
+    if isinstance(kwargs.get(k), list):
+      kwargs[k] = tuple(kwargs[k])
+  return UNet(dtype=dtype, **kwargs)
+
+
+def convert_diffusers_params(diffusers_params) -> dict:
+  """Maps a FlaxUNet2DConditionModel param tree onto `UNet`'s.
+
+  Module names and kernel layouts (HWIO convs, [in, out] denses, [1, 1, I, O]
+  projections) already agree, so this only unwraps an optional {"params": ...}
+  level, unfreezes and copies.
+  """
+  params = flax.core.unfreeze(diffusers_params)
+  if set(params) == {"params"}:
+    params = params["params"]
+  return jax.tree_util.tree_map(jnp.asarray, params)

@@ -1,0 +1,123 @@
+"""Text side: CLIP tokenizer and transformers' FlaxCLIPTextModel."""
+import os
+from typing import Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd import hub
+
+
+def _from_pretrained(cls, name: str, what: str, config_key: str, **kwargs):
+  """cls.from_pretrained(name) that fails fast, with a fix, when offline."""
+  if os.path.isdir(name):
+    return cls.from_pretrained(name, **kwargs)
+  try:  # hub id already in the local cache
+    return cls.from_pretrained(name, local_files_only=True, **kwargs)
+  except (OSError, ValueError):
+    pass
+  if not hub.network_available("huggingface.co"):
+    raise RuntimeError(
+        f"Cannot load the {what} {name!r}: it is not a local folder, not in the "
+        f"Hugging Face cache, and the hub is unreachable. Set {config_key} to a "
+        "local folder" + (" (or the JAXSD_CLIP_TOKENIZER environment variable)"
+                          if config_key == "text.tokenizer" else "") + ".")
+  return cls.from_pretrained(name, **kwargs)
+
+
+def load_tokenizer(name: str):
+  """CLIPTokenizer from a hub id or a local folder (config text.tokenizer)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  if not name:
+    raise ValueError("text.tokenizer is empty; set it to a hub id or a folder "
+                     "(or the JAXSD_CLIP_TOKENIZER environment variable).")
+  return _from_pretrained(transformers.CLIPTokenizer, name, "tokenizer",
+                          "text.tokenizer")
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int,
+             warn_truncation: bool = False) -> np.ndarray:
+  """Token ids int32 [len(texts), max_length], padded and truncated."""
+  texts = list(texts)
+  if warn_truncation:
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    for text, n in zip(texts, lengths):
+      if n > max_length:
+        logging.warning("Prompt %r has %d tokens; truncated to the text "
+                        "encoder's context of %d.", text, n, max_length)
+  out = tokenizer(texts, padding="max_length", max_length=max_length,
+                  truncation=True, return_tensors="np")
+  return out["input_ids"].astype(np.int32)
+
+
+def text_encoder_config(text_config, vocab_size: int):
+  """A CLIPTextConfig for a freshly initialised encoder."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.CLIPTextConfig(
+      vocab_size=vocab_size,
+      hidden_size=text_config.hidden_size,
+      intermediate_size=text_config.intermediate_size,
+      num_hidden_layers=text_config.num_layers,
+      num_attention_heads=text_config.num_heads,
+      max_position_embeddings=max(77, text_config.max_length),
+      # CLIP's tokenizer: 49406 = <|startoftext|>, 49407 = <|endoftext|>.
+      bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+class TextEncoder:
+  """FlaxCLIPTextModel as a pure function of (params, input_ids)."""
+
+  def __init__(self, text_config, vocab_size: int):
+    import transformers  # pylint: disable=g-import-not-at-top
+    self.max_length = text_config.max_length
+    if text_config.pretrained:
+      model = _from_pretrained(transformers.FlaxCLIPTextModel,
+                               text_config.pretrained, "text encoder",
+                               "text.pretrained")
+      self._pretrained_params = model.params
+    else:
+      model = transformers.FlaxCLIPTextModel(
+          text_encoder_config(text_config, vocab_size), _do_init=False)
+      self._pretrained_params = None
+    if model.config.max_position_embeddings < self.max_length:
+      raise ValueError(
+          f"text.max_length={self.max_length} exceeds the encoder's "
+          f"{model.config.max_position_embeddings} positions.")
+    self.module = model.module
+    self.hidden_size = model.config.hidden_size
+
+  def init(self, rng) -> dict:
+    if self._pretrained_params is not None:
+      return jax.tree_util.tree_map(jnp.asarray, self._pretrained_params)
+    ids = jnp.zeros((1, self.max_length), jnp.int32)
+    return jax.jit(self._init_fn)(rng, ids)
+
+  def _init_fn(self, rng, ids):
+    return self.module.init(rng, ids, jnp.ones_like(ids), self._positions(ids),
+                            deterministic=True)["params"]
+
+  @staticmethod
+  def _positions(ids):
+    return jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+
+  def __call__(self, params, input_ids):
+    """input_ids int32 [B, L] -> last hidden states float32 [B, L, D].
+
+    As in Stable Diffusion all positions are attended (no padding mask); CLIP's
+    causal mask keeps tokens before the padding unaffected by it.
+    """
+    out = self.module.apply({"params": params}, input_ids,
+                            jnp.ones_like(input_ids), self._positions(input_ids),
+                            deterministic=True)
+    return out[0]
+
+
+def empty_prompt_ids(tokenizer, max_length: int) -> np.ndarray:
+  """Token ids [1, L] of the empty prompt, the unconditional input of CFG."""
+  return tokenize(tokenizer, [""], max_length)
+
+
+def vocab_size(tokenizer) -> int:
+  return len(tokenizer)

@@ -1,0 +1,270 @@
+"""Training and periodic evaluation: the host-side loop.
+
+The numerics live in train_step.py (jitted, pure); this file does data,
+checkpoints, logging, preemption and sample grids.
+"""
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Dict, List, Tuple
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from jaxsd import build
+from jaxsd import checkpoint
+from jaxsd import config_checks
+from jaxsd import generate
+from jaxsd import images as images_lib
+from jaxsd import input_pipeline
+from jaxsd import metric_logging
+from jaxsd import parallel
+from jaxsd import text as text_lib
+from jaxsd import train_state as ts
+from jaxsd import train_step as step_lib
+
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def enable_compilation_cache():
+  """Persistent XLA cache: a second run of the same config skips compiling."""
+  cache_dir = os.environ.get("JAXSD_COMPILATION_CACHE",
+                             os.path.expanduser("~/.cache/jaxsd/xla"))
+  if cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def save_config(config, workdir: str):
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+
+
+class _Preemption:
+  """SIGTERM (SLURM preemption, `scancel`) asks the loop to checkpoint and stop.
+
+  With several processes, orbax/JAX's preemption sync point makes all of them
+  stop at the same step.
+  """
+
+  def __init__(self, mngr):
+    self._flag = False
+    self._mngr = mngr
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: checkpointing, then stopping.")
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(pending: List[Tuple[int, Dict[str, Any]]]):
+  for step, metrics in pending:
+    for name, value in metrics.items():
+      if not np.isfinite(value):
+        raise NonFiniteLossError(
+            f"train/{name} became {value} at step {step}; stopping without "
+            "checkpointing this state. The last good checkpoint is kept: lower "
+            "optim.learning_rate or enable optim.grad_clip_norm and resume.")
+
+
+def _fetch_metrics(pending_device) -> List[Tuple[int, Dict[str, float]]]:
+  """Device metrics (possibly [steps_per_call]-stacked) -> per-step floats."""
+  out = []
+  for first_step, metrics in jax.device_get(pending_device):
+    values = {k: np.atleast_1d(v) for k, v in metrics.items()}
+    for i in range(len(next(iter(values.values())))):
+      out.append((first_step + i, {k: float(v[i]) for k, v in values.items()}))
+  return out
+
+
+def write_sample_grid(generator: generate.Generator, params, config, rng,
+                      step: int, workdir: str, writer, mlflow_writer):
+  """Samples the configured prompts and writes a captioned grid (process 0)."""
+  prompts = [p for p in config.sampling.prompts
+             for _ in range(config.sampling.samples_per_prompt)]
+  images = generator(params, prompts, rng)
+  if jax.process_index() != 0:
+    return
+  grid = images_lib.captioned_grid(images, prompts,
+                                   ncols=config.sampling.samples_per_prompt
+                                   if len(config.sampling.prompts) > 10
+                                   else len(config.sampling.prompts))
+  path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+  images_lib.save_png_atomic(grid, path)
+  writer.write_images(step, {"samples": np.asarray(grid)[None] / 255.0})
+  logging.info("Wrote sample grid %s", path)
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains config's model in workdir, resuming from its latest checkpoint."""
+  config_checks.validate(config)
+  parallel.maybe_initialize_distributed(config.parallel.distributed)
+  enable_compilation_cache()
+  os.makedirs(workdir, exist_ok=True)
+  tcfg = config.training
+  parallel.check_batch_size(tcfg.batch_size, config.optim.grad_accum_steps)
+  mesh = parallel.make_mesh()
+  logging.info("%d processes, %d devices (%s)", jax.process_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  save_config(config, workdir)
+  writer, mlflow_writer = metric_logging.create_writers(config, workdir)
+  if jax.process_index() == 0:
+    writer.write_hparams(config.to_dict())
+
+  # --- Data ---------------------------------------------------------------
+  train_images, train_labels = input_pipeline.load_mnist(config.data, "train")
+  stats = input_pipeline.dataset_statistics(train_images, train_labels)
+  logging.info("Train data: %s", json.dumps(stats))
+  comps = build.build_components(config)
+  caption_ids = text_lib.tokenize(
+      comps.tokenizer,
+      input_pipeline.captions_for_labels(config.data.caption_template),
+      config.text.max_length)
+  data = input_pipeline.CaptionedImages(
+      images=train_images, labels=train_labels, caption_ids=caption_ids,
+      global_batch_size=tcfg.batch_size, image_size=config.data.image_size,
+      seed=tcfg.seed, shuffle=config.data.shuffle,
+      random_flip=config.data.random_flip,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  # --- State ----------------------------------------------------------------
+  base_rng = jax.random.key(tcfg.seed)
+  init_rng, train_rng, sample_rng = jax.random.split(base_rng, 3)
+  tx = ts.make_optimizer(config.optim, tcfg.num_steps, config.text.trainable)
+  def init_state(rng):
+    return ts.create(comps.init_params(rng), tx)
+  replicated = parallel.replicated(mesh)
+  abstract = jax.eval_shape(init_state, init_rng)
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      abstract)
+  mngr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    state, meta, start_step = checkpoint.restore(mngr, abstract)
+    data_position = int(meta["data_position"])
+    logging.info("Resumed from checkpoint at step %d (data position %d).",
+                 start_step, data_position)
+  else:
+    state = jax.jit(init_state, out_shardings=replicated)(init_rng)
+    start_step, data_position = 0, 0
+  n_total = build.param_count(state.params)
+  n_trainable = build.param_count(
+      state.params if config.text.trainable else state.params["unet"])
+  logging.info("Parameters: %d total (UNet %d, text %d), %d trainable.",
+               n_total, build.param_count(state.params["unet"]),
+               build.param_count(state.params["text"]), n_trainable)
+  if jax.process_index() == 0:
+    writer.write_scalars(start_step, {
+        **{f"data/{k}": v for k, v in stats.items()},
+        "model/params_total": n_total, "model/params_trainable": n_trainable})
+
+  # --- Steps ----------------------------------------------------------------
+  k = tcfg.steps_per_call
+  step_fn = step_lib.make_step_fn(
+      unet_apply=comps.unet.apply, text_apply=comps.text_encoder,
+      schedule=comps.schedule, uncond_ids=comps.uncond_ids, config=config,
+      tx=tx, steps_per_call=k)
+  batch_sharding = (parallel.batch_sharding(mesh) if k == 1
+                    else parallel.stacked_batch_sharding(mesh))
+  jit_step = jax.jit(step_fn,
+                     in_shardings=(replicated, batch_sharding, replicated),
+                     out_shardings=(replicated, replicated),
+                     donate_argnums=(0,))
+  generator = generate.Generator(
+      comps, mesh, sampler=config.sampling.sampler,
+      num_steps=config.sampling.num_steps,
+      guidance_scale=config.sampling.guidance_scale, eta=config.sampling.eta,
+      chunk_size=config.sampling.chunk_size)
+  lr_fn = ts.learning_rate_schedule(config.optim, tcfg.num_steps)
+
+  def next_batch(position):
+    if k == 1:
+      local = data.batch(position)
+    else:
+      parts = [data.batch(position + i) for i in range(k)]
+      local = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+    local.pop("label")
+    return parallel.global_batch(local, batch_sharding)
+
+  def save(step):
+    checkpoint.save(mngr, step, state, {
+        "step": step, "data_position": data_position,
+        "rng_seed": tcfg.seed, "config": config.to_dict()})
+
+  preemption = _Preemption(mngr)
+  progress = metric_logging.Progress(start_step, tcfg.num_steps)
+  pending = []  # (first step, device metrics) not yet fetched
+  step = start_step
+  status = "FINISHED"
+  logging.info("Training from step %d to %d.", start_step, tcfg.num_steps)
+  try:
+    while step < tcfg.num_steps:
+      batch = next_batch(data_position)
+      state, metrics = jit_step(state, batch, train_rng)
+      pending.append((step + 1, metrics))
+      step += k
+      data_position += k
+      last = step >= tcfg.num_steps
+      preempted = preemption.reached(step)
+      do_log = step % tcfg.log_every == 0 or last
+      do_ckpt = step % tcfg.checkpoint_every == 0 or last or preempted
+      do_eval = step % tcfg.eval_every == 0 or last
+      if do_log or do_ckpt or do_eval or preempted:
+        fetched = _fetch_metrics(pending)
+        pending = []
+        _check_finite(fetched)
+        if do_log and jax.process_index() == 0:
+          scalars = {
+              "train/loss": float(np.mean([m["loss"] for _, m in fetched])),
+              "train/grad_norm": fetched[-1][1]["grad_norm"],
+              "train/learning_rate": float(lr_fn(step - 1)),
+              "system/memory_gb": metric_logging.memory_gb(),
+              **progress.update(step)}
+          writer.write_scalars(step, scalars)
+          logging.info(progress.line(step, scalars))
+      if do_ckpt:
+        save(step)
+      if do_eval:
+        params = state.ema_params if config.sampling.use_ema else state.params
+        write_sample_grid(generator, params, config,
+                          jax.random.fold_in(sample_rng, step), step, workdir,
+                          writer, mlflow_writer)
+      if preempted and not last:
+        status = "KILLED"
+        logging.warning("Stopped at step %d after preemption; the next start "
+                        "resumes here.", step)
+        break
+  except NonFiniteLossError:
+    status = "FAILED"
+    raise
+  finally:
+    preemption.restore()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+    if mlflow_writer is not None:
+      mlflow_writer.close(status)
+  return state

@@ -1,0 +1,98 @@
+"""The jitted training step: a pure function of (state, batch, rng)."""
+import functools
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsd import train_state as ts
+from jaxsd.diffusion import losses
+from jaxsd.diffusion.schedules import NoiseSchedule
+
+
+def loss_fn(params, batch, rng, *, unet_apply: Callable, text_apply: Callable,
+            schedule: NoiseSchedule, uncond_ids, config, text_trainable: bool):
+  """Denoising loss of one (micro-)batch.
+
+  batch: image float32 [B, H, W, C] in [-1, 1], input_ids int32 [B, L].
+  """
+  x0, ids = batch["image"], batch["input_ids"]
+  b = x0.shape[0]
+  rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
+  # Classifier-free guidance: train on the empty prompt with probability p.
+  drop = jax.random.bernoulli(rng_drop, config.diffusion.cfg_dropout, (b,))
+  ids = jnp.where(drop[:, None], uncond_ids, ids)
+  text_params = params["text"]
+  if not text_trainable:
+    text_params = jax.lax.stop_gradient(text_params)
+  context = text_apply(text_params, ids)
+  t = jax.random.randint(rng_t, (b,), 0, schedule.num_timesteps)
+  noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
+  x_t = schedule.add_noise(x0, noise, t)
+  out = unet_apply(params["unet"], x_t, t, context)
+  return losses.denoising_loss(out, x0, noise, t, schedule,
+                               config.diffusion.prediction_type,
+                               config.diffusion.min_snr_gamma)
+
+
+def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], rng, *,
+               loss: Callable, tx: optax.GradientTransformation,
+               ema_decay: float, grad_accum_steps: int = 1):
+  """One optimiser update on a global batch; returns (state, metrics).
+
+  rng is the run's base key; the step's key is fold_in(rng, step), so the
+  randomness of step s is the same however steps are grouped or resumed.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(loss)
+  if grad_accum_steps == 1:
+    loss_value, grads = grad_fn(state.params, batch, rng)
+  else:
+    # [B, ...] -> [k, B/k, ...] with strided micro-batches, so each stays
+    # spread over all devices of the batch-sharded axis.
+    def split(x):
+      x = x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps)
+                    + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+    micro = jax.tree_util.tree_map(split, batch)
+    def body(carry, inputs):
+      i, mb = inputs
+      l, g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+      acc_l, acc_g = carry
+      return (acc_l + l, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (loss_value, grads), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros),
+        (jnp.arange(grad_accum_steps), micro))
+    loss_value = loss_value / grad_accum_steps
+    grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grads)
+  grad_norm = optax.global_norm(grads)
+  new_state = ts.apply_gradients(state, grads, tx, ema_decay)
+  metrics = {"loss": loss_value, "grad_norm": grad_norm}
+  return new_state, metrics
+
+
+def multi_step(state, batches, rng, *, step_fn: Callable):
+  """Runs steps_per_call train steps in one call; batches have a leading axis.
+
+  Returns the final state and per-step metrics stacked [steps_per_call].
+  """
+  def body(state, batch):
+    return step_fn(state, batch, rng)
+  return jax.lax.scan(body, state, batches)
+
+
+def make_step_fn(*, unet_apply, text_apply, schedule, uncond_ids, config, tx,
+                 steps_per_call: int = 1):
+  """The step as a function of (state, batch, rng), ready for jax.jit."""
+  loss = functools.partial(
+      loss_fn, unet_apply=unet_apply, text_apply=text_apply, schedule=schedule,
+      uncond_ids=jnp.asarray(uncond_ids), config=config,
+      text_trainable=config.text.trainable)
+  step = functools.partial(train_step, loss=loss, tx=tx,
+                           ema_decay=config.optim.ema_decay,
+                           grad_accum_steps=config.optim.grad_accum_steps)
+  if steps_per_call == 1:
+    return step
+  return functools.partial(multi_step, step_fn=step)

@@ -1,0 +1,326 @@
+"""Tests for jaxsd.diffusion.samplers on a Gaussian toy problem.
+
+Data x0 ~ N(mu + c, sd^2) per dimension (c is read from the context), for
+which the optimal denoiser E[x0 | x_t] and hence the exact eps / v prediction
+is closed-form; a correct sampler driven by it must reproduce the data.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsd.diffusion import samplers
+from jaxsd.diffusion import schedules
+
+MU = np.linspace(-1.0, 1.0, 8).astype(np.float32)
+SD = np.linspace(0.5, 1.5, 8).astype(np.float32)
+T = 1000
+
+
+def gaussian_denoiser(schedule, prediction_type, mu=MU, sd=SD):
+  """Exact model output for x0 ~ N(mu + context[:, 0, 0], sd^2); x [B, D]."""
+  def denoise_fn(x, t, context):
+    mean = mu + context[:, 0, :1]  # [B, D]
+    ab = schedule.alphas_cumprod[t][:, None]
+    a, b = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+    var_t = a**2 * sd**2 + b**2  # Var[x_t]
+    x0 = mean + a * sd**2 / var_t * (x - a * mean)
+    eps = b / var_t * (x - a * mean)
+    return eps if prediction_type == "epsilon" else a * eps - b * x0
+  return denoise_fn
+
+
+def zeros_context(batch, value=0.0):
+  return jnp.full((batch, 1, 1), value, jnp.float32)
+
+
+def exact_moments(denoise_fn, schedule, **kwargs):
+  """Output mean and std [D] of a deterministic sampler for x_T ~ N(0, I).
+
+  With the Gaussian denoiser every step is affine per dimension, so running it
+  on x_T = 0 and x_T = 1 gives the map x_T -> c + A x_T exactly, free of
+  sampling error.
+  """
+  x_T = jnp.stack([jnp.zeros(len(MU)), jnp.ones(len(MU))])
+  out = samplers.sample(denoise_fn, schedule, jax.random.key(0), x_T,
+                        zeros_context(2), **kwargs)
+  return np.asarray(out[0]), np.abs(np.asarray(out[1] - out[0]))
+
+
+@pytest.fixture(scope="module")
+def cosine():
+  return schedules.make_schedule("cosine", T)
+
+
+# --- Registry and timesteps -------------------------------------------------
+
+
+def test_registry():
+  assert samplers.sampler_names() == ["ddim", "ddpm", "dpmsolver++"]
+  assert isinstance(samplers.get_sampler("ddim"), samplers.DDIMSampler)
+  with pytest.raises(ValueError, match=r"Unknown sampler 'euler'.*'ddim'"):
+    samplers.get_sampler("euler")
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 20, 333, 999, 1000])
+def test_timesteps_trailing(num_steps):
+  ts = samplers.timesteps_for(num_steps, T)
+  assert ts.dtype == np.int32 and ts.shape == (num_steps,)
+  assert ts[0] == T - 1 and ts[-1] >= 0
+  assert np.all(np.diff(ts) < 0)
+  if num_steps == T:
+    np.testing.assert_array_equal(ts, np.arange(T - 1, -1, -1))
+  if T % num_steps == 0:
+    np.testing.assert_array_equal(ts, T - 1 - np.arange(num_steps) * (T // num_steps))
+
+
+@pytest.mark.parametrize("num_steps", [0, -1, T + 1])
+def test_bad_num_steps(cosine, num_steps):
+  with pytest.raises(ValueError, match=r"num_steps must be in \[1, 1000\]"):
+    samplers.sample(gaussian_denoiser(cosine, "epsilon"), cosine,
+                    jax.random.key(0), (2, 8), zeros_context(2),
+                    num_steps=num_steps)
+
+
+def test_bad_arguments(cosine):
+  fn = gaussian_denoiser(cosine, "epsilon")
+  args = (fn, cosine, jax.random.key(0), (2, 8), zeros_context(2))
+  with pytest.raises(ValueError, match="Unknown sampler 'nope'"):
+    samplers.sample(*args, sampler="nope")
+  with pytest.raises(ValueError, match="num_steps must be a Python int"):
+    samplers.sample(*args, num_steps=10.0)
+  with pytest.raises(ValueError, match="prediction_type 'x0'"):
+    samplers.sample(*args, prediction_type="x0")
+  with pytest.raises(ValueError, match="needs an uncond_context"):
+    samplers.sample(*args, guidance_scale=2.0)
+  with pytest.raises(ValueError, match="clip_x0"):
+    samplers.sample(*args, clip_x0=-1.0)
+  with pytest.raises(ValueError, match="batch 3"):
+    samplers.sample(fn, cosine, jax.random.key(0), (2, 8), zeros_context(3))
+
+
+# --- Samplers reproduce the data distribution -------------------------------
+
+
+@pytest.mark.parametrize("schedule_name", ["cosine", "linear"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler,num_steps", [("ddpm", 1000), ("ddim", 100),
+                                               ("dpmsolver++", 50)])
+def test_samples_match_data(schedule_name, prediction_type, sampler, num_steps):
+  schedule = schedules.make_schedule(schedule_name, T)
+  n = 8000
+  x = samplers.sample(gaussian_denoiser(schedule, prediction_type), schedule,
+                      jax.random.key(1), (n, len(MU)), zeros_context(n),
+                      sampler=sampler, num_steps=num_steps,
+                      prediction_type=prediction_type)
+  z = (np.asarray(x) - MU) / SD
+  # ~5 standard errors of 8000 samples (1/sqrt(n) = 0.011, sqrt(2/n) = 0.016).
+  np.testing.assert_allclose(z.mean(0), 0.0, atol=0.05)
+  np.testing.assert_allclose(z.var(0), 1.0, atol=0.08)
+
+
+def test_dpmsolver_20_steps_is_accurate(cosine):
+  """Second order: 20 steps already give the data's moments, DDIM's do not."""
+  fn = gaussian_denoiser(cosine, "epsilon")
+  mean, std = exact_moments(fn, cosine, sampler="dpmsolver++", num_steps=20)
+  np.testing.assert_allclose(mean, MU, atol=1e-3)
+  np.testing.assert_allclose(std / SD, 1.0, atol=0.02)
+  _, ddim_std = exact_moments(fn, cosine, sampler="ddim", num_steps=20)
+  dpm_err = np.abs(std / SD - 1).max()
+  ddim_err = np.abs(ddim_std / SD - 1).max()
+  assert ddim_err > 0.04 and dpm_err < 0.25 * ddim_err, (dpm_err, ddim_err)
+
+
+def test_dpmsolver_many_steps_matches_ddim(cosine):
+  fn = gaussian_denoiser(cosine, "v_prediction")
+  x_T = jax.random.normal(jax.random.key(2), (512, len(MU)))
+  kwargs = dict(prediction_type="v_prediction", num_steps=200)
+  dpm = samplers.sample(fn, cosine, jax.random.key(3), x_T, zeros_context(512),
+                        sampler="dpmsolver++", **kwargs)
+  ddim = samplers.sample(fn, cosine, jax.random.key(4), x_T, zeros_context(512),
+                         sampler="ddim", eta=0.0, **kwargs)
+  # Same ODE; what is left is DDIM's first-order error (~0.5% of the scale).
+  diff = np.asarray(dpm - ddim) / SD
+  assert np.sqrt(np.mean(diff**2)) < 0.01
+  assert np.abs(diff).max() < 0.05
+
+
+def test_num_steps_one_returns_x0_prediction(cosine):
+  fn = gaussian_denoiser(cosine, "epsilon")
+  x_T = jax.random.normal(jax.random.key(0), (4, len(MU)))
+  for sampler in samplers.sampler_names():
+    x = samplers.sample(fn, cosine, jax.random.key(0), x_T, zeros_context(4),
+                        sampler=sampler, num_steps=1)
+    t = jnp.full((4,), T - 1, jnp.int32)
+    x0, _ = cosine.to_x0_eps(fn(x_T, t, zeros_context(4)), x_T, t, "epsilon")
+    np.testing.assert_allclose(x, x0, rtol=1e-6)
+
+
+# --- DDIM(eta=1) is DDPM ----------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [0, 1, 500, T - 1])
+def test_ddim_eta1_step_is_ddpm_posterior(cosine, t):
+  betas = schedules.cosine_betas(T)
+  alphas = 1.0 - betas
+  ab = np.cumprod(alphas)
+  ab_prev = ab[t - 1] if t > 0 else 1.0
+  # Ho et al. 2020, eqs. 6-7.
+  x_t = np.array([-1.5, 0.0, 0.3, 2.0])
+  x0 = np.array([0.5, -0.2, 0.9, 1.0])
+  post_mean = (np.sqrt(ab_prev) * betas[t] / (1 - ab[t]) * x0
+               + np.sqrt(alphas[t]) * (1 - ab_prev) / (1 - ab[t]) * x_t)
+  post_std = np.sqrt((1 - ab_prev) / (1 - ab[t]) * betas[t])
+
+  abf = cosine.alphas_cumprod
+  ab_t, ab_s = abf[t], (abf[t - 1] if t > 0 else jnp.float32(1.0))
+  n = 20000
+  x_t_b = jnp.broadcast_to(jnp.asarray(x_t, jnp.float32), (n, 4))
+  x0_b = jnp.broadcast_to(jnp.asarray(x0, jnp.float32), (n, 4))
+  eps_b = (x_t_b - jnp.sqrt(ab_t) * x0_b) / jnp.sqrt(1 - ab_t)
+  rng = jax.random.key(5)
+  ddim, _ = samplers.get_sampler("ddim").step(
+      x_t_b, x0_b, eps_b, ab_t, ab_s, (), rng, eta=1.0)
+  ddpm, _ = samplers.get_sampler("ddpm").step(
+      x_t_b, x0_b, eps_b, ab_t, ab_s, (), rng)
+  np.testing.assert_allclose(ddim, ddpm, atol=2e-4)
+  for x in (ddim, ddpm):
+    x = np.asarray(x, np.float64)  # float32 sums over 20000 rows drift ~1e-4
+    tol = 0.04 * post_std + 1e-4  # ~5 standard errors of 20000 samples
+    np.testing.assert_allclose(x.mean(0), post_mean, atol=tol)
+    np.testing.assert_allclose(x.std(0), post_std, atol=tol)
+
+
+def test_ddim_eta1_all_steps_equals_ddpm():
+  schedule = schedules.make_schedule("linear", 100)
+  fn = gaussian_denoiser(schedule, "epsilon")
+  kwargs = dict(num_steps=100)
+  ddim = samplers.sample(fn, schedule, jax.random.key(6), (64, 8),
+                         zeros_context(64), sampler="ddim", eta=1.0, **kwargs)
+  ddpm = samplers.sample(fn, schedule, jax.random.key(6), (64, 8),
+                         zeros_context(64), sampler="ddpm", **kwargs)
+  # float32 rounding differs (DDIM goes through eps, DDPM through x_t).
+  np.testing.assert_allclose(ddim, ddpm, atol=5e-4)
+
+
+# --- Randomness, guidance, clipping, jit ------------------------------------
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5),
+                                         ("dpmsolver++", 0.0)])
+def test_determinism(cosine, sampler, eta):
+  fn = gaussian_denoiser(cosine, "epsilon")
+  run = lambda seed: samplers.sample(
+      fn, cosine, jax.random.key(seed), (16, 8), zeros_context(16),
+      sampler=sampler, num_steps=10, eta=eta)
+  a, b, c = run(0), run(0), run(1)
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a - c)).min() > 0
+
+
+def test_ddpm_noise_comes_from_rng(cosine):
+  """Same x_T: DDPM still differs across rngs, DDIM(eta=0) does not."""
+  fn = gaussian_denoiser(cosine, "epsilon")
+  x_T = jax.random.normal(jax.random.key(0), (16, 8))
+  run = lambda sampler, seed: samplers.sample(
+      fn, cosine, jax.random.key(seed), x_T, zeros_context(16),
+      sampler=sampler, num_steps=10)
+  assert np.abs(np.asarray(run("ddpm", 1) - run("ddpm", 2))).min() > 0
+  np.testing.assert_array_equal(run("ddim", 1), run("ddim", 2))
+
+
+def test_guidance_one_skips_uncond_branch(cosine):
+  batches = []
+  exact = gaussian_denoiser(cosine, "epsilon")
+  def fn(x, t, context):
+    batches.append(x.shape[0])  # at trace time
+    return exact(x, t, context)
+  common = (fn, cosine, jax.random.key(0), (4, 8), zeros_context(4, 1.0))
+  kwargs = dict(sampler="ddim", num_steps=25)
+  cond_only = samplers.sample(*common, **kwargs)
+  assert batches and set(batches) == {4}
+  # No Python loop over steps: a handful of traces, not one per step.
+  assert len(batches) <= 3
+  batches.clear()
+  with_uncond = samplers.sample(*common, zeros_context(1), guidance_scale=1.0,
+                                **kwargs)
+  assert set(batches) == {4}
+  np.testing.assert_array_equal(cond_only, with_uncond)
+  batches.clear()
+  same_context = samplers.sample(*common, zeros_context(1, 1.0),
+                                 guidance_scale=4.0, **kwargs)
+  assert set(batches) == {8}  # cond and uncond in one call
+  np.testing.assert_allclose(same_context, cond_only, atol=1e-5)
+
+
+def test_guidance_direction(cosine):
+  fn = gaussian_denoiser(cosine, "v_prediction")
+  x_T = jax.random.normal(jax.random.key(0), (256, 8))
+  def mean_shift(scale):
+    x = samplers.sample(fn, cosine, jax.random.key(0), x_T,
+                        zeros_context(256, 1.0), zeros_context(1, 0.0),
+                        sampler="dpmsolver++", num_steps=20,
+                        guidance_scale=scale, prediction_type="v_prediction")
+    return float(np.mean(np.asarray(x) - MU))
+  # cond shifts the data mean by +1 relative to uncond.
+  shifts = [mean_shift(s) for s in (0.0, 1.0, 2.0, 4.0)]
+  assert abs(shifts[0]) < 0.1 and abs(shifts[1] - 1.0) < 0.1
+  assert shifts[1] + 0.5 < shifts[2] < shifts[3] - 0.5, shifts
+
+
+def test_jit_with_traced_guidance(cosine):
+  fn = gaussian_denoiser(cosine, "epsilon")
+  jitted = jax.jit(samplers.sample, static_argnames=(
+      "denoise_fn", "x_T_shape_or_noise", "sampler", "num_steps",
+      "prediction_type", "clip_x0"))
+  args = (fn, cosine, jax.random.key(0), (8, 8), zeros_context(8, 1.0),
+          zeros_context(1))
+  kwargs = dict(sampler="ddim", num_steps=10, eta=0.3)
+  eager = samplers.sample(*args, guidance_scale=3.0, **kwargs)
+  traced = jitted(*args, guidance_scale=jnp.float32(3.0), **kwargs)
+  np.testing.assert_allclose(traced, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_clip_x0(cosine, sampler):
+  fn = gaussian_denoiser(cosine, "epsilon", mu=np.full(8, 3.0, np.float32))
+  common = (fn, cosine, jax.random.key(0), (64, 8), zeros_context(64))
+  kwargs = dict(sampler=sampler, num_steps=20)
+  assert np.asarray(samplers.sample(*common, **kwargs)).mean() > 2.0
+  for clip, bound in ((True, 1.0), (0.5, 0.5)):
+    x = np.asarray(samplers.sample(*common, clip_x0=clip, **kwargs))
+    assert np.abs(x).max() <= bound and x.mean() > 0.5 * bound
+
+
+# --- Independent reference ----------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler,num_steps", [("ddim", 20),
+                                               ("dpmsolver++", 7),
+                                               ("dpmsolver++", 20)])
+def test_matches_diffusers(cosine, sampler, num_steps):
+  """Same trajectory as diffusers' schedulers with trailing spacing."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  ab = np.asarray(cosine.alphas_cumprod, np.float64)
+  common = dict(num_train_timesteps=T, timestep_spacing="trailing",
+                trained_betas=1 - ab / np.concatenate([[1.0], ab[:-1]]))
+  if sampler == "ddim":
+    scheduler = diffusers.DDIMScheduler(**common, set_alpha_to_one=True,
+                                        clip_sample=False)
+  else:
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        **common, algorithm_type="dpmsolver++", solver_order=2,
+        final_sigmas_type="zero")
+  scheduler.set_timesteps(num_steps)
+  fn = gaussian_denoiser(cosine, "epsilon")
+  x_T = jax.random.normal(jax.random.key(0), (16, 8))
+  x = torch.tensor(np.asarray(x_T), dtype=torch.float64)
+  for t in scheduler.timesteps:
+    out = fn(jnp.asarray(x.numpy(), jnp.float32), jnp.full((16,), int(t)),
+             zeros_context(16))
+    x = scheduler.step(torch.tensor(np.asarray(out), dtype=torch.float64),
+                       t, x).prev_sample
+  ours = samplers.sample(fn, cosine, jax.random.key(0), x_T, zeros_context(16),
+                         sampler=sampler, num_steps=num_steps)
+  np.testing.assert_allclose(ours, x.numpy(), atol=1e-4)
