@@ -11,43 +11,56 @@ from jaxsd.diffusion import losses
 from jaxsd.diffusion.schedules import NoiseSchedule
 
 
-def loss_fn(params, batch, rng, *, unet_apply: Callable, text_apply: Callable,
-            schedule: NoiseSchedule, uncond_ids, config, text_trainable: bool):
-  """Denoising loss of one (micro-)batch.
+def add_noise_inputs(batch, rng, *, num_timesteps: int, cfg_dropout: float):
+  """Draws the step's randomness for the whole global batch.
 
-  batch: image float32 [B, H, W, C] in [-1, 1], input_ids int32 [B, L].
+  Adds noise [B, H, W, C], t int32 [B] and drop bool [B] (train on the empty
+  prompt). Drawn before any micro-batching, so gradient accumulation and the
+  device count do not change which noise an example gets.
   """
-  x0, ids = batch["image"], batch["input_ids"]
+  x0 = batch["image"]
   b = x0.shape[0]
   rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
+  return {**batch,
+          "t": jax.random.randint(rng_t, (b,), 0, num_timesteps),
+          "noise": jax.random.normal(rng_noise, x0.shape, x0.dtype),
+          "drop": jax.random.bernoulli(rng_drop, cfg_dropout, (b,))}
+
+
+def loss_fn(params, batch, *, unet_apply: Callable, text_apply: Callable,
+            schedule: NoiseSchedule, uncond_ids, prediction_type: str,
+            min_snr_gamma: float, text_trainable: bool):
+  """Denoising loss of one (micro-)batch.
+
+  batch: image float32 [B, H, W, C] in [-1, 1], input_ids int32 [B, L], and
+  the noise inputs of `add_noise_inputs`.
+  """
+  x0, noise, t = batch["image"], batch["noise"], batch["t"]
   # Classifier-free guidance: train on the empty prompt with probability p.
-  drop = jax.random.bernoulli(rng_drop, config.diffusion.cfg_dropout, (b,))
-  ids = jnp.where(drop[:, None], uncond_ids, ids)
+  ids = jnp.where(batch["drop"][:, None], uncond_ids, batch["input_ids"])
   text_params = params["text"]
   if not text_trainable:
     text_params = jax.lax.stop_gradient(text_params)
   context = text_apply(text_params, ids)
-  t = jax.random.randint(rng_t, (b,), 0, schedule.num_timesteps)
-  noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
   x_t = schedule.add_noise(x0, noise, t)
   out = unet_apply(params["unet"], x_t, t, context)
-  return losses.denoising_loss(out, x0, noise, t, schedule,
-                               config.diffusion.prediction_type,
-                               config.diffusion.min_snr_gamma)
+  return losses.denoising_loss(out, x0, noise, t, schedule, prediction_type,
+                               min_snr_gamma)
 
 
 def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], rng, *,
-               loss: Callable, tx: optax.GradientTransformation,
-               ema_decay: float, grad_accum_steps: int = 1):
+               loss: Callable, noise_inputs: Callable,
+               tx: optax.GradientTransformation, ema_decay: float,
+               grad_accum_steps: int = 1):
   """One optimiser update on a global batch; returns (state, metrics).
 
   rng is the run's base key; the step's key is fold_in(rng, step), so the
   randomness of step s is the same however steps are grouped or resumed.
   """
-  rng = jax.random.fold_in(rng, state.step)
+  batch = noise_inputs(batch, jax.random.fold_in(rng, state.step))
   grad_fn = jax.value_and_grad(loss)
   if grad_accum_steps == 1:
-    loss_value, grads = grad_fn(state.params, batch, rng)
+    loss_value, grads = grad_fn(state.params, batch)
   else:
     # [B, ...] -> [k, B/k, ...] with strided micro-batches, so each stays
     # spread over all devices of the batch-sharded axis.
@@ -56,18 +69,16 @@ def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], rng, *,
                     + x.shape[1:])
       return jnp.swapaxes(x, 0, 1)
     micro = jax.tree_util.tree_map(split, batch)
-    def body(carry, inputs):
-      i, mb = inputs
-      l, g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+    def body(carry, mb):
+      l, g = grad_fn(state.params, mb)
       acc_l, acc_g = carry
       return (acc_l + l, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     (loss_value, grads), _ = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros),
-        (jnp.arange(grad_accum_steps), micro))
+        body, (jnp.zeros((), jnp.float32), zeros), micro)
     loss_value = loss_value / grad_accum_steps
     grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grads)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   new_state = ts.apply_gradients(state, grads, tx, ema_decay)
   metrics = {"loss": loss_value, "grad_norm": grad_norm}
   return new_state, metrics
@@ -88,9 +99,15 @@ def make_step_fn(*, unet_apply, text_apply, schedule, uncond_ids, config, tx,
   """The step as a function of (state, batch, rng), ready for jax.jit."""
   loss = functools.partial(
       loss_fn, unet_apply=unet_apply, text_apply=text_apply, schedule=schedule,
-      uncond_ids=jnp.asarray(uncond_ids), config=config,
+      uncond_ids=jnp.asarray(uncond_ids),
+      prediction_type=config.diffusion.prediction_type,
+      min_snr_gamma=config.diffusion.min_snr_gamma,
       text_trainable=config.text.trainable)
-  step = functools.partial(train_step, loss=loss, tx=tx,
+  noise_inputs = functools.partial(
+      add_noise_inputs, num_timesteps=schedule.num_timesteps,
+      cfg_dropout=config.diffusion.cfg_dropout)
+  step = functools.partial(train_step, loss=loss, noise_inputs=noise_inputs,
+                           tx=tx,
                            ema_decay=config.optim.ema_decay,
                            grad_accum_steps=config.optim.grad_accum_steps)
   if steps_per_call == 1:

@@ -4,6 +4,8 @@ Data x0 ~ N(mu + c, sd^2) per dimension (c is read from the context), for
 which the optimal denoiser E[x0 | x_t] and hence the exact eps / v prediction
 is closed-form; a correct sampler driven by it must reproduce the data.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,22 @@ def gaussian_denoiser(schedule, prediction_type, mu=MU, sd=SD):
   return denoise_fn
 
 
+@functools.lru_cache(maxsize=None)
+def toy(schedule_name="cosine", prediction_type="epsilon", mu_shift=0.0):
+  """(schedule, exact denoiser), cached so `jit_sample` reuses compilations."""
+  schedule = schedules.make_schedule(schedule_name, T)
+  return schedule, gaussian_denoiser(schedule, prediction_type, MU + mu_shift)
+
+
+# Compiled once per denoise_fn and static options, for x_T given as a shape
+# (jit_sample) or as an array (jit_sample_from). guidance_scale, when passed,
+# is traced, so it never takes the static "== 1" shortcut.
+_STATIC = ("denoise_fn", "sampler", "num_steps", "prediction_type", "clip_x0")
+jit_sample = jax.jit(samplers.sample,
+                     static_argnames=_STATIC + ("x_T_shape_or_noise",))
+jit_sample_from = jax.jit(samplers.sample, static_argnames=_STATIC)
+
+
 def zeros_context(batch, value=0.0):
   return jnp.full((batch, 1, 1), value, jnp.float32)
 
@@ -47,16 +65,11 @@ def exact_moments(denoise_fn, schedule, **kwargs):
   return np.asarray(out[0]), np.abs(np.asarray(out[1] - out[0]))
 
 
-@pytest.fixture(scope="module")
-def cosine():
-  return schedules.make_schedule("cosine", T)
-
-
 # --- Registry and timesteps -------------------------------------------------
 
 
 def test_registry():
-  assert samplers.sampler_names() == ["ddim", "ddpm", "dpmsolver++"]
+  assert samplers.sampler_names() == ["ddim", "ddpm", "dpmpp_2m"]
   assert isinstance(samplers.get_sampler("ddim"), samplers.DDIMSampler)
   with pytest.raises(ValueError, match=r"Unknown sampler 'euler'.*'ddim'"):
     samplers.get_sampler("euler")
@@ -71,19 +84,20 @@ def test_timesteps_trailing(num_steps):
   if num_steps == T:
     np.testing.assert_array_equal(ts, np.arange(T - 1, -1, -1))
   if T % num_steps == 0:
-    np.testing.assert_array_equal(ts, T - 1 - np.arange(num_steps) * (T // num_steps))
+    stride = T // num_steps
+    np.testing.assert_array_equal(ts, T - 1 - stride * np.arange(num_steps))
 
 
 @pytest.mark.parametrize("num_steps", [0, -1, T + 1])
-def test_bad_num_steps(cosine, num_steps):
+def test_bad_num_steps(num_steps):
+  cosine, fn = toy()
   with pytest.raises(ValueError, match=r"num_steps must be in \[1, 1000\]"):
-    samplers.sample(gaussian_denoiser(cosine, "epsilon"), cosine,
-                    jax.random.key(0), (2, 8), zeros_context(2),
+    samplers.sample(fn, cosine, jax.random.key(0), (2, 8), zeros_context(2),
                     num_steps=num_steps)
 
 
-def test_bad_arguments(cosine):
-  fn = gaussian_denoiser(cosine, "epsilon")
+def test_bad_arguments():
+  cosine, fn = toy()
   args = (fn, cosine, jax.random.key(0), (2, 8), zeros_context(2))
   with pytest.raises(ValueError, match="Unknown sampler 'nope'"):
     samplers.sample(*args, sampler="nope")
@@ -105,13 +119,15 @@ def test_bad_arguments(cosine):
 @pytest.mark.parametrize("schedule_name", ["cosine", "linear"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("sampler,num_steps", [("ddpm", 1000), ("ddim", 100),
-                                               ("dpmsolver++", 50)])
+                                               ("dpmpp_2m", 50)])
 def test_samples_match_data(schedule_name, prediction_type, sampler, num_steps):
-  schedule = schedules.make_schedule(schedule_name, T)
+  # DPM-Solver++ gets 50 steps: with 20, the linear schedule's last jump
+  # (t = 49, sigma = 0.17, straight to the data) shrinks the std of the
+  # sd = 0.5 dimension by ~4%. test_dpmsolver_20_steps_is_accurate covers 20.
+  schedule, fn = toy(schedule_name, prediction_type)
   n = 8000
-  x = samplers.sample(gaussian_denoiser(schedule, prediction_type), schedule,
-                      jax.random.key(1), (n, len(MU)), zeros_context(n),
-                      sampler=sampler, num_steps=num_steps,
+  x = samplers.sample(fn, schedule, jax.random.key(1), (n, len(MU)),
+                      zeros_context(n), sampler=sampler, num_steps=num_steps,
                       prediction_type=prediction_type)
   z = (np.asarray(x) - MU) / SD
   # ~5 standard errors of 8000 samples (1/sqrt(n) = 0.011, sqrt(2/n) = 0.016).
@@ -119,10 +135,10 @@ def test_samples_match_data(schedule_name, prediction_type, sampler, num_steps):
   np.testing.assert_allclose(z.var(0), 1.0, atol=0.08)
 
 
-def test_dpmsolver_20_steps_is_accurate(cosine):
+def test_dpmsolver_20_steps_is_accurate():
   """Second order: 20 steps already give the data's moments, DDIM's do not."""
-  fn = gaussian_denoiser(cosine, "epsilon")
-  mean, std = exact_moments(fn, cosine, sampler="dpmsolver++", num_steps=20)
+  cosine, fn = toy()
+  mean, std = exact_moments(fn, cosine, sampler="dpmpp_2m", num_steps=20)
   np.testing.assert_allclose(mean, MU, atol=1e-3)
   np.testing.assert_allclose(std / SD, 1.0, atol=0.02)
   _, ddim_std = exact_moments(fn, cosine, sampler="ddim", num_steps=20)
@@ -131,12 +147,12 @@ def test_dpmsolver_20_steps_is_accurate(cosine):
   assert ddim_err > 0.04 and dpm_err < 0.25 * ddim_err, (dpm_err, ddim_err)
 
 
-def test_dpmsolver_many_steps_matches_ddim(cosine):
-  fn = gaussian_denoiser(cosine, "v_prediction")
+def test_dpmsolver_many_steps_matches_ddim():
+  cosine, fn = toy(prediction_type="v_prediction")
   x_T = jax.random.normal(jax.random.key(2), (512, len(MU)))
   kwargs = dict(prediction_type="v_prediction", num_steps=200)
   dpm = samplers.sample(fn, cosine, jax.random.key(3), x_T, zeros_context(512),
-                        sampler="dpmsolver++", **kwargs)
+                        sampler="dpmpp_2m", **kwargs)
   ddim = samplers.sample(fn, cosine, jax.random.key(4), x_T, zeros_context(512),
                          sampler="ddim", eta=0.0, **kwargs)
   # Same ODE; what is left is DDIM's first-order error (~0.5% of the scale).
@@ -145,8 +161,8 @@ def test_dpmsolver_many_steps_matches_ddim(cosine):
   assert np.abs(diff).max() < 0.05
 
 
-def test_num_steps_one_returns_x0_prediction(cosine):
-  fn = gaussian_denoiser(cosine, "epsilon")
+def test_num_steps_one_returns_x0_prediction():
+  cosine, fn = toy()
   x_T = jax.random.normal(jax.random.key(0), (4, len(MU)))
   for sampler in samplers.sampler_names():
     x = samplers.sample(fn, cosine, jax.random.key(0), x_T, zeros_context(4),
@@ -160,7 +176,7 @@ def test_num_steps_one_returns_x0_prediction(cosine):
 
 
 @pytest.mark.parametrize("t", [0, 1, 500, T - 1])
-def test_ddim_eta1_step_is_ddpm_posterior(cosine, t):
+def test_ddim_eta1_step_is_ddpm_posterior(t):
   betas = schedules.cosine_betas(T)
   alphas = 1.0 - betas
   ab = np.cumprod(alphas)
@@ -172,7 +188,7 @@ def test_ddim_eta1_step_is_ddpm_posterior(cosine, t):
                + np.sqrt(alphas[t]) * (1 - ab_prev) / (1 - ab[t]) * x_t)
   post_std = np.sqrt((1 - ab_prev) / (1 - ab[t]) * betas[t])
 
-  abf = cosine.alphas_cumprod
+  abf = toy()[0].alphas_cumprod
   ab_t, ab_s = abf[t], (abf[t - 1] if t > 0 else jnp.float32(1.0))
   n = 20000
   x_t_b = jnp.broadcast_to(jnp.asarray(x_t, jnp.float32), (n, 4))
@@ -186,7 +202,9 @@ def test_ddim_eta1_step_is_ddpm_posterior(cosine, t):
   np.testing.assert_allclose(ddim, ddpm, atol=2e-4)
   for x in (ddim, ddpm):
     x = np.asarray(x, np.float64)  # float32 sums over 20000 rows drift ~1e-4
-    tol = 0.04 * post_std + 1e-4  # ~5 standard errors of 20000 samples
+    # ~5 standard errors of 20000 samples, plus float32 rounding of 1 - ab
+    # (~1e-3 relative near t = 0).
+    tol = 0.04 * post_std + 1e-3
     np.testing.assert_allclose(x.mean(0), post_mean, atol=tol)
     np.testing.assert_allclose(x.std(0), post_std, atol=tol)
 
@@ -207,10 +225,10 @@ def test_ddim_eta1_all_steps_equals_ddpm():
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5),
-                                         ("dpmsolver++", 0.0)])
-def test_determinism(cosine, sampler, eta):
-  fn = gaussian_denoiser(cosine, "epsilon")
-  run = lambda seed: samplers.sample(
+                                         ("dpmpp_2m", 0.0)])
+def test_determinism(sampler, eta):
+  cosine, fn = toy()
+  run = lambda seed: jit_sample(
       fn, cosine, jax.random.key(seed), (16, 8), zeros_context(16),
       sampler=sampler, num_steps=10, eta=eta)
   a, b, c = run(0), run(0), run(1)
@@ -218,20 +236,20 @@ def test_determinism(cosine, sampler, eta):
   assert np.abs(np.asarray(a - c)).min() > 0
 
 
-def test_ddpm_noise_comes_from_rng(cosine):
+def test_ddpm_noise_comes_from_rng():
   """Same x_T: DDPM still differs across rngs, DDIM(eta=0) does not."""
-  fn = gaussian_denoiser(cosine, "epsilon")
+  cosine, fn = toy()
   x_T = jax.random.normal(jax.random.key(0), (16, 8))
-  run = lambda sampler, seed: samplers.sample(
+  run = lambda sampler, seed: jit_sample_from(
       fn, cosine, jax.random.key(seed), x_T, zeros_context(16),
       sampler=sampler, num_steps=10)
   assert np.abs(np.asarray(run("ddpm", 1) - run("ddpm", 2))).min() > 0
   np.testing.assert_array_equal(run("ddim", 1), run("ddim", 2))
 
 
-def test_guidance_one_skips_uncond_branch(cosine):
+def test_guidance_one_skips_uncond_branch():
   batches = []
-  exact = gaussian_denoiser(cosine, "epsilon")
+  cosine, exact = toy()
   def fn(x, t, context):
     batches.append(x.shape[0])  # at trace time
     return exact(x, t, context)
@@ -253,14 +271,15 @@ def test_guidance_one_skips_uncond_branch(cosine):
   np.testing.assert_allclose(same_context, cond_only, atol=1e-5)
 
 
-def test_guidance_direction(cosine):
-  fn = gaussian_denoiser(cosine, "v_prediction")
+def test_guidance_direction():
+  cosine, fn = toy(prediction_type="v_prediction")
   x_T = jax.random.normal(jax.random.key(0), (256, 8))
   def mean_shift(scale):
-    x = samplers.sample(fn, cosine, jax.random.key(0), x_T,
+    x = jit_sample_from(fn, cosine, jax.random.key(0), x_T,
                         zeros_context(256, 1.0), zeros_context(1, 0.0),
-                        sampler="dpmsolver++", num_steps=20,
-                        guidance_scale=scale, prediction_type="v_prediction")
+                        sampler="dpmpp_2m", num_steps=20,
+                        guidance_scale=jnp.float32(scale),
+                        prediction_type="v_prediction")
     return float(np.mean(np.asarray(x) - MU))
   # cond shifts the data mean by +1 relative to uncond.
   shifts = [mean_shift(s) for s in (0.0, 1.0, 2.0, 4.0)]
@@ -268,40 +287,43 @@ def test_guidance_direction(cosine):
   assert shifts[1] + 0.5 < shifts[2] < shifts[3] - 0.5, shifts
 
 
-def test_jit_with_traced_guidance(cosine):
-  fn = gaussian_denoiser(cosine, "epsilon")
-  jitted = jax.jit(samplers.sample, static_argnames=(
-      "denoise_fn", "x_T_shape_or_noise", "sampler", "num_steps",
-      "prediction_type", "clip_x0"))
+def test_jit_with_traced_guidance():
+  cosine, fn = toy()
   args = (fn, cosine, jax.random.key(0), (8, 8), zeros_context(8, 1.0),
           zeros_context(1))
   kwargs = dict(sampler="ddim", num_steps=10, eta=0.3)
   eager = samplers.sample(*args, guidance_scale=3.0, **kwargs)
-  traced = jitted(*args, guidance_scale=jnp.float32(3.0), **kwargs)
+  traced = jit_sample(*args, guidance_scale=jnp.float32(3.0), **kwargs)
   np.testing.assert_allclose(traced, eager, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
-def test_clip_x0(cosine, sampler):
-  fn = gaussian_denoiser(cosine, "epsilon", mu=np.full(8, 3.0, np.float32))
-  common = (fn, cosine, jax.random.key(0), (64, 8), zeros_context(64))
-  kwargs = dict(sampler=sampler, num_steps=20)
-  assert np.asarray(samplers.sample(*common, **kwargs)).mean() > 2.0
-  for clip, bound in ((True, 1.0), (0.5, 0.5)):
-    x = np.asarray(samplers.sample(*common, clip_x0=clip, **kwargs))
+@pytest.mark.parametrize("sampler,clip,bound", [
+    ("ddpm", True, 1.0), ("ddim", True, 1.0), ("dpmpp_2m", True, 1.0),
+    ("ddim", 0.5, 0.5), ("ddim", False, None)])
+def test_clip_x0(sampler, clip, bound):
+  cosine, fn = toy(mu_shift=3.0)  # data far outside [-1, 1]
+  x = np.asarray(jit_sample(fn, cosine, jax.random.key(0), (64, 8),
+                            zeros_context(64), sampler=sampler, num_steps=20,
+                            clip_x0=clip))
+  if bound is None:
+    assert x.mean() > 2.0
+  else:
     assert np.abs(x).max() <= bound and x.mean() > 0.5 * bound
 
 
 # --- Independent reference ----------------------------------------------------
 
 
+# diffusers' own numpy-2 deprecation warning.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("sampler,num_steps", [("ddim", 20),
-                                               ("dpmsolver++", 7),
-                                               ("dpmsolver++", 20)])
-def test_matches_diffusers(cosine, sampler, num_steps):
+                                               ("dpmpp_2m", 7),
+                                               ("dpmpp_2m", 20)])
+def test_matches_diffusers(sampler, num_steps):
   """Same trajectory as diffusers' schedulers with trailing spacing."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
+  cosine, fn = toy()
   ab = np.asarray(cosine.alphas_cumprod, np.float64)
   common = dict(num_train_timesteps=T, timestep_spacing="trailing",
                 trained_betas=1 - ab / np.concatenate([[1.0], ab[:-1]]))
@@ -310,10 +332,9 @@ def test_matches_diffusers(cosine, sampler, num_steps):
                                         clip_sample=False)
   else:
     scheduler = diffusers.DPMSolverMultistepScheduler(
-        **common, algorithm_type="dpmsolver++", solver_order=2,
+        **common, algorithm_type="dpmpp_2m", solver_order=2,
         final_sigmas_type="zero")
   scheduler.set_timesteps(num_steps)
-  fn = gaussian_denoiser(cosine, "epsilon")
   x_T = jax.random.normal(jax.random.key(0), (16, 8))
   x = torch.tensor(np.asarray(x_T), dtype=torch.float64)
   for t in scheduler.timesteps:

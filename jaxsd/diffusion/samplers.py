@@ -9,7 +9,9 @@ conversion, x0 clipping and the jitted `lax.scan` over steps.
 Timesteps are "trailing" spaced (`timesteps_for`): the first step is always
 the noisiest training step ``T - 1``, and the last step jumps from the final
 timestep straight to the data (``ab = 1``), which every sampler does by
-returning its x0 prediction there.
+returning its x0 prediction there. That jump is first order, so few steps
+smooth out detail finer than the noise level of the last timestep (sigma ~0.1
+for 20 of 1000 cosine steps).
 """
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -112,7 +114,7 @@ def _log_snr_half(ab):
   return 0.5 * (jnp.log(ab) - jnp.log1p(-ab))
 
 
-@register_sampler("dpmsolver++")
+@register_sampler("dpmpp_2m")
 class DPMSolverPPSampler(Sampler):
   """DPM-Solver++(2M), data-prediction multistep form (Lu et al. 2022, alg. 2).
 
@@ -157,13 +159,14 @@ def timesteps_for(num_steps: int, num_timesteps: int) -> np.ndarray:
   """
   _check_num_steps(num_steps, num_timesteps)
   # floor(x + 0.5), not np.round: banker's rounding could merge two steps.
-  ts = np.floor(num_timesteps - np.arange(num_steps) * (num_timesteps / num_steps)
-                + 0.5).astype(np.int64) - 1
+  stride = num_timesteps / num_steps
+  ts = np.floor(num_timesteps - np.arange(num_steps) * stride + 0.5) - 1
   return ts.astype(np.int32)
 
 
 def _check_num_steps(num_steps, num_timesteps):
-  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool):
+  if isinstance(num_steps, bool) or not isinstance(num_steps,
+                                                   (int, np.integer)):
     raise ValueError(f"sampling.num_steps must be a Python int, got "
                      f"{num_steps!r} ({type(num_steps).__name__}).")
   if not 1 <= num_steps <= num_timesteps:
@@ -176,14 +179,16 @@ def _is_static_one(guidance_scale) -> bool:
 
 
 def _clip_bound(clip_x0) -> Optional[float]:
-  """False/None -> no clipping, True -> 1.0, number c > 0 -> c."""
-  if clip_x0 is None or clip_x0 is False:
+  """False/None/0 -> no clipping, True -> 1.0, number c > 0 -> c."""
+  if clip_x0 is None or clip_x0 is False or (
+      isinstance(clip_x0, (int, float)) and clip_x0 == 0):
     return None
   if clip_x0 is True:
     return 1.0
   if isinstance(clip_x0, (int, float)) and clip_x0 > 0:
     return float(clip_x0)
-  raise ValueError(f"clip_x0 must be a bool or a positive number, got {clip_x0!r}.")
+  raise ValueError(
+      f"clip_x0 must be a bool or a positive number, got {clip_x0!r}.")
 
 
 def guided_denoise_fn(denoise_fn: DenoiseFn, cond_context, uncond_context,
@@ -246,7 +251,7 @@ def sample(denoise_fn: DenoiseFn,
     prediction_type: 'epsilon' or 'v_prediction'.
     eta: DDIM noise level (0 deterministic, 1 ~ DDPM); other samplers ignore it.
     clip_x0: clip the x0 prediction to [-1, 1] (True) or [-c, c] (c > 0); eps is
-      then recomputed from the clipped x0, as diffusers does.
+      then recomputed from the clipped x0, as diffusers does. False or 0: off.
 
   Returns:
     x0 [B, ...] float32, the final step's x0 prediction (clipped if asked).
