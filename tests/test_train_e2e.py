@@ -1,0 +1,145 @@
+"""End to end: the tiny config trains, checkpoints, logs, samples, resumes.
+
+These share one compiled step through the persistent compilation cache, so
+only the first run pays for compiling.
+"""
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsd import input_pipeline
+from jaxsd import metric_logging
+from jaxsd import train
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tiny_config, **training):
+  config = tiny_config()
+  config.training.num_steps = 4
+  config.training.checkpoint_every = 2
+  config.training.eval_every = 4
+  config.training.log_every = 2
+  config.training.update(training)
+  return config
+
+
+def _mlflow_runs(workdir):
+  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  exp = client.get_experiment_by_name("jaxsd")
+  return client, client.search_runs([exp.experiment_id])
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(
+      (state.params, state.ema_params))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_config, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  state = train.train_and_evaluate(_config(tiny_config), workdir)
+  return workdir, _leaves(state)
+
+
+def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
+  workdir, _ = uninterrupted
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert os.path.exists(os.path.join(workdir, "samples", "step_00000004.png"))
+  assert os.path.exists(os.path.join(workdir, train.CONFIG_FILE))
+  client, runs = _mlflow_runs(workdir)
+  assert len(runs) == 1
+  run = runs[0]
+  assert run.info.status == "FINISHED"
+  assert run.data.params["training.batch_size"] == "8"
+  assert run.data.params["diffusion.schedule"] == "cosine"
+  history = client.get_metric_history(run.info.run_id, "train/loss")
+  assert [m.step for m in history] == [2, 4]
+  assert all(np.isfinite(m.value) for m in history)
+  for key in ("train/learning_rate", "train/grad_norm",
+              "system/steps_per_second", "system/memory_gb",
+              "system/eta_seconds", "model/params_trainable", "data/count_7"):
+    assert key in run.data.metrics, key
+  artifacts = [a.path for a in client.list_artifacts(run.info.run_id,
+                                                     "samples")]
+  assert artifacts == ["samples/step_00000004.png"]
+
+
+def test_preempted_run_resumes_to_identical_parameters(
+    uninterrupted, tiny_config, tmp_path, monkeypatch):
+  _, expected = uninterrupted
+  workdir = str(tmp_path)
+  reached = train._Preemption.reached
+
+  def sigterm_at_step_2(self, step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # as SLURM does on preemption
+    return reached(self, step)
+
+  monkeypatch.setattr(train._Preemption, "reached", sigterm_at_step_2)
+  stopped = train.train_and_evaluate(_config(tiny_config), workdir)
+  assert int(stopped.step) == 2
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+  monkeypatch.setattr(train._Preemption, "reached", reached)
+
+  resumed = train.train_and_evaluate(_config(tiny_config), workdir)
+  assert int(resumed.step) == 4
+  for a, b in zip(_leaves(resumed), expected):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  client, runs = _mlflow_runs(workdir)
+  assert len(runs) == 1  # the resumed run logs into the same MLflow run
+  steps = [m.step for m in client.get_metric_history(runs[0].info.run_id,
+                                                     "train/loss")]
+  assert steps == [2, 4]
+
+
+def test_nonfinite_loss_stops_without_checkpoint(tiny_config, tmp_path,
+                                                 monkeypatch):
+  original = input_pipeline.CaptionedImages.batch
+
+  def poisoned(self, position):
+    batch = original(self, position)
+    if position == 2:  # the batch of step 3
+      batch["image"] = batch["image"] * np.nan
+    return batch
+
+  monkeypatch.setattr(input_pipeline.CaptionedImages, "batch", poisoned)
+  config = _config(tiny_config, checkpoint_every=1, log_every=1)
+  with pytest.raises(train.NonFiniteLossError, match="at step 3"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+  _, runs = _mlflow_runs(str(tmp_path))
+  assert runs[0].info.status == "FAILED"
+
+
+def _cli(*args, workdir):
+  return subprocess.run(
+      [sys.executable, "-m", "jaxsd.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}", *args],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=600)
+
+
+def test_cli_unknown_config_key_is_named(tmp_path):
+  out = _cli("--config.training.num_stepz=3", workdir=tmp_path)
+  assert out.returncode != 0
+  assert "num_stepz" in out.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_cli_batch_not_divisible_by_devices(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxsd.main", "--config=configs/tiny.py",
+       f"--workdir={tmp_path}", "--config.training.batch_size=8"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode != 0
+  assert "training.batch_size=8 must be divisible by the device count (3)" in (
+      out.stderr)
