@@ -20,10 +20,10 @@ def get_config():
 
   config.optim.warmup_steps = 2
   config.training.batch_size = 8
-  config.training.num_steps = 6
+  config.training.num_steps = 4
   config.training.log_every = 2
-  config.training.eval_every = 6
-  config.training.checkpoint_every = 3
+  config.training.eval_every = 4
+  config.training.checkpoint_every = 2
   config.training.keep_checkpoints = 2
 
   config.sampling.num_steps = 4

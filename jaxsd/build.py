@@ -61,3 +61,39 @@ def param_count(params) -> int:
 
 def as_jnp(tree):
   return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+def load_run_config(workdir: str):
+  """The config a run in `workdir` was trained with (WORKDIR/config.json)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {workdir!r} is not a jaxsd training workdir (train "
+        "with `python -m jaxsd.main --config=... --workdir=...` first).")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tokenizer = config.text.tokenizer
+  if not os.path.isdir(tokenizer) and os.environ.get("JAXSD_CLIP_TOKENIZER"):
+    # A run trained elsewhere: use this machine's tokenizer folder.
+    config.text.tokenizer = os.environ["JAXSD_CLIP_TOKENIZER"]
+  return config
+
+
+def restore_for_inference(workdir: str, mesh, step=None, use_ema=True):
+  """(config, components, params, step) from a run's saved config and
+  checkpoint; params are replicated over the mesh, no optimiser state."""
+  from jaxsd import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
+  config = load_run_config(workdir)
+  comps = build_components(config)
+  replicated = parallel.replicated(mesh)
+  abstract = jax.eval_shape(comps.init_params, jax.random.key(0))
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      abstract)
+  params, step = checkpoint.restore_params(workdir, abstract, step=step,
+                                           use_ema=use_ema)
+  return config, comps, params, step

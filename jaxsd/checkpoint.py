@@ -54,3 +54,32 @@ def latest_step_or_raise(mngr: ocp.CheckpointManager) -> int:
         "`python -m jaxsd.main --config=... --workdir=WORKDIR`, or point "
         "--workdir at a finished run.")
   return step
+
+
+def restore_params(workdir: str, abstract_params: Any,
+                   step: Optional[int] = None, use_ema: bool = True
+                   ) -> Tuple[Any, int]:
+  """Restores only the (EMA or raw) parameters: no optimiser state is read.
+
+  abstract_params: jax.ShapeDtypeStruct tree (with shardings) of the params.
+  Opens its own read-only manager (a manager that saved with StandardSave
+  cannot also do a partial PyTree restore).
+  """
+  mngr = manager(workdir, read_only=True)
+  try:
+    if step is None:
+      step = latest_step_or_raise(mngr)
+    elif step not in mngr.all_steps():
+      raise FileNotFoundError(
+          f"No checkpoint for step {step} in {mngr.directory}; available "
+          f"steps: {mngr.all_steps() or 'none'}.")
+    key = "ema_params" if use_ema else "params"
+    item = {key: abstract_params}
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+  finally:
+    mngr.close()
+  return out["state"][key], step

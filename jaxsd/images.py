@@ -61,3 +61,33 @@ def save_png_atomic(image: Image.Image, path: str):
   tmp = path + ".tmp"
   image.save(tmp, format="PNG")
   os.replace(tmp, path)
+
+
+def prompt_rows_grid(images: np.ndarray, prompts: Sequence[str],
+                     cell_size: int = 84, pad: int = 4) -> Image.Image:
+  """One row per prompt, the prompt written once under its row.
+
+  images: [P * N, H, W, C] in [-1, 1], prompt-major (N images per prompt).
+  """
+  images = to_uint8(images)
+  p = len(prompts)
+  if p == 0 or len(images) % p:
+    raise ValueError(f"{len(images)} images do not split into {p} prompt rows.")
+  n = len(images) // p
+  font = _font(12)
+  text_h = 16
+  row_h = cell_size + text_h + 2 * pad
+  width = max(n * (cell_size + pad) + pad, 200)
+  canvas = Image.new("RGB", (width, p * row_h), "white")
+  draw = ImageDraw.Draw(canvas)
+  for r, prompt in enumerate(prompts):
+    y0 = r * row_h + pad
+    for c in range(n):
+      img = images[r * n + c]
+      mode = "L" if img.shape[-1] == 1 else "RGB"
+      tile = Image.fromarray(img[..., 0] if mode == "L" else img, mode)
+      canvas.paste(tile.resize((cell_size, cell_size), Image.NEAREST).convert(
+          "RGB"), (pad + c * (cell_size + pad), y0))
+    draw.text((pad, y0 + cell_size + 2), prompt or "(empty prompt)",
+              fill="black", font=font)
+  return canvas

@@ -36,3 +36,15 @@ def tiny_config():
 def tokenizer():
   from jaxsd import text  # pylint: disable=g-import-not-at-top
   return text.load_tokenizer(os.environ["JAXSD_CLIP_TOKENIZER"])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_config, tmp_path_factory):
+  """(workdir, final state) of an uninterrupted 4-step tiny run.
+
+  The tiny config checkpoints at steps 2 and 4 and samples at step 4.
+  """
+  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("trained_run"))
+  state = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, state

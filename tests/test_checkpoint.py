@@ -51,3 +51,22 @@ def test_no_checkpoint_is_a_clear_error(tmp_path):
   mngr = checkpoint.manager(str(tmp_path), read_only=True)
   with pytest.raises(FileNotFoundError, match="No checkpoint in .*train first"):
     checkpoint.latest_step_or_raise(mngr)
+
+
+def test_restore_params_only(tmp_path):
+  mngr = checkpoint.manager(str(tmp_path), keep=3)
+  for step in (1, 2):
+    checkpoint.save(mngr, step, _state(float(step)), {"step": step})
+  mngr.wait_until_finished()
+  mngr.close()
+  workdir = str(tmp_path)
+  abstract = jax.eval_shape(lambda: _state(0.0).params)
+  ema, step = checkpoint.restore_params(workdir, abstract)
+  assert step == 2
+  np.testing.assert_array_equal(ema["w"], 1.0)  # EMA = params / 2 here
+  raw, _ = checkpoint.restore_params(workdir, abstract, step=1,
+                                   use_ema=False)
+  np.testing.assert_array_equal(raw["w"], 1.0)
+  np.testing.assert_array_equal(raw["b"], [1.0, 2.0])
+  with pytest.raises(FileNotFoundError, match="step 7 .*available steps: \\[1, 2\\]"):
+    checkpoint.restore_params(workdir, abstract, step=7)

@@ -21,10 +21,6 @@ pytestmark = pytest.mark.slow
 
 def _config(tiny_config, **training):
   config = tiny_config()
-  config.training.num_steps = 4
-  config.training.checkpoint_every = 2
-  config.training.eval_every = 4
-  config.training.log_every = 2
   config.training.update(training)
   return config
 
@@ -42,9 +38,8 @@ def _leaves(state):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_config, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  state = train.train_and_evaluate(_config(tiny_config), workdir)
+def uninterrupted(trained_run):
+  workdir, state = trained_run
   return workdir, _leaves(state)
 
 

@@ -137,8 +137,30 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
-def _attention_bwd_math(q, k, v, out, lse, d_out):
-  """Gradients of softmax(q k^T / sqrt(H)) v from the saved output and lse."""
+@jax.custom_vjp
+def _attention_saving_lse(q, k, v):
+  return _attention_saving_lse_fwd(q, k, v)[0]
+
+
+def _attention_saving_lse_fwd(q, k, v):
+  """Softmax attention that keeps only (inputs, output, log-sum-exp)."""
+  scale = q.shape[-1]**-0.5
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k,
+                      preferred_element_type=jnp.float32) * scale
+  row_max = jnp.max(logits, axis=-1)
+  probs = jnp.exp(logits - row_max[..., None])  # unnormalised
+  row_sum = jnp.sum(probs, axis=-1)
+  out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  # Normalising the [B, T, N, H] output, not the [B, N, T, S] probabilities,
+  # saves a pass over the scores.
+  out = (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(q.dtype)
+  lse = row_max + jnp.log(row_sum)  # [B, N, T]
+  return out, (q, k, v, out, lse)
+
+
+def _attention_saving_lse_bwd(residuals, d_out):
+  q, k, v, out, lse = residuals
   scale = q.shape[-1]**-0.5
   logits = jnp.einsum("btnh,bsnh->bnts", q, k,
                       preferred_element_type=jnp.float32) * scale
@@ -146,8 +168,8 @@ def _attention_bwd_math(q, k, v, out, lse, d_out):
   d_v = jnp.einsum("bnts,btnh->bsnh", probs.astype(v.dtype), d_out)
   d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, v,
                        preferred_element_type=jnp.float32)
-  # sum_s P * dP == sum_h dO * O: a [B, T, N] product instead of a pass over
-  # the [B, N, T, S] scores (FlashAttention-2's D term).
+  # sum_s P dP == sum_h dO O: a [B, N, T] product instead of another pass
+  # over the scores (FlashAttention-2's D term).
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32),
                      out.astype(jnp.float32))
   d_logits = (probs * (d_probs - delta[..., None]) * scale).astype(q.dtype)
@@ -156,44 +178,29 @@ def _attention_bwd_math(q, k, v, out, lse, d_out):
   return d_q, d_k, d_v
 
 
-@jax.custom_vjp
-def _recompute_attention(q, k, v):
-  return jax.nn.dot_product_attention(q, k, v, implementation=None)
-
-
-def _recompute_attention_fwd(q, k, v):
-  out, lse = jax.nn.dot_product_attention(q, k, v, implementation=None,
-                                          return_residual=True)
-  # lse: [B, T, N] -> [B, N, T] to broadcast against [B, N, T, S] scores.
-  return out, (q, k, v, out, jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32))
-
-
-def _recompute_attention_bwd(residuals, d_out):
-  return _attention_bwd_math(*residuals, d_out)
-
-
-_recompute_attention.defvjp(_recompute_attention_fwd, _recompute_attention_bwd)
+_attention_saving_lse.defvjp(_attention_saving_lse_fwd,
+                             _attention_saving_lse_bwd)
 
 
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                           batch_chunk: Optional[int] = None) -> jnp.ndarray:
   """Softmax attention, [B, T, N, H] x [B, S, N, H] -> [B, T, N, H].
 
-  With `batch_chunk`, runs `batch_chunk` samples at a time (exact: every
-  softmax row is whole) and stores only the output and its log-sum-exp for
-  the backward pass, which recomputes the scores. On CPU the [B, N, T, S]
-  scores of long self-attention (784 tokens at 28x28) otherwise dominate the
-  train step in time and memory; chunks that fit in cache are ~3x faster and
-  need ~20x less memory. Without it, it is `jax.nn.dot_product_attention`
-  with XLA's autodiff (or cuDNN's fused kernels where they apply).
+  Without `batch_chunk` this is `jax.nn.dot_product_attention` (XLA, or
+  cuDNN's fused kernels where they apply). With it, the CPU path: samples go
+  through `batch_chunk` at a time (exact, every softmax row is whole) and the
+  backward pass recomputes the scores from the saved output and
+  log-sum-exp. For long self-attention on CPU (784 tokens at 28x28) the
+  [B, N, T, S] scores otherwise dominate the train step in both time and
+  memory.
   """
   batch = q.shape[0]
   if batch_chunk is None:
     return jax.nn.dot_product_attention(q, k, v, implementation=None)
   if batch <= batch_chunk or batch % batch_chunk:
-    return _recompute_attention(q, k, v)
+    return _attention_saving_lse(q, k, v)
   split = lambda t: t.reshape(batch // batch_chunk, batch_chunk, *t.shape[1:])
-  out = jax.lax.map(lambda qkv: _recompute_attention(*qkv),
+  out = jax.lax.map(lambda qkv: _attention_saving_lse(*qkv),
                     (split(q), split(k), split(v)))
   return out.reshape(q.shape)
 
@@ -203,13 +210,14 @@ def _default_batch_chunk(num_queries: int, num_keys: int) -> Optional[int]:
 
   GPUs have the bandwidth and parallelism to want the whole batch at once.
   """
-  if jax.default_backend() != "cpu" or num_queries * num_keys < _CHUNK_MIN_SCORES:
+  if (jax.default_backend() != "cpu" or
+      num_queries * num_keys < _CHUNK_MIN_SCORES):
     return None
   return _CPU_BATCH_CHUNK
 
 
 # Measured on 2 CPU cores at the MNIST UNet, batch 64 (benchmarks/bench_unet.py).
-_CPU_BATCH_CHUNK = 4
+_CPU_BATCH_CHUNK = 2
 _CHUNK_MIN_SCORES = 128 * 128
 
 
