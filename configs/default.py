@@ -100,6 +100,18 @@ def get_config():
   sampling.chunk_size = 64  # images per jitted sampling call (bounds memory)
   sampling.prompts = tuple(f"a photograph of the number {d}" for d in range(10))
 
+  # --- Evaluation (every training.eval_every steps and jaxsd.evaluate) -------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.metrics = ("prompt_accuracy", "fid_mnist", "diversity", "fid_inception",
+                "clip_score")
+  ev.num_samples = 1000  # generated images (prompts cycle over the digits)
+  ev.num_clip_samples = 500  # of those, scored by CLIP
+  ev.chunk_size = 250  # images per jitted sampling call during evaluation
+  ev.cache_dir = ""  # classifier, reference statistics ("" = $JAXSD_CACHE or ~/.cache/jaxsd)
+  ev.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
+  ev.inception_reference_samples = 10000  # MNIST test images for Inception stats
+  ev.clip_model = "openai/clip-vit-base-patch32"  # hub id or local folder
+
   # --- Logging ------------------------------------------------------------
   config.logging = logging = ml_collections.ConfigDict()
   logging.mlflow = True
@@ -110,5 +122,11 @@ def get_config():
   config.parallel = parallel = ml_collections.ConfigDict()
   # "auto": jax.distributed.initialize() under SLURM / when a coordinator is set.
   parallel.distributed = "auto"  # auto | on | off
+  # Fully-sharded state (FSDP) for models too big to replicate: parameters,
+  # EMA and optimiser state split over a `model` mesh axis of this many
+  # devices (0 = all); the batch is still split over every device.
+  parallel.fsdp = False
+  parallel.model_axis_size = 0
+  parallel.fsdp_min_size = 2**16  # arrays with fewer elements stay replicated
 
   return config

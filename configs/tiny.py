@@ -26,6 +26,10 @@ def get_config():
   config.training.checkpoint_every = 2
   config.training.keep_checkpoints = 2
 
+  config.eval.metrics = ("prompt_accuracy", "fid_mnist", "diversity")
+  config.eval.num_samples = 20
+  config.eval.chunk_size = 20
+
   config.sampling.num_steps = 4
   config.sampling.samples_per_prompt = 1
   config.sampling.prompts = ("a photograph of the number 0",

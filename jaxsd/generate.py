@@ -36,6 +36,8 @@ class Generator:
     self.mesh = mesh
     self._sharding = parallel.batch_sharding(mesh)
     self._replicated = parallel.replicated(mesh)
+    self._settings = dict(sampler=sampler, num_steps=num_steps,
+                          guidance_scale=guidance_scale, eta=eta)
     fn = functools.partial(self._generate, sampler=sampler,
                            num_steps=num_steps,
                            guidance_scale=float(guidance_scale), eta=eta)
@@ -53,6 +55,11 @@ class Generator:
         c.denoise_fn(params), c.schedule, rng, shape, cond, uncond,
         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
         prediction_type=c.config.diffusion.prediction_type, eta=eta)
+
+  def with_chunk_size(self, chunk_size: int) -> "Generator":
+    """The same sampler settings with another chunk size (e.g. evaluation's)."""
+    return Generator(self.components, self.mesh, chunk_size=chunk_size,
+                     **self._settings)
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     return text_lib.tokenize(self.components.tokenizer, prompts,

@@ -43,7 +43,8 @@ class MlflowWriter(interface.MetricWriter):
   logging into the same MLflow run.
   """
 
-  def __init__(self, workdir: str, experiment_name: str, run_name: str = ""):
+  def __init__(self, workdir: str, experiment_name: str, run_name: str = "",
+               mark_running: bool = True):
     import mlflow  # pylint: disable=g-import-not-at-top
     from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
     self._workdir = os.path.abspath(workdir)
@@ -66,7 +67,8 @@ class MlflowWriter(interface.MetricWriter):
       try:
         self.client.get_run(run_id)
         self.run_id = run_id
-        self.client.update_run(run_id, status="RUNNING")
+        if mark_running:  # a resumed training run; evaluation leaves it be
+          self.client.update_run(run_id, status="RUNNING")
       except mlflow.exceptions.MlflowException:
         logging.warning("MLflow run %s from %s not found in %s; starting a "
                         "new run.", run_id, run_file, uri)

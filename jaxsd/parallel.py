@@ -1,5 +1,14 @@
-"""Devices, processes and sharding: one `data` mesh axis over all devices."""
+"""Devices, processes and sharding.
+
+The mesh has two axes: `data` and `model`. Batches are split over both (every
+device gets its own share of each batch). The train state is replicated
+(data parallelism, the default) or, with `parallel.fsdp`, its large arrays are
+split over the `model` axis (fully-sharded data parallelism: each device holds
+1/model_axis_size of the parameters, EMA and optimiser state; XLA gathers
+parameters when a layer needs them).
+"""
 import os
+from typing import Any
 
 from absl import logging
 import jax
@@ -7,6 +16,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
+BATCH_AXES = (DATA_AXIS, MODEL_AXIS)  # the batch is split over all devices
+
+
+def hide_gpus_from_tensorflow():
+  """Keeps TensorFlow (tfds, clu's writers) off the GPUs JAX uses.
+
+  TF otherwise reserves GPU memory and starts its own NCCL, which breaks
+  multi-GPU JAX jobs (flax issue 4942). Call before TF's runtime starts, i.e.
+  before clu writers or tfds datasets are created.
+  """
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised its devices: too late
+    logging.warning("TensorFlow was initialised before its GPUs could be "
+                    "hidden; it may hold GPU memory.")
 
 
 def _launched_multiprocess() -> bool:
@@ -15,11 +44,18 @@ def _launched_multiprocess() -> bool:
   return bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
-def maybe_initialize_distributed(mode: str = "auto"):
-  """jax.distributed.initialize() for multi-process runs (SLURM sets them up).
+def _env_int(name: str):
+  value = os.environ.get(name)
+  return int(value) if value else None
 
-  mode: "auto" (when SLURM runs several tasks or a coordinator is set),
-  "on" (always) or "off".
+
+def maybe_initialize_distributed(mode: str = "auto"):
+  """jax.distributed.initialize() for multi-process runs.
+
+  mode: "auto" (when SLURM runs several tasks or JAX_COORDINATOR_ADDRESS is
+  set), "on" (always) or "off". Under SLURM everything is detected. Elsewhere
+  set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID; JAX_LOCAL_DEVICE_IDS=0,1,.. picks a process's GPUs.
   """
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"parallel.distributed={mode!r}; use auto, on or off.")
@@ -27,28 +63,117 @@ def maybe_initialize_distributed(mode: str = "auto"):
     return
   if jax.distributed.is_initialized():
     return
-  jax.distributed.initialize()
+  # jaxsd syncs SIGTERM itself (train._Preemption). JAX's preemption service
+  # would install a C++ SIGTERM handler that swallows a SIGTERM arriving
+  # before the train loop starts, leaving a process that never stops.
+  jax.config.update("jax_enable_preemption_service", False)
+  jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
+                             process_id=_env_int("JAX_PROCESS_ID"))
   logging.info("jax.distributed: process %d of %d, %d local / %d global "
                "devices.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 
 
-def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (a collective: all
+  processes must call it at the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))
+  return bool(np.any(flags))
+
+
+# --- Mesh and shardings -----------------------------------------------------
+
+
+def model_axis_size(parallel_config) -> int:
+  """Devices that share one copy of the state: 1 without FSDP; with FSDP
+  parallel.model_axis_size, or all devices when that is 0."""
+  if not parallel_config.fsdp:
+    return 1
+  n = jax.device_count()
+  m = parallel_config.model_axis_size or n
+  if m < 1 or n % m:
+    raise ValueError(
+        f"parallel.model_axis_size={parallel_config.model_axis_size} must "
+        f"divide the device count ({n}); 0 means all devices.")
+  return m
+
+
+def make_mesh(model_axis_size: int = 1) -> Mesh:
+  """[device_count / model_axis_size, model_axis_size] mesh of all devices.
+
+  jax.devices() lists a process's devices together, so a model axis no larger
+  than a node's GPU count stays within the node (fast links); the data axis
+  spans nodes.
+  """
+  n = jax.device_count()
+  if model_axis_size < 1 or n % model_axis_size:
+    raise ValueError(f"model_axis_size={model_axis_size} must divide the "
+                     f"device count ({n}).")
+  devices = np.asarray(jax.devices()).reshape(n // model_axis_size,
+                                              model_axis_size)
+  return Mesh(devices, (DATA_AXIS, MODEL_AXIS))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over all devices."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
   """[steps, batch, ...] arrays: batch axis split, steps axis whole."""
-  return NamedSharding(mesh, P(None, DATA_AXIS))
+  return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def array_spec(shape, model_size: int, min_size: int) -> P:
+  """Partition spec of one state array: its largest axis that divides by
+  model_size is split over the model axis; arrays with fewer than min_size
+  elements (or no such axis) are replicated."""
+  if model_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  candidates = [(dim, i) for i, dim in enumerate(shape)
+                if dim % model_size == 0]
+  if not candidates:
+    return P()
+  _, axis = max(candidates)  # ties: the last such axis (output channels)
+  spec = [None] * len(shape)
+  spec[axis] = MODEL_AXIS
+  return P(*spec)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2**16):
+  """NamedSharding for every array of a state tree (arrays or
+  ShapeDtypeStructs): FSDP-split over the model axis where array_spec says,
+  replicated otherwise (all of it when the model axis has size 1).
+
+  Optimiser moments and EMA have their parameter's shape, so they are split
+  the same way as it.
+  """
+  model_size = mesh.shape[MODEL_AXIS]
+  return jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, array_spec(x.shape, model_size, min_size)),
+      abstract_state)
+
+
+def with_shardings(abstract_state: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the given shardings (for jit and restore)."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state, shardings)
+
+
+def gather_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Replicated copies of FSDP-sharded arrays, for code that takes
+  replicated parameters (sampling); a no-op without FSDP."""
+  if mesh.shape[MODEL_AXIS] == 1:
+    return tree
+  return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
 
 
 def check_batch_size(global_batch_size: int, grad_accum_steps: int = 1):

@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Tuple
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from jaxsd import build
@@ -26,6 +25,7 @@ from jaxsd import parallel
 from jaxsd import text as text_lib
 from jaxsd import train_state as ts
 from jaxsd import train_step as step_lib
+from jaxsd.evaluation import evaluator as evaluator_lib
 
 CONFIG_FILE = "config.json"
 
@@ -54,16 +54,15 @@ def save_config(config, workdir: str):
 class _Preemption:
   """SIGTERM (SLURM preemption, `scancel`) asks the loop to checkpoint and stop.
 
-  With several processes, orbax/JAX's preemption sync point makes all of them
-  stop at the same step.
+  With several processes the flag is shared every `sync_every` steps (an
+  all-gather at steps that wait for the device anyway), so all processes stop
+  at the same step even if only some received the signal.
   """
 
-  def __init__(self, mngr):
+  def __init__(self, sync_every: int = 1):
     self._flag = False
-    self._mngr = mngr
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    self._sync_every = sync_every
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
     del signum, frame
@@ -71,13 +70,16 @@ class _Preemption:
     self._flag = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._flag
+    if jax.process_count() == 1:
+      return self._flag
+    if step % self._sync_every:
+      return False
+    return parallel.any_process(self._flag)
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    # None: the previous handler was not set from Python; default it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None
+                  else self._previous)
 
 
 def _check_finite(pending: List[Tuple[int, Dict[str, Any]]]):
@@ -118,15 +120,47 @@ def write_sample_grid(generator: generate.Generator, params, config, rng,
   logging.info("Wrote sample grid %s", path)
 
 
+class _timed:
+  """Logs how long a block took."""
+
+  def __init__(self, what: str):
+    self.what = what
+
+  def __enter__(self):
+    self.start = time.perf_counter()
+
+  def __exit__(self, *exc):
+    logging.info("%s took %.1f s", self.what, time.perf_counter() - self.start)
+
+
+def run_evaluation(evaluator, generator, params, rng, step: int, writer):
+  """Samples, evaluates and logs eval/* (metrics on process 0 only)."""
+  prompts = evaluator_lib.eval_prompts(evaluator.config.data.caption_template,
+                                       evaluator.eval_config.num_samples)
+  start = time.perf_counter()
+  images = generator(params, prompts, rng)  # every process takes part
+  sampling = time.perf_counter() - start
+  if jax.process_index() != 0:
+    return None
+  metrics = evaluator.evaluate(images, prompts)
+  metrics["sampling_seconds"] = sampling
+  metrics["seconds"] = time.perf_counter() - start
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+  logging.info("eval at step %d: %s", step, ", ".join(
+      f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k))
+  return metrics
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains config's model in workdir, resuming from its latest checkpoint."""
   config_checks.validate(config)
+  parallel.hide_gpus_from_tensorflow()
   parallel.maybe_initialize_distributed(config.parallel.distributed)
   enable_compilation_cache()
   os.makedirs(workdir, exist_ok=True)
   tcfg = config.training
   parallel.check_batch_size(tcfg.batch_size, config.optim.grad_accum_steps)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(parallel.model_axis_size(config.parallel))
   logging.info("%d processes, %d devices (%s)", jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   save_config(config, workdir)
@@ -158,9 +192,10 @@ def train_and_evaluate(config, workdir: str):
     return ts.create(comps.init_params(rng), tx)
   replicated = parallel.replicated(mesh)
   abstract = jax.eval_shape(init_state, init_rng)
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      abstract)
+  # Replicated, or FSDP-split with parallel.fsdp; checkpoints restore into it.
+  state_sharding = parallel.state_shardings(abstract, mesh,
+                                            config.parallel.fsdp_min_size)
+  abstract = parallel.with_shardings(abstract, state_sharding)
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints)
   if mngr.latest_step() is not None:
     state, meta, start_step = checkpoint.restore(mngr, abstract)
@@ -168,7 +203,7 @@ def train_and_evaluate(config, workdir: str):
     logging.info("Resumed from checkpoint at step %d (data position %d).",
                  start_step, data_position)
   else:
-    state = jax.jit(init_state, out_shardings=replicated)(init_rng)
+    state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
     start_step, data_position = 0, 0
   n_total = build.param_count(state.params)
   n_trainable = build.param_count(
@@ -190,8 +225,8 @@ def train_and_evaluate(config, workdir: str):
   batch_sharding = (parallel.batch_sharding(mesh) if k == 1
                     else parallel.stacked_batch_sharding(mesh))
   jit_step = jax.jit(step_fn,
-                     in_shardings=(replicated, batch_sharding, replicated),
-                     out_shardings=(replicated, replicated),
+                     in_shardings=(state_sharding, batch_sharding, replicated),
+                     out_shardings=(state_sharding, replicated),
                      donate_argnums=(0,))
   generator = generate.Generator(
       comps, mesh, sampler=config.sampling.sampler,
@@ -199,6 +234,14 @@ def train_and_evaluate(config, workdir: str):
       guidance_scale=config.sampling.guidance_scale, eta=config.sampling.eta,
       chunk_size=config.sampling.chunk_size)
   lr_fn = ts.learning_rate_schedule(config.optim, tcfg.num_steps)
+  evaluator, eval_generator = None, None
+  if config.eval.metrics:
+    evaluator = evaluator_lib.Evaluator(config)
+    if jax.process_index() == 0:
+      with _timed("eval setup (classifier, reference statistics)"):
+        evaluator.prepare()
+    eval_generator = generator.with_chunk_size(config.eval.chunk_size)
+  eval_rng = jax.random.fold_in(sample_rng, 1 << 20)
 
   def next_batch(position):
     if k == 1:
@@ -214,7 +257,7 @@ def train_and_evaluate(config, workdir: str):
         "step": step, "data_position": data_position,
         "rng_seed": tcfg.seed, "config": config.to_dict()})
 
-  preemption = _Preemption(mngr)
+  preemption = _Preemption(sync_every=tcfg.log_every)
   progress = metric_logging.Progress(start_step, tcfg.num_steps)
   pending = []  # (first step, device metrics) not yet fetched
   step = start_step
@@ -249,9 +292,13 @@ def train_and_evaluate(config, workdir: str):
         save(step)
       if do_eval:
         params = state.ema_params if config.sampling.use_ema else state.params
+        params = parallel.gather_replicated(params, mesh)  # FSDP: gather
         write_sample_grid(generator, params, config,
                           jax.random.fold_in(sample_rng, step), step, workdir,
                           writer, mlflow_writer)
+        if evaluator is not None:
+          run_evaluation(evaluator, eval_generator, params,
+                         jax.random.fold_in(eval_rng, step), step, writer)
       if preempted and not last:
         status = "KILLED"
         logging.warning("Stopped at step %d after preemption; the next start "

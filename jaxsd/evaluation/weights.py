@@ -1,0 +1,71 @@
+"""Finding pretrained weights for metrics: local files first, then a download.
+
+Metrics that need published weights (Inception for FID, CLIP) raise
+`WeightsUnavailableError` when none can be had, so a caller can skip the metric
+with one log line. Offline machines must fail fast: a short socket probe
+decides whether a download is tried at all.
+"""
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+import urllib.parse
+import urllib.request
+
+
+class WeightsUnavailableError(RuntimeError):
+  """Pretrained weights are neither on disk nor downloadable now."""
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+  """Whether a TCP connection to host:port opens within `timeout` seconds."""
+  try:
+    with socket.create_connection((host, port), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def offline_mode() -> bool:
+  """True when the Hugging Face offline switches ask for no network use."""
+  return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes",
+                                                          "on")
+             for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                          "JAXSD_OFFLINE"))
+
+
+def download(url: str, path: str, sha256_prefix: str = "",
+             connect_timeout: float = 3.0, read_timeout: float = 60.0) -> str:
+  """Downloads `url` to `path` (atomically) and checks its sha256 prefix.
+
+  Raises:
+    WeightsUnavailableError: offline, unreachable, or the transfer failed.
+    ValueError: the file's sha256 does not start with `sha256_prefix`.
+  """
+  host = urllib.parse.urlparse(url).hostname
+  if offline_mode() or not host_reachable(host, timeout=connect_timeout):
+    raise WeightsUnavailableError(f"cannot download {url}: {host} is not "
+                                  "reachable (offline)")
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
+  digest = hashlib.sha256()
+  logging.info("downloading %s to %s", url, path)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      # read_timeout bounds each blocking read, so a stalled transfer ends.
+      with urllib.request.urlopen(url, timeout=read_timeout) as response:
+        while chunk := response.read(1 << 20):
+          f.write(chunk)
+          digest.update(chunk)
+    if not digest.hexdigest().startswith(sha256_prefix):
+      raise ValueError(f"{url}: sha256 {digest.hexdigest()} does not start "
+                       f"with {sha256_prefix}")
+    os.replace(tmp, path)
+  except OSError as e:  # urllib's URLError and timeouts are OSErrors
+    raise WeightsUnavailableError(f"downloading {url} failed: {e}") from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path

@@ -1,0 +1,141 @@
+#!/bin/bash
+# Trains jaxsd under SLURM on one or many GPU nodes; checkpoints before the
+# time limit or preemption and requeues itself to resume in the same workdir.
+#
+#   sbatch launch/slurm_train.sh configs/mnist.py [--config.x=y ...]
+#   sbatch --nodes=4 launch/slurm_train.sh configs/mnist.py
+#   WORKDIR=/shared/runs/big sbatch launch/slurm_train.sh configs/mnist.py
+#   DRY_RUN=1 SLURM_NNODES=2 SLURM_GPUS_PER_NODE=4 \
+#     bash launch/slurm_train.sh configs/mnist.py   # prints the srun command
+#
+# Submit from the repository root (tasks start in the submit directory).
+# See launch/README.md for the batch size, processes per GPU or per node,
+# and what to change for a new cluster.
+
+# ---- Resources: edit for your cluster, or override on the sbatch line ------
+# sbatch reads these lines only above the first command of the script.
+#SBATCH --job-name=jaxsd
+#SBATCH --nodes=1
+# GPUs per node. Clusters without --gpus-per-node use --gres=gpu:4.
+#SBATCH --gpus-per-node=4
+# One process per GPU: tasks per node = GPUs per node. With
+# PROCESSES=per-node set this to 1 (and give the task all the node's CPUs).
+#SBATCH --ntasks-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+# Often required: --partition=..., --account=..., --qos=..., --mem=...
+# Put back in the queue after preemption or a node failure ...
+#SBATCH --requeue
+# ... and send USR1 to this script 180 s before the time limit: it has the
+# run checkpoint and stop, then requeues the job. The lead time must cover
+# training.log_every steps plus writing a checkpoint.
+#SBATCH --signal=B:USR1@180
+# Keep one log across requeues (%x = job name, %j = job id, kept on requeue).
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
+
+set -euo pipefail
+
+# ---- Parameters (environment variables override them) --------------------
+# Workdir on storage every node sees (checkpoints, MLflow, samples); a
+# requeued job resumes from it. Default: runs/<config name> here.
+if [[ $# -lt 1 ]]; then
+  echo "usage: sbatch launch/slurm_train.sh CONFIG.py [--config.key=value ...]" >&2
+  exit 2
+fi
+CONFIG=$1
+shift
+WORKDIR=${WORKDIR:-$PWD/runs/$(basename "$CONFIG" .py)}
+# per-gpu: one process per GPU, JAX's usual choice; jax.distributed reads
+# SLURM's variables and gives each process GPU number SLURM_LOCALID, so every
+# task must see all its node's GPUs (no --gpus-per-task / --gpu-bind here).
+# per-node: one process drives all GPUs of its node (fewer processes, same
+# devices); needs --ntasks-per-node=1 above.
+PROCESSES=${PROCESSES:-per-gpu}
+PYTHON=${PYTHON:-python}
+NODES=${NODES:-${SLURM_NNODES:-1}}
+# SLURM_GPUS_PER_NODE may carry a type ("a100:4"); --gres jobs set
+# SLURM_GPUS_ON_NODE instead.
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}}
+GPUS_PER_NODE=${GPUS_PER_NODE##*:}
+# Cluster-specific network settings usually go here, e.g.
+#   export NCCL_SOCKET_IFNAME=ib0   # the interface between nodes
+#   export NCCL_DEBUG=WARN
+# and the environment: module load ... / source .venv/bin/activate
+
+case $PROCESSES in
+  per-gpu) TASKS_PER_NODE=$GPUS_PER_NODE ;;
+  per-node)
+    TASKS_PER_NODE=1
+    # jax.distributed would otherwise give the one process GPU 0 only.
+    JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((GPUS_PER_NODE - 1)))
+    export JAX_LOCAL_DEVICE_IDS
+    ;;
+  *) echo "PROCESSES=$PROCESSES: use per-gpu or per-node" >&2; exit 2 ;;
+esac
+
+cmd=(srun --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE"
+     --kill-on-bad-exit=1)
+# srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05).
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+  cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
+cmd+=("$PYTHON" -u -m jaxsd.main --config="$CONFIG" --workdir="$WORKDIR" "$@")
+
+if [[ -n ${DRY_RUN:-} ]]; then
+  if [[ -n ${JAX_LOCAL_DEVICE_IDS:-} ]]; then
+    printf 'JAX_LOCAL_DEVICE_IDS=%s ' "$JAX_LOCAL_DEVICE_IDS"
+  fi
+  printf '%q ' "${cmd[@]}" | sed 's/ $//'
+  echo
+  exit 0
+fi
+
+echo "jaxsd: $NODES node(s) x $GPUS_PER_NODE GPU(s), $PROCESSES processes," \
+     "workdir $WORKDIR, restart ${SLURM_RESTART_COUNT:-0}" >&2
+if [[ -n ${SLURM_NTASKS_PER_NODE:-} && $SLURM_NTASKS_PER_NODE != "$TASKS_PER_NODE" ]]; then
+  echo "jaxsd: warning: job has --ntasks-per-node=$SLURM_NTASKS_PER_NODE but" \
+       "PROCESSES=$PROCESSES needs $TASKS_PER_NODE" >&2
+fi
+mkdir -p "$WORKDIR"
+
+# ---- Signals -----------------------------------------------------------------
+# jaxsd.train checkpoints and stops on SIGTERM. SLURM signals only this
+# script (--signal=B:...), so forward SIGTERM to the python processes of the
+# job's steps; scancel --signal does not signal this script itself. srun is
+# not signalled directly: a SIGTERM makes it kill its tasks.
+requeue=0
+# shellcheck disable=SC2317  # the functions below run from traps
+stop_training() {
+  scancel --signal=TERM "$SLURM_JOB_ID" || true
+}
+# shellcheck disable=SC2317
+on_time_limit() {
+  echo "jaxsd: time limit near: checkpointing, then requeueing" >&2
+  requeue=1
+  stop_training
+}
+# shellcheck disable=SC2317
+on_term() {  # scancel or preemption; SLURM also signals the tasks itself
+  echo "jaxsd: SIGTERM: checkpointing and stopping" >&2
+  stop_training
+}
+trap on_time_limit USR1
+trap on_term TERM
+
+# In the background so that traps run while it trains; `wait` returns early
+# (status > 128) when a trap runs, so wait again until srun has finished.
+"${cmd[@]}" &
+srun_pid=$!
+status=0
+wait "$srun_pid" || status=$?
+while ((status > 128)) && kill -0 "$srun_pid" 2>/dev/null; do
+  status=0
+  wait "$srun_pid" || status=$?
+done
+
+if ((requeue && status == 0)); then
+  echo "jaxsd: requeueing job $SLURM_JOB_ID to resume from $WORKDIR" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

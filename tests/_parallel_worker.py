@@ -1,0 +1,125 @@
+"""Runs jaxsd in its own process for tests/test_parallel.py.
+
+The device count (XLA_FLAGS) and the process group (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) are fixed when JAX starts, so each setting
+needs a fresh process. Usage:
+
+  python tests/_parallel_worker.py '{"train": [{"workdir": W, "tag": T,
+      "overrides": {"parallel.fsdp": true}, "sigterm_at": [PROCESS, STEP]},
+      ...], "restore": [{"workdir": W, "step": S, "overrides": {...},
+      "out": "leaves.npz"}, ...]}'
+
+Overrides are flattened keys of configs/tiny.py. A train job writes
+WORKDIR/<tag>_<process>.json with the final step and how the state was
+sharded; a restore writes every state array to an .npz.
+"""
+import json
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def tiny_config(overrides):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.update_from_flattened_dict(overrides or {})
+  return config
+
+
+def state_leaves(state):
+  """Host copies of every array of a TrainState, in tree order."""
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+def sharded_fraction(state) -> dict:
+  """How many state arrays are split, the fraction of all elements they
+  hold, and the largest share of a split array one device holds."""
+  leaves = jax.tree_util.tree_leaves(state)
+  split = [x for x in leaves if not x.sharding.is_fully_replicated]
+  share = max((x.addressable_shards[0].data.size / x.size for x in split),
+              default=1.0)
+  return {"arrays": len(leaves), "split": len(split), "max_share": share,
+          "split_elements": sum(x.size for x in split)
+                            / sum(x.size for x in leaves)}
+
+
+def restore_state(workdir, overrides, step=None):
+  """A checkpoint of workdir (default the latest), restored into the
+  shardings the config asks for on this process's devices."""
+  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
+  from jaxsd import train_state as ts  # pylint: disable=g-import-not-at-top
+  config = tiny_config(overrides)
+  comps = build.build_components(config)
+  tx = ts.make_optimizer(config.optim, config.training.num_steps,
+                         config.text.trainable)
+  abstract = jax.eval_shape(lambda r: ts.create(comps.init_params(r), tx),
+                            jax.random.key(0))
+  mesh = parallel.make_mesh(parallel.model_axis_size(config.parallel))
+  shardings = parallel.state_shardings(abstract, mesh,
+                                       config.parallel.fsdp_min_size)
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    state, _, step = checkpoint.restore(
+        mngr, parallel.with_shardings(abstract, shardings), step)
+  finally:
+    mngr.close()
+  for x, s in zip(jax.tree_util.tree_leaves(state),
+                  jax.tree_util.tree_leaves(shardings)):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+  return state, step
+
+
+def _sigterm_at(process: int, step: int):
+  """SIGTERM to this process after train step `step` (as SLURM would)."""
+  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  reached = train._Preemption.reached  # pylint: disable=protected-access
+
+  def patched(self, s):
+    if s == step and jax.process_index() == process:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return reached(self, s)
+  train._Preemption.reached = patched  # pylint: disable=protected-access
+
+
+def run_train(job):
+  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  if job.get("sigterm_at"):
+    _sigterm_at(*job["sigterm_at"])
+  state = train.train_and_evaluate(tiny_config(job.get("overrides")),
+                                   job["workdir"])
+  result = {"step": int(state.step), "devices": jax.device_count(),
+            "processes": jax.process_count(), **sharded_fraction(state)}
+  path = os.path.join(job["workdir"],
+                      f"{job.get('tag', 'train')}_{jax.process_index()}.json")
+  with open(path, "w") as f:
+    json.dump(result, f)
+
+
+def run_restore(job):
+  state, step = restore_state(job["workdir"], job.get("overrides"),
+                              job.get("step"))
+  np.savez(job["out"], step=step, **{
+      f"leaf_{i}": x for i, x in enumerate(state_leaves(state))})
+
+
+def main():
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)  # the log tells what a failed run did
+  spec = json.loads(sys.argv[1])
+  for job in spec.get("train", []):
+    run_train(job)
+  for job in spec.get("restore", []):
+    run_restore(job)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,302 @@
+"""Data parallelism, FSDP, multi-process runs and the SLURM launcher.
+
+Device and process counts are fixed when JAX starts, so the runs happen in
+subprocesses (tests/_parallel_worker.py) and are compared with the
+one-device run of conftest's `trained_run` (tiny config, 4 steps, checkpoints
+at 2 and 4). They share compiled programs through JAXSD_COMPILATION_CACHE.
+"""
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsd import metric_logging
+from jaxsd import parallel
+
+import _parallel_worker as worker  # tests/ is on sys.path under pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "_parallel_worker.py")
+LAUNCHER = os.path.join(ROOT, "launch", "slurm_train.sh")
+# FSDP over a model axis of 2 (so a 4-device mesh is 2 x 2); the tiny
+# model's arrays are small, so shard everything from 1024 elements up.
+FSDP = {"parallel.fsdp": True, "parallel.model_axis_size": 2,
+        "parallel.fsdp_min_size": 1024}
+# Same global batch, different reduction order: float32 round-off, except
+# in parameters whose true gradient is zero (the tiny UNet's GroupNorm has one
+# channel per group, so biases and time-embedding weights feeding it cancel):
+# Adam turns their round-off gradients into learning-rate-sized steps of
+# either sign. The losses and gradient norms are compared tightly.
+TOLERANCE = {"rtol": 2e-4, "atol": 1e-4}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_workers(spec, log_dir, *, devices=1, processes=1, timeout=600):
+  """Runs the worker with `devices` CPU devices in each of `processes`
+  processes (one jax.distributed group on 127.0.0.1); fails with their logs."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC",
+                              "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE"))}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if processes > 1:
+    env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{_free_port()}"
+    env["JAX_NUM_PROCESSES"] = str(processes)
+  os.makedirs(log_dir, exist_ok=True)
+  procs, logs = [], []
+  for i in range(processes):
+    logs.append(os.path.join(log_dir, f"worker_{len(os.listdir(log_dir))}.log"))
+    with open(logs[-1], "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, WORKER, json.dumps(spec)], cwd=ROOT,
+          env={**env, "JAX_PROCESS_ID": str(i)}, stdout=log,
+          stderr=subprocess.STDOUT))
+  deadline = time.time() + timeout
+  try:
+    codes = [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
+  except subprocess.TimeoutExpired:
+    codes = None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  if codes != [0] * processes:
+    tails = []
+    for path in logs:
+      with open(path) as f:
+        tails.append(f"--- {path}\n" + "".join(f.readlines()[-40:]))
+    pytest.fail(f"worker exit codes {codes} (None: timed out)\n"
+                + "\n".join(tails))
+
+
+def _result(workdir, tag, process=0):
+  with open(os.path.join(workdir, f"{tag}_{process}.json")) as f:
+    return json.load(f)
+
+
+def _metrics(workdir):
+  """(MLflow runs, {step: (loss, grad_norm)}) of a workdir's first run."""
+  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  exp = client.get_experiment_by_name("jaxsd")
+  runs = client.search_runs([exp.experiment_id])
+  history = {name: {m.step: m.value for m in client.get_metric_history(
+      runs[0].info.run_id, f"train/{name}")} for name in ("loss", "grad_norm")}
+  return runs, {step: (loss, history["grad_norm"][step])
+                for step, loss in history["loss"].items()}
+
+
+def _assert_same_metrics(workdir, ref_workdir):
+  """One MLflow run, logged at steps 2 and 4 with the reference's loss and
+  gradient norm."""
+  runs, metrics = _metrics(workdir)
+  assert len(runs) == 1
+  _, expected = _metrics(ref_workdir)
+  assert sorted(metrics) == [2, 4]
+  for step in (2, 4):
+    np.testing.assert_allclose(metrics[step], expected[step], rtol=1e-5)
+  return runs[0]
+
+
+def _assert_close(actual, expected, **tolerance):
+  assert len(actual) == len(expected)
+  for i, (a, b) in enumerate(zip(actual, expected)):
+    np.testing.assert_allclose(a, b, err_msg=f"state array {i}",
+                               **(tolerance or TOLERANCE))
+
+
+@pytest.fixture(scope="module")
+def reference(trained_run):
+  """The one-device run's workdir and state arrays at steps 2 and 4."""
+  workdir, _ = trained_run
+  return workdir, {step: worker.state_leaves(
+      worker.restore_state(workdir, {}, step)[0]) for step in (2, 4)}
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+  """One process with 4 devices: data parallel, stopped by SIGTERM after
+  step 2, then resumed with FSDP (2 x 2 mesh) to step 4, in one workdir."""
+  workdir = str(tmp_path_factory.mktemp("four_devices"))
+  _run_workers({"train": [
+      {"workdir": workdir, "tag": "dp", "sigterm_at": [0, 2]},
+      {"workdir": workdir, "tag": "fsdp", "overrides": FSDP}]},
+               os.path.join(workdir, "logs"), devices=4)
+  return workdir
+
+
+@pytest.mark.slow
+def test_four_devices_match_one_device(four_devices, reference):
+  ref_workdir, ref_states = reference
+  dp, fsdp = _result(four_devices, "dp"), _result(four_devices, "fsdp")
+  assert dp["devices"] == 4 and dp["step"] == 2 and dp["split"] == 0
+  assert fsdp["step"] == 4
+  # FSDP: all but the small arrays split, each device holding half of each.
+  assert fsdp["split_elements"] > 0.99 and fsdp["max_share"] == 0.5
+  _assert_same_metrics(four_devices, ref_workdir)
+  # Checkpoints saved with 4 devices restore on this process's one device.
+  for step in (2, 4):
+    state, _ = worker.restore_state(four_devices, {}, step)
+    _assert_close(worker.state_leaves(state), ref_states[step])
+
+
+@pytest.mark.slow
+def test_four_device_checkpoints_restore_on_two(four_devices, tmp_path):
+  """The data-parallel checkpoint restores FSDP-split, the FSDP one
+  replicated; both bit-exact against a one-device restore."""
+  jobs = [{"workdir": four_devices, "step": 2, "overrides": FSDP,
+           "out": str(tmp_path / "2.npz")},
+          {"workdir": four_devices, "step": 4, "out": str(tmp_path / "4.npz")}]
+  _run_workers({"restore": jobs}, str(tmp_path / "logs"), devices=2)
+  for step in (2, 4):
+    expected = worker.state_leaves(
+        worker.restore_state(four_devices, {}, step)[0])
+    with np.load(tmp_path / f"{step}.npz") as saved:
+      assert int(saved["step"]) == step
+      restored = [saved[f"leaf_{i}"] for i in range(len(expected))]
+    _assert_close(restored, expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_and_resume(reference, tmp_path):
+  """Two processes (one device each, gloo collectives): SIGTERM reaches only
+  process 1 after step 1; both checkpoint at step 2 and stop; restarted, they
+  resume to step 4 with the one-device run's parameters."""
+  ref_workdir, ref_states = reference
+  workdir = str(tmp_path / "run")
+  logs = str(tmp_path / "logs")
+  job = {"workdir": workdir, "overrides": {"parallel.distributed": "on"}}
+  _run_workers({"train": [{**job, "tag": "stopped", "sigterm_at": [1, 1]}]},
+               logs, processes=2)
+  for process in (0, 1):
+    result = _result(workdir, "stopped", process)
+    assert result["processes"] == 2 and result["step"] == 2
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+
+  _run_workers({"train": [{**job, "tag": "resumed"}]}, logs, processes=2)
+  assert [_result(workdir, "resumed", p)["step"] for p in (0, 1)] == [4, 4]
+  state, _ = worker.restore_state(workdir, {}, 4)
+  _assert_close(worker.state_leaves(state), ref_states[4])
+  # Both starts log into one MLflow run.
+  run = _assert_same_metrics(workdir, ref_workdir)
+  assert run.info.status == "FINISHED"
+
+
+def test_state_shardings_split_largest_divisible_axis():
+  mesh = parallel.make_mesh()  # this process's devices; model axis 1
+  assert mesh.axis_names == (parallel.DATA_AXIS, parallel.MODEL_AXIS)
+  spec = parallel.array_spec
+  assert spec((3, 3, 32, 64), 4, 1024) == jax.sharding.PartitionSpec(
+      None, None, None, "model")
+  assert spec((64, 6), 2, 100) == jax.sharding.PartitionSpec("model", None)
+  assert spec((64, 6), 2, 1000) == jax.sharding.PartitionSpec()  # small
+  assert spec((3, 5), 2, 1) == jax.sharding.PartitionSpec()  # indivisible
+  assert spec((), 2, 0) == jax.sharding.PartitionSpec()
+  tree = {"w": jax.ShapeDtypeStruct((8, 4096), np.float32)}
+  shardings = parallel.state_shardings(tree, mesh)
+  assert shardings["w"].is_fully_replicated  # model axis 1: data parallel
+
+
+# --- SLURM launcher -------------------------------------------------------
+
+
+def _launcher(*args, **env):
+  clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  return subprocess.run(["bash", LAUNCHER, *args], cwd=ROOT,
+                        env={**clean, **env}, capture_output=True, text=True,
+                        timeout=60)
+
+
+def test_dry_run_prints_srun_command():
+  out = _launcher("configs/mnist.py", "--config.training.batch_size=256",
+                  DRY_RUN="1", SLURM_NNODES="2", SLURM_GPUS_PER_NODE="a100:4",
+                  SLURM_CPUS_PER_TASK="8")
+  assert out.returncode == 0, out.stderr
+  assert shlex.split(out.stdout) == [
+      "srun", "--nodes=2", "--ntasks-per-node=4", "--kill-on-bad-exit=1",
+      "--cpus-per-task=8", "python", "-u", "-m", "jaxsd.main",
+      "--config=configs/mnist.py", f"--workdir={ROOT}/runs/mnist",
+      "--config.training.batch_size=256"]
+
+
+def test_dry_run_one_process_per_node():
+  out = _launcher("configs/mnist.py", DRY_RUN="1", PROCESSES="per-node",
+                  SLURM_NNODES="3", SLURM_GPUS_PER_NODE="4",
+                  WORKDIR="/shared/runs/x")
+  assert out.returncode == 0, out.stderr
+  assert shlex.split(out.stdout) == [
+      "JAX_LOCAL_DEVICE_IDS=0,1,2,3", "srun", "--nodes=3",
+      "--ntasks-per-node=1", "--kill-on-bad-exit=1", "python", "-u", "-m",
+      "jaxsd.main", "--config=configs/mnist.py", "--workdir=/shared/runs/x"]
+
+
+def test_launcher_without_config_fails():
+  out = _launcher(DRY_RUN="1")
+  assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_launcher_forwards_time_limit_signal_and_requeues(tmp_path):
+  """With stand-ins for srun, scancel and scontrol: USR1 (SLURM's warning
+  before the time limit) makes the script SIGTERM the training processes,
+  wait for them to stop, then requeue the job."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  scripts = {
+      # srun: drop the options, run the command (the "task").
+      "srun": 'while [[ $1 == --* ]]; do shift; done; exec "$@"',
+      "scancel": f'echo "scancel $*" >> {tmp_path}/calls; '
+                 f'kill -TERM "$(cat {tmp_path}/task.pid)"',
+      "scontrol": f'echo "scontrol $*" >> {tmp_path}/calls',
+      # The training process: checkpoints (here: notes it) on SIGTERM.
+      "fake_python": f'echo $$ > {tmp_path}/task.pid; '
+                     f'trap "echo stopped > {tmp_path}/task.out; exit 0" TERM; '
+                     'while true; do sleep 0.1; done'}
+  for name, body in scripts.items():
+    path = bin_dir / name
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "fake_python"),
+             SLURM_JOB_ID="42", SLURM_NNODES="1", SLURM_GPUS_PER_NODE="1",
+             WORKDIR=str(tmp_path / "run"))
+  proc = subprocess.Popen(["bash", LAUNCHER, "configs/tiny.py"], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not (tmp_path / "task.pid").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.2)  # the script reaches `wait`
+  proc.send_signal(signal.SIGUSR1)
+  _, stderr = proc.communicate(timeout=30)
+  assert proc.returncode == 0, stderr
+  assert (tmp_path / "task.out").read_text().strip() == "stopped"
+  assert (tmp_path / "calls").read_text().splitlines() == [
+      "scancel --signal=TERM 42", "scontrol requeue 42"]
+
+
+def test_launcher_passes_bash_syntax_check():
+  subprocess.run(["bash", "-n", LAUNCHER], check=True)
+
+
+def test_launcher_passes_shellcheck():
+  if shutil.which("shellcheck") is None:
+    if os.environ.get("CI"):
+      pytest.fail("shellcheck is not installed (apt-get install shellcheck)")
+    pytest.skip("shellcheck not installed")
+  out = subprocess.run(["shellcheck", LAUNCHER], capture_output=True,
+                       text=True)
+  assert out.returncode == 0, out.stdout
