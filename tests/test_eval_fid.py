@@ -9,7 +9,7 @@ from jaxsd.evaluation import fid
 def _scipy_frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):
   """pytorch-fid's formula: scipy sqrtm of S1 S2, eps offset when singular."""
   diff = mu1 - mu2
-  covmean, _ = scipy.linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+  covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
   if not np.isfinite(covmean).all():
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))

@@ -1,22 +1,23 @@
 """Text-conditioned UNet (Stable Diffusion layout), NHWC throughout.
 
-A drop-in, faster replacement for diffusers' `FlaxUNet2DConditionModel`: the
-same blocks, the same numerics and the same parameter tree (module names and
-kernel layouts), so `convert_diffusers_params` is nearly the identity. It
-differs in what it computes with, not what it computes:
+A faster replacement for diffusers' `FlaxUNet2DConditionModel`: the same
+blocks, numerics and parameter tree (module names and kernel layouts), so
+`convert_diffusers_params` is the identity up to unwrapping. What differs is
+how it computes:
 
-* NHWC in and out, so no layout transposes at the model's edges.
-* Attention heads go through `jax.nn.dot_product_attention` ([B, T, N, H]
-  layout: no head<->batch transposes).
-* 2x nearest upsampling is a broadcast + reshape instead of the gather in
-  `jax.image.resize` (whose gradient is a scatter-add).
-* 1x1 convolutions (transformer projections, resnet shortcuts) are matmuls.
+* NHWC in and out: no layout transposes at the model's edges.
+* Attention keeps heads in [B, T, N, H] (no head<->batch transposes) and goes
+  through `dot_product_attention` below: `jax.nn.dot_product_attention` on
+  accelerators and for cross-attention; on CPU, long self-attention runs in
+  cache-sized blocks with a recomputing backward pass. That is where the
+  train-step speedup and memory saving come from (benchmarks/bench_unet.py).
 
 Numerics follow diffusers' Flax classes, including their quirks:
 `attention_head_dim` is the number of heads (diffusers issue #2011), GEGLU
 uses the tanh approximation of GELU (`flax.linen.gelu`'s default; the PyTorch
-UNet uses the exact one), GroupNorm/LayerNorm eps is 1e-5.
+UNet uses the exact one), GroupNorm and LayerNorm eps are 1e-5.
 """
+import math
 from typing import Any, Optional, Tuple, Union
 
 import flax
@@ -59,29 +60,13 @@ def timestep_embedding(timesteps: jnp.ndarray, dim: int,
     [B, dim] float32.
   """
   half = dim // 2
-  # log(10000) / (half - shift), as diffusers' get_sinusoidal_embeddings.
-  log_increment = jnp.log(1.0e4) / (half - freq_shift)
+  # As diffusers' get_sinusoidal_embeddings, down to the float64 increment.
+  log_increment = math.log(1.0e4) / (half - freq_shift)
   inv_timescales = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -log_increment)
   angles = timesteps.astype(jnp.float32)[:, None] * inv_timescales[None, :]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   parts = (cos, sin) if flip_sin_to_cos else (sin, cos)
   return jnp.concatenate(parts, axis=-1)
-
-
-class Conv1x1(nn.Module):
-  """1x1 convolution computed as a matmul; params as `nn.Conv` ([1, 1, I, O])."""
-  features: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """[..., I] -> [..., O]."""
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (1, 1, x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,),
-                      jnp.float32)
-    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    return jnp.dot(x, kernel[0, 0]) + bias
 
 
 class Upsample2x(nn.Module):
@@ -93,9 +78,9 @@ class Upsample2x(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """[B, H, W, C] -> [B, 2H, 2W, features]."""
     b, h, w, c = x.shape
-    # Same result as jax.image.resize(..., "nearest") for an exact 2x scale
-    # (source index floor((i + 0.5) / 2) == i // 2) but a broadcast, not a
-    # gather, so its gradient is a cheap reduction instead of a scatter-add.
+    # Same values as diffusers' jax.image.resize(..., "nearest") at exactly 2x
+    # (source index floor((i + 0.5) / 2) == i // 2), as a broadcast: no
+    # gather forward, no scatter-add backward.
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
     x = x.reshape(b, 2 * h, 2 * w, c)
     return _conv3x3(self.features, self.dtype, "conv")(x)
@@ -133,7 +118,8 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv3x3(self.features, self.dtype, "conv2")(h)
     if x.shape[-1] != self.features:
-      x = Conv1x1(self.features, self.dtype, name="conv_shortcut")(x)
+      x = nn.Conv(self.features, kernel_size=(1, 1), dtype=self.dtype,
+                  name="conv_shortcut")(x)
     return x + h
 
 
@@ -333,11 +319,13 @@ class SpatialTransformer(nn.Module):
     b, height, width, c = x.shape
     h = nn.GroupNorm(self.norm_num_groups, epsilon=_NORM_EPS, dtype=self.dtype,
                      name="norm")(x)
-    # A 1x1 conv and a Dense are the same matmul; only the kernel's stored
-    # shape differs, which the param tree has to keep.
-    proj = ((lambda name: nn.Dense(c, dtype=self.dtype, name=name))
-            if self.use_linear_projection
-            else (lambda name: Conv1x1(c, self.dtype, name=name)))
+    # The same matmul either way; the param tree keeps the kernel's shape
+    # ([C, C] or [1, 1, C, C]).
+    if self.use_linear_projection:
+      proj = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
+    else:
+      proj = lambda name: nn.Conv(c, kernel_size=(1, 1), dtype=self.dtype,
+                                  name=name)
     h = proj("proj_in")(h).reshape(b, height * width, c)
     for i in range(self.depth):
       h = TransformerBlock(self.heads, c // self.heads,

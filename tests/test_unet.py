@@ -1,0 +1,175 @@
+"""jaxsd's UNet against diffusers' FlaxUNet2DConditionModel as the oracle."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from diffusers import FlaxUNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+
+from jaxsd.models import unet as unet_lib
+
+diffusers_logging.set_verbosity_error()
+
+# Mixed down/up block types, two resolutions.
+MIXED = dict(
+    sample_size=16, in_channels=4, out_channels=4,
+    block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=32)
+# The MNIST layout: 28 -> 14 -> 7, 784-token self-attention (blocked on CPU).
+MNIST = dict(
+    sample_size=28, in_channels=1, out_channels=1,
+    block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=32)
+BATCH, TOKENS = 2, 8
+
+
+def random_params(shapes, seed=0):
+  """Params at a realistic scale (fan-in kernels, norm scales near 1).
+
+  Non-trivial biases and norm scales make the comparison stricter than a
+  fresh init (zero biases, unit scales).
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = path[-1].key
+    if name == "scale":
+      value = 1.0 + 0.1 * rng.standard_normal(s.shape)
+    elif name == "bias":
+      value = 0.1 * rng.standard_normal(s.shape)
+    else:  # kernel [..., in, out]
+      value = rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+    return jnp.asarray(value, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def inputs(cfg, seed=0):
+  """NHWC sample [B, H, W, C], int timesteps [B], context [B, L, D]."""
+  rng = np.random.default_rng(seed)
+  size = cfg["sample_size"]
+  sample = rng.standard_normal((BATCH, size, size, cfg["in_channels"]))
+  timesteps = rng.integers(0, 1000, (BATCH,))
+  context = rng.standard_normal((BATCH, TOKENS, cfg["cross_attention_dim"]))
+  return (jnp.asarray(sample, jnp.float32), jnp.asarray(timesteps, jnp.int32),
+          jnp.asarray(context, jnp.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def diffusers_setup(name):
+  """(diffusers model, its params) for a config; params without compiling."""
+  cfg = {"MIXED": MIXED, "MNIST": MNIST}[name]
+  model = FlaxUNet2DConditionModel(**cfg)
+  sample, timesteps, context = inputs(cfg)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.transpose(sample, (0, 3, 1, 2)),
+                         timesteps, context))["params"]
+  return model, random_params(shapes)
+
+
+def diffusers_forward(model, params, sample, timesteps, context):
+  out = model.apply({"params": params}, jnp.transpose(sample, (0, 3, 1, 2)),
+                    timesteps, context).sample
+  return jnp.transpose(out, (0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("name", ["MIXED", "MNIST"])
+def test_matches_diffusers(name):
+  model, their_params = diffusers_setup(name)
+  ours = unet_lib.unet_from_diffusers_config(model.config)
+  params = unet_lib.convert_diffusers_params(their_params)
+  sample, timesteps, context = inputs(model.config)
+
+  expected = jax.jit(functools.partial(diffusers_forward, model))(
+      their_params, sample, timesteps, context)
+  got = jax.jit(ours.apply)({"params": params}, sample, timesteps, context)
+
+  assert got.shape == sample.shape[:3] + (model.config.out_channels,)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+  assert float(jnp.abs(expected).max()) > 0.1  # not vacuous
+
+
+def test_param_tree_is_diffusers_tree():
+  model, their_params = diffusers_setup("MIXED")
+  ours = unet_lib.unet_from_diffusers_config(model.config)
+  sample, timesteps, context = inputs(model.config)
+  our_shapes = jax.eval_shape(ours.init, jax.random.key(0), sample, timesteps,
+                              context)["params"]
+  converted = unet_lib.convert_diffusers_params({"params": their_params})
+  shape_of = lambda tree: jax.tree_util.tree_map(lambda a: a.shape, tree)
+  assert shape_of(converted) == shape_of(our_shapes)
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(
+      our_shapes))
+
+
+def test_scalar_timestep_broadcasts():
+  model, their_params = diffusers_setup("MIXED")
+  ours = unet_lib.unet_from_diffusers_config(model.config)
+  params = unet_lib.convert_diffusers_params(their_params)
+  sample, _, context = inputs(model.config)
+  apply = jax.jit(ours.apply)
+  scalar = apply({"params": params}, sample, jnp.asarray(250.0), context)
+  vector = apply({"params": params}, sample, jnp.full((BATCH,), 250), context)
+  np.testing.assert_allclose(scalar, vector, atol=1e-6)
+
+
+def test_gradients_flow():
+  model, their_params = diffusers_setup("MIXED")
+  ours = unet_lib.unet_from_diffusers_config(model.config)
+  params = unet_lib.convert_diffusers_params(their_params)
+  sample, timesteps, context = inputs(model.config)
+
+  def loss_fn(p):
+    out = ours.apply({"params": p}, sample, timesteps, context, train=True)
+    return jnp.mean(jnp.square(out - sample))
+
+  grads = jax.jit(jax.grad(loss_fn))(params)
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  for path, g in leaves:
+    assert jnp.all(jnp.isfinite(g)), jax.tree_util.keystr(path)
+    assert jnp.any(g != 0), jax.tree_util.keystr(path)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  model, their_params = diffusers_setup("MIXED")
+  params = unet_lib.convert_diffusers_params(their_params)
+  sample, timesteps, context = inputs(model.config)
+  outs = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    ours = unet_lib.unet_from_diffusers_config(model.config, dtype=dtype)
+    outs[dtype] = jax.jit(ours.apply)({"params": params}, sample, timesteps,
+                                      context)
+  assert outs[jnp.bfloat16].dtype == jnp.float32
+  err = jnp.abs(outs[jnp.bfloat16] - outs[jnp.float32]).max()
+  assert err < 0.05 * jnp.abs(outs[jnp.float32]).max()
+
+
+@pytest.mark.parametrize("block", [(1, 16), (2, 64)])
+def test_blocked_attention_matches_xla(block):
+  """Values and gradients of the CPU path (custom VJP) against jax.nn's."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, d_out = (jax.random.normal(key, (2, 64, 3, 4)) for key in keys)
+
+  def vjp(fn):
+    out, pullback = jax.vjp(fn, q, k, v)
+    return (out,) + pullback(d_out)
+
+  got = jax.jit(vjp)(functools.partial(unet_lib.dot_product_attention,
+                                       block=block))
+  expected = jax.jit(vjp)(jax.nn.dot_product_attention)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_unsupported_config():
+  with pytest.raises(ValueError, match="addition_embed_type"):
+    unet_lib.unet_from_diffusers_config(
+        dict(MIXED, addition_embed_type="text_time"))
