@@ -123,7 +123,7 @@ def main():
         cpu_s_median=round(statistics.median(c for _, c in runs), 3),
         images_per_s=round(b / wall, 1))
   if "jaxsd" in result and "diffusers" in result:
-    ratio = lambda key: round(result["diffusers"][key] / result["jaxsd"][key], 2)
+    ratio = lambda k: round(result["diffusers"][k] / result["jaxsd"][k], 2)
     result["speedup_wall"] = ratio("step_s_median")
     result["speedup_cpu"] = ratio("cpu_s_median")
   print(json.dumps(result))

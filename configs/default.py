@@ -40,7 +40,7 @@ def get_config():
 
   # --- UNet ---------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
-  model.implementation = "diffusers"  # "diffusers" (FlaxUNet2DConditionModel)
+  model.implementation = "jaxsd"  # "jaxsd" (models/unet.py) | "diffusers"
   model.pretrained = ""  # diffusers UNet id/path (subfolder "unet"); "" = fresh
   model.in_channels = 1
   model.out_channels = 1

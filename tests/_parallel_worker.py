@@ -113,6 +113,7 @@ def run_restore(job):
 
 def main():
   from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # timestamped lines
   logging.set_verbosity(logging.INFO)  # the log tells what a failed run did
   spec = json.loads(sys.argv[1])
   for job in spec.get("train", []):

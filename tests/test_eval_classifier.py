@@ -1,7 +1,7 @@
 """The MNIST judge: trains to >= 99%, is cached, and scores real digits well.
 
 One session-scoped fixture trains the classifier (about a minute on 2 cores)
-into a temporary cache; every other test here reuses it.
+into the test run's cache; every other test (and training's evaluation) reuses it.
 """
 import os
 import time
@@ -22,8 +22,10 @@ def mnist():
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("eval_cache"))
+def cache_dir():
+  """The evaluator's own classifier cache under $JAXSD_CACHE (fresh per CI
+  run), so one test run trains the classifier once, here or in training."""
+  return os.path.join(os.environ["JAXSD_CACHE"], "classifier")
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +56,8 @@ def test_classifier_reaches_99_percent(classifier, mnist):
         f"in {classifier.train_seconds:.1f} s")
 
 
-def test_cached_classifier_is_reused_not_retrained(classifier, cache_dir, mnist):
+def test_cached_classifier_is_reused_not_retrained(classifier, cache_dir,
+                                                   mnist):
   def must_not_train():
     raise AssertionError("cached classifier was retrained")
 
@@ -143,3 +146,21 @@ def test_sample_metrics_with_cached_reference(classifier, mnist, cache_dir):
       reference_statistics=reference)
   assert collapsed_metrics["diversity"] == pytest.approx(0, abs=1e-3)
   assert collapsed_metrics["mnist_fid"] > 5 * metrics["mnist_fid"]
+
+
+def test_random_shift_translates_within_bounds():
+  import jax  # pylint: disable=g-import-not-at-top
+  images = -np.ones((64, 28, 28, 1), np.float32)
+  images[:, 10:18, 10:18] = 1.0  # an 8x8 square, 2+ pixels from every edge
+  shifted = np.asarray(classifier_lib.random_shift(
+      jax.random.key(0), images, max_shift=2))
+  assert shifted.shape == images.shape
+  offsets = set()
+  for image in shifted[..., 0]:
+    rows, cols = np.nonzero(image > 0)
+    assert len(rows) == 64  # the whole square survives, only moved
+    offsets.add((rows.min() - 10, cols.min() - 10))
+  assert offsets <= {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+  assert len(offsets) > 10  # offsets vary per image
+  np.testing.assert_array_equal(
+      classifier_lib.random_shift(jax.random.key(0), images, 0), images)

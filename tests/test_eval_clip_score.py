@@ -1,4 +1,4 @@
-"""CLIP score on a tiny random CLIP vs a hand computation and PyTorch's CLIPModel."""
+"""CLIP score of a tiny random CLIP vs hand computation and torch CLIPModel."""
 import os
 import time
 

@@ -318,6 +318,7 @@ def test_torch_file_reader_both_formats(tmp_path):
 
 def test_missing_weights_fail_fast(tmp_path, monkeypatch):
   monkeypatch.delenv("JAXSD_FID_INCEPTION_WEIGHTS", raising=False)
+  monkeypatch.delenv("JAXSD_OFFLINE", raising=False)
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
   start = time.time()
   with pytest.raises(weights.WeightsUnavailableError):
@@ -330,5 +331,43 @@ def test_missing_weights_fail_fast(tmp_path, monkeypatch):
                       lambda host, port=443, timeout=3.0: False)
   with pytest.raises(weights.WeightsUnavailableError, match="reachable"):
     inception.load_fid_inception(cache_dir=str(tmp_path))
+  monkeypatch.setenv("JAXSD_OFFLINE", "1")
+  with pytest.raises(weights.WeightsUnavailableError, match="offline"):
+    inception.load_fid_inception(cache_dir=str(tmp_path))
   assert time.time() - start < 10
-  assert not os.listdir(tmp_path) or os.listdir(tmp_path) == ["torch_home"]
+  assert os.listdir(tmp_path) == []  # no partial download left behind
+
+
+def test_download_checks_hash_and_writes_atomically(tmp_path, monkeypatch):
+  """weights.download against a local HTTP server (no internet needed)."""
+  import functools
+  import hashlib
+  import http.server
+  import threading
+
+  monkeypatch.delenv("JAXSD_OFFLINE", raising=False)
+  served = tmp_path / "served"
+  served.mkdir()
+  payload = os.urandom(3 << 20)
+  (served / "w.pth").write_bytes(payload)
+  digest = hashlib.sha256(payload).hexdigest()
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                              directory=str(served))
+  handler.log_message = lambda *args: None
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    url = f"http://127.0.0.1:{server.server_port}/w.pth"
+    out = tmp_path / "cache" / "w.pth"
+    weights.download(url, str(out), sha256_prefix=digest[:8])
+    assert out.read_bytes() == payload
+    with pytest.raises(ValueError, match="sha256"):
+      weights.download(url, str(tmp_path / "cache" / "bad.pth"),
+                       sha256_prefix="0" * 8 if digest[0] != "0" else "1" * 8)
+    assert sorted(os.listdir(tmp_path / "cache")) == ["w.pth"]
+    with pytest.raises(weights.WeightsUnavailableError):
+      weights.download(f"http://127.0.0.1:{server.server_port}/missing.pth",
+                       str(tmp_path / "cache" / "missing.pth"))
+  finally:
+    server.shutdown()
+    server.server_close()

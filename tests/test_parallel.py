@@ -27,10 +27,13 @@ import _parallel_worker as worker  # tests/ is on sys.path under pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_parallel_worker.py")
 LAUNCHER = os.path.join(ROOT, "launch", "slurm_train.sh")
+# Training here skips the periodic evaluation: it is not what these tests
+# check, costs minutes, and Evaluator.prepare() runs on process 0 alone.
+NO_EVAL = {"eval.metrics": []}
 # FSDP over a model axis of 2 (so a 4-device mesh is 2 x 2); the tiny
 # model's arrays are small, so shard everything from 1024 elements up.
 FSDP = {"parallel.fsdp": True, "parallel.model_axis_size": 2,
-        "parallel.fsdp_min_size": 1024}
+        "parallel.fsdp_min_size": 1024, **NO_EVAL}
 # Same global batch, different reduction order: float32 round-off, except
 # in parameters whose true gradient is zero (the tiny UNet's GroupNorm has one
 # channel per group, so biases and time-embedding weights feeding it cancel):
@@ -133,7 +136,8 @@ def four_devices(tmp_path_factory):
   step 2, then resumed with FSDP (2 x 2 mesh) to step 4, in one workdir."""
   workdir = str(tmp_path_factory.mktemp("four_devices"))
   _run_workers({"train": [
-      {"workdir": workdir, "tag": "dp", "sigterm_at": [0, 2]},
+      {"workdir": workdir, "tag": "dp", "overrides": NO_EVAL,
+       "sigterm_at": [0, 2]},
       {"workdir": workdir, "tag": "fsdp", "overrides": FSDP}]},
                os.path.join(workdir, "logs"), devices=4)
   return workdir
@@ -179,7 +183,8 @@ def test_two_processes_stop_together_and_resume(reference, tmp_path):
   ref_workdir, ref_states = reference
   workdir = str(tmp_path / "run")
   logs = str(tmp_path / "logs")
-  job = {"workdir": workdir, "overrides": {"parallel.distributed": "on"}}
+  job = {"workdir": workdir,
+         "overrides": {"parallel.distributed": "on", **NO_EVAL}}
   _run_workers({"train": [{**job, "tag": "stopped", "sigterm_at": [1, 1]}]},
                logs, processes=2)
   for process in (0, 1):

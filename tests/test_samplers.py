@@ -332,7 +332,7 @@ def test_matches_diffusers(sampler, num_steps):
                                         clip_sample=False)
   else:
     scheduler = diffusers.DPMSolverMultistepScheduler(
-        **common, algorithm_type="dpmpp_2m", solver_order=2,
+        **common, algorithm_type="dpmsolver++", solver_order=2,
         final_sigmas_type="zero")
   scheduler.set_timesteps(num_steps)
   x_T = jax.random.normal(jax.random.key(0), (16, 8))

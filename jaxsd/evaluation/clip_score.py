@@ -111,7 +111,7 @@ class CLIPScorer:
 
   def score(self, images, prompts: Sequence[str],
             batch_size: int = 64) -> Dict[str, float]:
-    """{"clip_similarity": max(mean cos, 0) in [0, 1], "clip_score": 100x it}."""
+    """{"clip_similarity": max(mean cos, 0) in [0, 1], "clip_score": x100}."""
     similarity = max(float(np.mean(self.cosine_similarities(
         images, prompts, batch_size))), 0.0)
     return {"clip_similarity": similarity, "clip_score": 100 * similarity}
@@ -132,7 +132,7 @@ def _from_pretrained(cls, name_or_path: str, **kwargs):
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     host = urllib.parse.urlparse(endpoint).hostname
     # from_pretrained retries for minutes when the hub is unreachable.
-    if offline_mode() or not host_reachable(host):
+    if offline_mode(hugging_face=True) or not host_reachable(host):
       raise WeightsUnavailableError(
           f"{name_or_path} is not in the local Hugging Face cache and {host} "
           f"is not reachable (offline): {local_error}") from local_error

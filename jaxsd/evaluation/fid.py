@@ -1,4 +1,4 @@
-"""Fréchet distance between Gaussian fits of feature sets (FID), host-side numpy.
+"""Fréchet distance between Gaussian fits of feature sets (FID), in numpy.
 
 FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).  Statistics are
 float64: float32 covariances of 2048-d features lose the digits FID lives in.
@@ -64,7 +64,7 @@ class RunningStatistics:
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-  """Symmetric square root of a symmetric PSD matrix, eigenvalues clipped at 0."""
+  """Symmetric square root of a symmetric PSD matrix (eigenvalues >= 0)."""
   eigvals, eigvecs = np.linalg.eigh((matrix + matrix.T) / 2)
   return (eigvecs * np.sqrt(np.clip(eigvals, 0, None))) @ eigvecs.T
 
@@ -122,7 +122,7 @@ def statistics_cache_path(cache_dir: str, name: str) -> str:
 
 
 def save_statistics(path: str, mu, sigma, name: str = "") -> None:
-  """Writes mean and covariance to an .npz atomically (no torn file on crash)."""
+  """Writes mean and covariance to an .npz atomically (no torn files)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(
       os.path.abspath(path)))
@@ -138,7 +138,7 @@ def save_statistics(path: str, mu, sigma, name: str = "") -> None:
 
 
 def load_statistics(path: str) -> Statistics:
-  """Reads (mu [D], sigma [D, D]) written by `save_statistics` (or pytorch-fid)."""
+  """Reads (mu [D], sigma [D, D]) from `save_statistics` or pytorch-fid."""
   with np.load(path) as data:
     return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
 

@@ -204,7 +204,7 @@ class FIDInceptionV3(nn.Module):
     return x.mean(axis=(1, 2))
 
 
-# --- Weights --------------------------------------------------------------------
+# --- Weights ----------------------------------------------------------------
 
 # PyTorch parameter name -> (Flax collection, Flax name).
 _LEAF_NAMES = {
@@ -288,10 +288,11 @@ def fid_weights_path(weights_path: Optional[str] = None,
     if os.path.exists(path):
       return path
   if not allow_download or not cache_dir:
+    why = ("no cache_dir to download into" if allow_download
+           else "downloads are off")
     raise WeightsUnavailableError(
         f"FID Inception weights ({FID_WEIGHTS_FILE}) not found locally and "
-        f"{'no cache_dir to download into' if allow_download else 'downloads are off'}"
-        f"; get them from {FID_WEIGHTS_URL}")
+        f"{why}; get them from {FID_WEIGHTS_URL}")
   return download(FID_WEIGHTS_URL, os.path.join(cache_dir, FID_WEIGHTS_FILE),
                   sha256_prefix=FID_WEIGHTS_SHA256_PREFIX)
 

@@ -86,7 +86,7 @@ def load_mnist_split(split: str, directory: Optional[str] = None
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
-  """uint8 [N, 28, 28] or [N, 28, 28, 1] -> float32 [N, 28, 28, 1] in [-1, 1]."""
+  """uint8 [N, 28, 28(, 1)] -> float32 [N, 28, 28, 1] in [-1, 1]."""
   images = np.asarray(images)
   if images.ndim == 3:
     images = images[..., None]

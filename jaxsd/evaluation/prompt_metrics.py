@@ -19,7 +19,7 @@ NUM_DIGITS = 10
 
 
 def prompt_digit(prompt: str) -> int:
-  """The digit a caption asks for: the last number in it ("... number 7" -> 7)."""
+  """The digit a caption asks for: its last number ("... number 7" -> 7)."""
   numbers = re.findall(r"\d+", prompt)
   if not numbers or not 0 <= int(numbers[-1]) < NUM_DIGITS:
     raise ValueError(f"no digit 0..9 in prompt {prompt!r}")
@@ -58,7 +58,7 @@ def prompt_accuracy(predicted, prompt_digits,
 
 
 def mean_pairwise_distance(features) -> float:
-  """Mean L2 distance over the N (N - 1) / 2 pairs of rows of features [N, D]."""
+  """Mean L2 distance over the N (N - 1) / 2 row pairs of features [N, D]."""
   x = np.asarray(features, np.float64)
   n = x.shape[0]
   if n < 2:
@@ -92,7 +92,7 @@ def diversity(features, prompt_digits,
 
 def mnist_fid(classifier: Classifier, images_a, images_b,
               batch_size: int = 500) -> float:
-  """FID in the classifier's feature space between two image sets [N, 28, 28(, 1)]."""
+  """FID in classifier-feature space between image sets [N, 28, 28(, 1)]."""
   return fid.fid_from_features(classifier.features(images_a, batch_size),
                                classifier.features(images_b, batch_size))
 

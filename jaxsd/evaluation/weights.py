@@ -27,12 +27,14 @@ def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     return False
 
 
-def offline_mode() -> bool:
-  """True when the Hugging Face offline switches ask for no network use."""
+def offline_mode(hugging_face: bool = False) -> bool:
+  """Whether `$JAXSD_OFFLINE` (or, for the HF hub, its own switches) is set."""
+  names = ["JAXSD_OFFLINE"]
+  if hugging_face:
+    names += ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
   return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes",
                                                           "on")
-             for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                          "JAXSD_OFFLINE"))
+             for name in names)
 
 
 def download(url: str, path: str, sha256_prefix: str = "",
@@ -43,8 +45,10 @@ def download(url: str, path: str, sha256_prefix: str = "",
     WeightsUnavailableError: offline, unreachable, or the transfer failed.
     ValueError: the file's sha256 does not start with `sha256_prefix`.
   """
-  host = urllib.parse.urlparse(url).hostname
-  if offline_mode() or not host_reachable(host, timeout=connect_timeout):
+  parsed = urllib.parse.urlparse(url)
+  host = parsed.hostname
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  if offline_mode() or not host_reachable(host, port, connect_timeout):
     raise WeightsUnavailableError(f"cannot download {url}: {host} is not "
                                   "reachable (offline)")
   directory = os.path.dirname(os.path.abspath(path))

@@ -430,7 +430,9 @@ class UNet(nn.Module):
   `attention_head_dim` is, as in diffusers, the number of heads per block
   (head size = channels // attention_head_dim). Params are float32; `dtype`
   is the compute dtype. diffusers' Flax UNet hard-codes 32 norm groups, so
-  only `norm_num_groups=32` reproduces it.
+  only `norm_num_groups=32` reproduces it. `dropout` applies in the resnets
+  only (as PyTorch diffusers' resnets; its Flax UNet also drops out in the
+  transformers).
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -468,6 +470,9 @@ class UNet(nn.Module):
     Returns:
       [B, H, W, out_channels] float32.
     """
+    if encoder_hidden_states.shape[-1] != self.cross_attention_dim:
+      raise ValueError(f"encoder_hidden_states {encoder_hidden_states.shape} "
+                       f"!= [B, L, {self.cross_attention_dim}]")
     n = len(self.block_out_channels)
     for types in (self.down_block_types, self.up_block_types):
       if len(types) != n:
