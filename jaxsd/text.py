@@ -16,7 +16,7 @@ def _from_pretrained(cls, name: str, what: str, config_key: str, **kwargs):
     return cls.from_pretrained(name, **kwargs)
   try:  # hub id already in the local cache
     return cls.from_pretrained(name, local_files_only=True, **kwargs)
-  except (OSError, ValueError):
+  except (OSError, ValueError, TypeError):  # not cached, or cached in part
     pass
   if not hub.network_available("huggingface.co"):
     raise RuntimeError(

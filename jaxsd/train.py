@@ -235,7 +235,13 @@ def train_and_evaluate(config, workdir: str):
       chunk_size=config.sampling.chunk_size)
   lr_fn = ts.learning_rate_schedule(config.optim, tcfg.num_steps)
   evaluator, eval_generator = None, None
-  if config.eval.metrics:
+  if config.eval.metrics and jax.process_count() > 1:
+    # The classifier cache's orbax barriers would deadlock while only
+    # process 0 evaluates; evaluate the checkpoints with jaxsd.evaluate.
+    logging.warning("Periodic evaluation (eval.metrics) runs in single-process "
+                    "runs only; skipped here. Run `python -m jaxsd.evaluate "
+                    "--workdir=%s --all_checkpoints` afterwards.", workdir)
+  elif config.eval.metrics:
     evaluator = evaluator_lib.Evaluator(config)
     if jax.process_index() == 0:
       with _timed("eval setup (classifier, reference statistics)"):

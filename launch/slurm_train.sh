@@ -103,19 +103,20 @@ mkdir -p "$WORKDIR"
 # jaxsd.train checkpoints and stops on SIGTERM. SLURM signals only this
 # script (--signal=B:...), so forward SIGTERM to the python processes of the
 # job's steps; scancel --signal does not signal this script itself. srun is
-# not signalled directly: a SIGTERM makes it kill its tasks.
+# not signalled directly: on SIGTERM it may end its tasks instead of passing
+# the signal on.
 requeue=0
-# shellcheck disable=SC2317  # the functions below run from traps
+# shellcheck disable=SC2317  # run from the traps below
 stop_training() {
   scancel --signal=TERM "$SLURM_JOB_ID" || true
 }
-# shellcheck disable=SC2317
+# shellcheck disable=SC2317  # run from the traps below
 on_time_limit() {
   echo "jaxsd: time limit near: checkpointing, then requeueing" >&2
   requeue=1
   stop_training
 }
-# shellcheck disable=SC2317
+# shellcheck disable=SC2317  # run from the traps below
 on_term() {  # scancel or preemption; SLURM also signals the tasks itself
   echo "jaxsd: SIGTERM: checkpointing and stopping" >&2
   stop_training
