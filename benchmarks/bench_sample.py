@@ -45,7 +45,8 @@ def main(_):
     gen = generate.Generator(comps, mesh, sampler=FLAGS.sampler,
                              num_steps=steps,
                              guidance_scale=FLAGS.guidance_scale,
-                             chunk_size=FLAGS.batch)
+                             chunk_size=FLAGS.batch,
+                             clip_x0=config.sampling.clip_x0)
     ids = gen.tokenize(prompts)
     start = time.perf_counter()
     gen(params, prompts, jax.random.key(0), input_ids=ids)  # compile + run

@@ -95,6 +95,7 @@ def get_config():
   sampling.num_steps = 50
   sampling.guidance_scale = 3.0
   sampling.eta = 0.0
+  sampling.clip_x0 = True  # clip the x0 estimate to [-1, 1] at every step
   sampling.use_ema = True
   sampling.samples_per_prompt = 2  # per prompt in the periodic grid
   sampling.chunk_size = 64  # images per jitted sampling call (bounds memory)

@@ -75,7 +75,8 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
           comps, mesh, sampler=sampler or s.sampler,
           num_steps=sampler_steps or s.num_steps,
           guidance_scale=s.guidance_scale if guidance_scale is None
-          else guidance_scale, eta=s.eta, chunk_size=config.eval.chunk_size)
+          else guidance_scale, eta=s.eta, chunk_size=config.eval.chunk_size,
+          clip_x0=s.get("clip_x0", True))
     out = evaluator_lib.evaluate_params(evaluator, generator, params,
                                         jax.random.key(seed))
     results.append({"step": step, **out})

@@ -26,7 +26,7 @@ class Generator:
 
   def __init__(self, components: Components, mesh, *, sampler: str,
                num_steps: int, guidance_scale: float, eta: float = 0.0,
-               chunk_size: int = 64):
+               chunk_size: int = 64, clip_x0: bool = True):
     samplers.get_sampler(sampler)  # fails early on an unknown name
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
@@ -37,16 +37,18 @@ class Generator:
     self._sharding = parallel.batch_sharding(mesh)
     self._replicated = parallel.replicated(mesh)
     self._settings = dict(sampler=sampler, num_steps=num_steps,
-                          guidance_scale=guidance_scale, eta=eta)
+                          guidance_scale=guidance_scale, eta=eta,
+                          clip_x0=clip_x0)
     fn = functools.partial(self._generate, sampler=sampler,
                            num_steps=num_steps,
-                           guidance_scale=float(guidance_scale), eta=eta)
+                           guidance_scale=float(guidance_scale), eta=eta,
+                           clip_x0=clip_x0)
     self._jitted = jax.jit(
         fn, in_shardings=(self._replicated, self._sharding, self._replicated),
         out_shardings=self._sharding)
 
   def _generate(self, params, input_ids, rng, *, sampler, num_steps,
-                guidance_scale, eta):
+                guidance_scale, eta, clip_x0):
     c = self.components
     cond = c.encode(params, input_ids)
     uncond = c.encode(params, jnp.asarray(c.uncond_ids))
@@ -54,7 +56,10 @@ class Generator:
     return samplers.sample(
         c.denoise_fn(params), c.schedule, rng, shape, cond, uncond,
         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-        prediction_type=c.config.diffusion.prediction_type, eta=eta)
+        prediction_type=c.config.diffusion.prediction_type, eta=eta,
+        # Images live in [-1, 1]: clipping the x0 estimate keeps an epsilon
+        # model's near-pure-noise steps (ab ~ 1e-9 under cosine) bounded.
+        clip_x0=clip_x0)
 
   def with_chunk_size(self, chunk_size: int) -> "Generator":
     """The same sampler settings with another chunk size (e.g. evaluation's)."""

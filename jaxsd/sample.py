@@ -80,7 +80,8 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
       guidance_scale=s.guidance_scale if guidance_scale is None
       else guidance_scale,
       eta=s.eta if eta is None else eta,
-      chunk_size=chunk_size or s.chunk_size)
+      chunk_size=chunk_size or s.chunk_size,
+      clip_x0=s.get("clip_x0", True))
   all_prompts = [p for p in prompts for _ in range(num_samples)]
   images = generator(params, all_prompts, jax.random.key(seed))
   return images, step

@@ -232,7 +232,8 @@ def train_and_evaluate(config, workdir: str):
       comps, mesh, sampler=config.sampling.sampler,
       num_steps=config.sampling.num_steps,
       guidance_scale=config.sampling.guidance_scale, eta=config.sampling.eta,
-      chunk_size=config.sampling.chunk_size)
+      chunk_size=config.sampling.chunk_size,
+      clip_x0=config.sampling.clip_x0)
   lr_fn = ts.learning_rate_schedule(config.optim, tcfg.num_steps)
   evaluator, eval_generator = None, None
   if config.eval.metrics and jax.process_count() > 1:

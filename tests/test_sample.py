@@ -22,6 +22,8 @@ def test_each_sampler_from_checkpoint(trained_run, sampler):
   assert step == 4
   assert images.shape == (6, 28, 28, 1)
   assert np.all(np.isfinite(images)) and images.std() > 0.05
+  # sampling.clip_x0: images stay in the data range.
+  assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
 
 
 def test_same_seed_same_images(trained_run):
