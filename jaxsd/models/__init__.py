@@ -34,6 +34,20 @@ def compute_dtype(name: str):
   return dtypes[name]
 
 
+def architecture_kwargs(model_config, cross_attention_dim: int):
+  """The UNet2DConditionModel-style fields both implementations share."""
+  return dict(
+      in_channels=model_config.in_channels,
+      out_channels=model_config.out_channels,
+      down_block_types=tuple(model_config.down_block_types),
+      up_block_types=tuple(model_config.up_block_types),
+      block_out_channels=tuple(model_config.block_out_channels),
+      layers_per_block=model_config.layers_per_block,
+      attention_head_dim=model_config.attention_head_dim,
+      cross_attention_dim=cross_attention_dim,
+      use_linear_projection=model_config.use_linear_projection)
+
+
 @register_unet("diffusers")
 class DiffusersUNet:
   """diffusers 0.39 FlaxUNet2DConditionModel (NCHW inside; we transpose)."""
@@ -54,17 +68,8 @@ class DiffusersUNet:
       self._pretrained_params = params
     else:
       model = diffusers.FlaxUNet2DConditionModel(
-          sample_size=32,
-          in_channels=model_config.in_channels,
-          out_channels=model_config.out_channels,
-          down_block_types=tuple(model_config.down_block_types),
-          up_block_types=tuple(model_config.up_block_types),
-          block_out_channels=tuple(model_config.block_out_channels),
-          layers_per_block=model_config.layers_per_block,
-          attention_head_dim=model_config.attention_head_dim,
-          cross_attention_dim=cross_attention_dim,
-          use_linear_projection=model_config.use_linear_projection,
-          dtype=compute_dtype(model_config.dtype))
+          sample_size=32, dtype=compute_dtype(model_config.dtype),
+          **architecture_kwargs(model_config, cross_attention_dim))
     self.module = model
 
   def init(self, rng, image_shape: Tuple[int, ...], context_shape):
@@ -102,17 +107,8 @@ class JaxsdUNet:
       self._pretrained_params = unet.convert_diffusers_params(params)
     else:
       self.module = unet.UNet(
-          in_channels=model_config.in_channels,
-          out_channels=model_config.out_channels,
-          down_block_types=tuple(model_config.down_block_types),
-          up_block_types=tuple(model_config.up_block_types),
-          block_out_channels=tuple(model_config.block_out_channels),
-          layers_per_block=model_config.layers_per_block,
-          attention_head_dim=model_config.attention_head_dim,
-          cross_attention_dim=cross_attention_dim,
-          norm_num_groups=model_config.norm_num_groups,
-          use_linear_projection=model_config.use_linear_projection,
-          dtype=dtype)
+          norm_num_groups=model_config.norm_num_groups, dtype=dtype,
+          **architecture_kwargs(model_config, cross_attention_dim))
 
   def init(self, rng, image_shape: Tuple[int, ...], context_shape):
     if self._pretrained_params is not None:
