@@ -4,7 +4,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import models
@@ -57,10 +56,6 @@ def build_components(config) -> Components:
 
 def param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-
-
-def as_jnp(tree):
-  return jax.tree_util.tree_map(jnp.asarray, tree)
 
 
 def load_run_config(workdir: str):

@@ -41,11 +41,6 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
   return out["state"], out["meta"], step
 
 
-def restore_meta(mngr: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
-  return mngr.restore(step, args=ocp.args.Composite(
-      meta=ocp.args.JsonRestore()))["meta"]
-
-
 def latest_step_or_raise(mngr: ocp.CheckpointManager) -> int:
   step = mngr.latest_step()
   if step is None:
