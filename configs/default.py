@@ -52,7 +52,16 @@ def get_config():
   model.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                           "UpBlock2D")
   model.layers_per_block = 1
-  model.attention_head_dim = 8
+  model.attention_head_dim = 8  # heads per block (diffusers' naming)
+  # Transformer blocks attend to the text twice instead of self-attending
+  # (diffusers' only_cross_attention): no (H*W)^2 scores.
+  model.only_cross_attention = False
+  # Adds a projection of the pooled text encoding to the timestep embedding
+  # (as SDXL adds its pooled text embedding), so every resnet sees the prompt:
+  # a global conditioning path next to cross-attention. "" = off; "mean" =
+  # token mean; "flatten" = all max_length token vectors side by side (each
+  # token keeps its own weights: learns short fixed-length prompts fastest).
+  model.pooled_text_embedding = ""
   model.norm_num_groups = 32
   model.use_linear_projection = False
   model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 master weights
@@ -64,6 +73,11 @@ def get_config():
   diffusion.prediction_type = "epsilon"  # epsilon | v_prediction
   diffusion.min_snr_gamma = 0.0  # > 0 enables min-SNR-gamma loss weighting
   diffusion.cfg_dropout = 0.1  # probability of training on the empty prompt
+  # Training timesteps: "uniform", or "logit_normal" (t/T = sigmoid(N(m, s)),
+  # fewer examples at the nearly clean and nearly pure-noise ends).
+  diffusion.timestep_sampling = "uniform"
+  diffusion.logit_mean = 0.0
+  diffusion.logit_std = 1.0
 
   # --- Optimisation -------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
@@ -88,6 +102,7 @@ def get_config():
   training.checkpoint_every = 2000
   training.keep_checkpoints = 3
   training.steps_per_call = 1  # train steps fused into one jitted call
+  training.prefetch = True  # build the next batch while the step runs
 
   # --- Sampling (periodic grids and jaxsd.sample) -------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -96,6 +111,9 @@ def get_config():
   sampling.guidance_scale = 3.0
   sampling.eta = 0.0
   sampling.clip_x0 = True  # clip the x0 estimate to [-1, 1] at every step
+  # Guidance only where lo <= t/T <= hi (1 = pure noise); the conditional
+  # output alone elsewhere. (0, 1) = every step.
+  sampling.guidance_interval = (0.0, 1.0)
   sampling.use_ema = True
   sampling.samples_per_prompt = 2  # per prompt in the periodic grid
   sampling.chunk_size = 64  # images per jitted sampling call (bounds memory)

@@ -29,6 +29,14 @@ def validate(config):
     raise ValueError(
         f"diffusion.prediction_type={config.diffusion.prediction_type!r}; "
         f"choose one of {losses.PREDICTION_TYPES}.")
+  if config.diffusion.timestep_sampling not in ("uniform", "logit_normal"):
+    raise ValueError(
+        f"diffusion.timestep_sampling={config.diffusion.timestep_sampling!r}; "
+        "choose 'uniform' or 'logit_normal'.")
+  if config.model.pooled_text_embedding not in ("", "mean", "flatten"):
+    raise ValueError(
+        f"model.pooled_text_embedding={config.model.pooled_text_embedding!r};"
+        " choose '' (off), 'mean' or 'flatten'.")
   if not 0.0 <= config.diffusion.cfg_dropout < 1.0:
     raise ValueError(f"diffusion.cfg_dropout={config.diffusion.cfg_dropout} "
                      "must be in [0, 1).")

@@ -26,6 +26,8 @@ flags.DEFINE_list("metrics", None, "Metrics (default: the run's eval.metrics).")
 flags.DEFINE_string("sampler", None, "Sampler (default: the run's).")
 flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's).")
 flags.DEFINE_float("guidance_scale", None, "CFG scale (default: the run's).")
+flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only there "
+                  "(fractions of the diffusion time; default: the run's).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("use_ema", True, "EMA parameters (--nouse_ema: raw).")
 flags.DEFINE_bool("mlflow", True, "Log to the run's MLflow run.")
@@ -38,8 +40,8 @@ TABLE_KEYS = ("step", "prompt_accuracy", "fid_mnist", "diversity",
 
 def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
                          num_samples=None, metrics=None, sampler=None,
-                         sampler_steps=None, guidance_scale=None, seed=0,
-                         use_ema=True) -> List[Dict[str, float]]:
+                         sampler_steps=None, guidance_scale=None,
+                         guidance_interval=None, seed=0, use_ema=True) -> List[Dict[str, float]]:
   """Evaluates the given checkpoint steps (default: latest) of a run."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxsd import build, checkpoint, generate, parallel  # pylint: disable=g-import-not-at-top
@@ -71,12 +73,10 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
     _, comps, params, _ = build.restore_for_inference(
         workdir, mesh, step=step, use_ema=use_ema)
     if generator is None:
-      generator = generate.Generator(
-          comps, mesh, sampler=sampler or s.sampler,
-          num_steps=sampler_steps or s.num_steps,
-          guidance_scale=s.guidance_scale if guidance_scale is None
-          else guidance_scale, eta=s.eta, chunk_size=config.eval.chunk_size,
-          clip_x0=s.get("clip_x0", True))
+      generator = generate.Generator.from_config(
+          comps, mesh, config.sampling, chunk_size=config.eval.chunk_size,
+          sampler=sampler, num_steps=sampler_steps,
+          guidance_scale=guidance_scale, guidance_interval=guidance_interval)
     out = evaluator_lib.evaluate_params(evaluator, generator, params,
                                         jax.random.key(seed))
     results.append({"step": step, **out})
@@ -125,7 +125,10 @@ def main(argv):
   results = evaluate_checkpoints(
       FLAGS.workdir, steps, num_samples=FLAGS.num_samples,
       metrics=FLAGS.metrics, sampler=FLAGS.sampler, sampler_steps=FLAGS.steps,
-      guidance_scale=FLAGS.guidance_scale, seed=FLAGS.seed,
+      guidance_scale=FLAGS.guidance_scale,
+      guidance_interval=(tuple(float(v) for v in FLAGS.guidance_interval)
+                         if FLAGS.guidance_interval else None),
+      seed=FLAGS.seed,
       use_ema=FLAGS.use_ema)
   csv_path, md_path = write_tables(results, os.path.join(FLAGS.workdir,
                                                          "eval"))

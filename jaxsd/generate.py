@@ -3,7 +3,7 @@
 Used by training's periodic sample grid, `jaxsd.sample` and evaluation.
 """
 import functools
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -26,7 +26,8 @@ class Generator:
 
   def __init__(self, components: Components, mesh, *, sampler: str,
                num_steps: int, guidance_scale: float, eta: float = 0.0,
-               chunk_size: int = 64, clip_x0: bool = True):
+               chunk_size: int = 64, clip_x0: bool = True,
+               guidance_interval: Optional[Tuple[float, float]] = None):
     samplers.get_sampler(sampler)  # fails early on an unknown name
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
@@ -36,19 +37,23 @@ class Generator:
     self.mesh = mesh
     self._sharding = parallel.batch_sharding(mesh)
     self._replicated = parallel.replicated(mesh)
+    if guidance_interval is not None:
+      guidance_interval = tuple(float(v) for v in guidance_interval)
+      samplers.guidance_timesteps_for(guidance_interval, 2)  # validates
     self._settings = dict(sampler=sampler, num_steps=num_steps,
                           guidance_scale=guidance_scale, eta=eta,
-                          clip_x0=clip_x0)
+                          clip_x0=clip_x0, guidance_interval=guidance_interval)
     fn = functools.partial(self._generate, sampler=sampler,
                            num_steps=num_steps,
                            guidance_scale=float(guidance_scale), eta=eta,
-                           clip_x0=clip_x0)
+                           clip_x0=clip_x0,
+                           guidance_interval=guidance_interval)
     self._jitted = jax.jit(
         fn, in_shardings=(self._replicated, self._sharding, self._replicated),
         out_shardings=self._sharding)
 
   def _generate(self, params, input_ids, rng, *, sampler, num_steps,
-                guidance_scale, eta, clip_x0):
+                guidance_scale, eta, clip_x0, guidance_interval):
     c = self.components
     cond = c.encode(params, input_ids)
     uncond = c.encode(params, jnp.asarray(c.uncond_ids))
@@ -59,7 +64,25 @@ class Generator:
         prediction_type=c.config.diffusion.prediction_type, eta=eta,
         # Images live in [-1, 1]: clipping the x0 estimate keeps an epsilon
         # model's near-pure-noise steps (ab ~ 1e-9 under cosine) bounded.
-        clip_x0=clip_x0)
+        clip_x0=clip_x0, guidance_interval=guidance_interval)
+
+  @classmethod
+  def from_config(cls, components: Components, mesh, sampling_config, *,
+                  chunk_size: Optional[int] = None, **overrides
+                  ) -> "Generator":
+    """A Generator with a config's `sampling` settings; overrides that are
+    not None (sampler, num_steps, guidance_scale, eta, ...) replace them."""
+    s = sampling_config
+    settings = dict(sampler=s.sampler, num_steps=s.num_steps,
+                    guidance_scale=s.guidance_scale, eta=s.eta,
+                    clip_x0=s.get("clip_x0", True),
+                    guidance_interval=s.get("guidance_interval", None),
+                    chunk_size=chunk_size or s.chunk_size)
+    unknown = set(overrides) - set(settings)
+    if unknown:
+      raise TypeError(f"unknown sampling settings {sorted(unknown)}")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(components, mesh, **settings)
 
   def with_chunk_size(self, chunk_size: int) -> "Generator":
     """The same sampler settings with another chunk size (e.g. evaluation's)."""

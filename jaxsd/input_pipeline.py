@@ -7,6 +7,7 @@ every global batch. The data position is therefore just the number of global
 batches consumed, saved with each checkpoint, and a resumed run sees exactly
 the batches an uninterrupted one would.
 """
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -195,3 +196,34 @@ class CaptionedImages:
     while end_position is None or position < end_position:
       yield position, self.batch(position)
       position += 1
+
+
+class Prefetcher:
+  """Builds the batch at `position + stride` in a thread while the caller
+  trains on the one at `position` (host assembly and host-to-device copy
+  overlap the device step).
+
+  `make(position)` must be a pure function of position (CaptionedImages is),
+  so a prefetched batch is exactly the one asked for; a jump in position
+  (resume) just builds the asked-for batch directly.
+  """
+
+  def __init__(self, make, stride: int = 1):
+    self._make = make
+    self._stride = stride
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="jaxsd-prefetch")
+    self._pending = None  # (position, future)
+
+  def get(self, position: int):
+    if self._pending is not None and self._pending[0] == position:
+      batch = self._pending[1].result()
+    else:
+      batch = self._make(position)
+    nxt = position + self._stride
+    self._pending = (nxt, self._pool.submit(self._make, nxt))
+    return batch
+
+  def close(self):
+    self._pool.shutdown(wait=True, cancel_futures=True)
+    self._pending = None

@@ -3,6 +3,7 @@
 Only process 0 writes: other processes get a logging-only writer that drops
 everything but the console.
 """
+import contextlib
 import datetime
 import os
 import resource
@@ -173,21 +174,55 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-class Progress:
-  """Step rate, percentage and ETA from a window of steps; console line."""
+def peak_memory_gb() -> float:
+  """Peak device memory (GPU/TPU) where reported, else the process's peak
+  RSS, in GiB."""
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-  def __init__(self, start_step: int, num_steps: int):
+
+class Progress:
+  """Step rate, percentage, ETA and training time; console line.
+
+  `train_seconds` is the wall time spent training, summed over resumed runs
+  (saved in checkpoints) and excluding what runs inside `excluded()`
+  (evaluation, sample grids), so runs compare by training time.
+  """
+
+  def __init__(self, start_step: int, num_steps: int,
+               train_seconds: float = 0.0):
     self.num_steps = num_steps
     self._last_step, self._last_time = start_step, time.time()
+    self._train_seconds = train_seconds
+    self._excluded = 0.0  # seconds excluded since the last update
+
+  @contextlib.contextmanager
+  def excluded(self):
+    start = time.time()
+    try:
+      yield
+    finally:
+      self._excluded += time.time() - start
+
+  @property
+  def train_seconds(self) -> float:
+    """Training seconds up to now."""
+    return self._train_seconds + max(
+        time.time() - self._last_time - self._excluded, 0.0)
 
   def update(self, step: int) -> Dict[str, float]:
     now = time.time()
-    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-    self._last_step, self._last_time = step, now
+    seconds = max(now - self._last_time - self._excluded, 1e-9)
+    rate = (step - self._last_step) / seconds
+    self._train_seconds += seconds
+    self._last_step, self._last_time, self._excluded = step, now, 0.0
     eta = (self.num_steps - step) / rate if rate > 0 else float("inf")
     return {"system/steps_per_second": rate,
             "system/progress_percent": 100.0 * step / self.num_steps,
-            "system/eta_seconds": eta}
+            "system/eta_seconds": eta,
+            "system/train_seconds": self._train_seconds}
 
   def line(self, step: int, scalars: Mapping[str, float]) -> str:
     eta = scalars["system/eta_seconds"]

@@ -25,6 +25,8 @@ flags.DEFINE_string("sampler", None, "ddpm | ddim | dpmpp_2m "
 flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's).")
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; "
                    "1 = no guidance (default: the run's).")
+flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only there "
+                  "(fractions of the diffusion time; default: the run's).")
 flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
 flags.DEFINE_integer("seed", 0, "Random seed: same seed, prompts and "
                      "checkpoint give the same images.")
@@ -56,6 +58,7 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
                          steps: Optional[int] = None,
                          guidance_scale: Optional[float] = None,
                          eta: Optional[float] = None,
+                         guidance_interval=None,
                          step: Optional[int] = None, use_ema: bool = True,
                          chunk_size: Optional[int] = None):
   """Images [len(prompts) * num_samples, H, W, C] in [-1, 1], prompt-major,
@@ -73,15 +76,10 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
   mesh = parallel.make_mesh()
   config, comps, params, step = build.restore_for_inference(
       workdir, mesh, step=step, use_ema=use_ema)
-  s = config.sampling
-  generator = generate.Generator(
-      comps, mesh, sampler=sampler or s.sampler,
-      num_steps=steps or s.num_steps,
-      guidance_scale=s.guidance_scale if guidance_scale is None
-      else guidance_scale,
-      eta=s.eta if eta is None else eta,
-      chunk_size=chunk_size or s.chunk_size,
-      clip_x0=s.get("clip_x0", True))
+  generator = generate.Generator.from_config(
+      comps, mesh, config.sampling, chunk_size=chunk_size, sampler=sampler,
+      num_steps=steps, guidance_scale=guidance_scale, eta=eta,
+      guidance_interval=guidance_interval)
   all_prompts = [p for p in prompts for _ in range(num_samples)]
   images = generator(params, all_prompts, jax.random.key(seed))
   return images, step
@@ -103,6 +101,8 @@ def main(argv):
       FLAGS.workdir, prompts, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
       sampler=FLAGS.sampler, steps=FLAGS.steps,
       guidance_scale=FLAGS.guidance_scale, eta=FLAGS.eta, step=FLAGS.step,
+      guidance_interval=(tuple(float(v) for v in FLAGS.guidance_interval)
+                         if FLAGS.guidance_interval else None),
       use_ema=FLAGS.use_ema, chunk_size=FLAGS.chunk_size)
   if jax.process_index() != 0:
     return

@@ -200,11 +200,12 @@ def train_and_evaluate(config, workdir: str):
   if mngr.latest_step() is not None:
     state, meta, start_step = checkpoint.restore(mngr, abstract)
     data_position = int(meta["data_position"])
+    train_seconds = float(meta.get("train_seconds", 0.0))
     logging.info("Resumed from checkpoint at step %d (data position %d).",
                  start_step, data_position)
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
-    start_step, data_position = 0, 0
+    start_step, data_position, train_seconds = 0, 0, 0.0
   n_total = build.param_count(state.params)
   n_trainable = build.param_count(
       state.params if config.text.trainable else state.params["unet"])
@@ -228,12 +229,7 @@ def train_and_evaluate(config, workdir: str):
                      in_shardings=(state_sharding, batch_sharding, replicated),
                      out_shardings=(state_sharding, replicated),
                      donate_argnums=(0,))
-  generator = generate.Generator(
-      comps, mesh, sampler=config.sampling.sampler,
-      num_steps=config.sampling.num_steps,
-      guidance_scale=config.sampling.guidance_scale, eta=config.sampling.eta,
-      chunk_size=config.sampling.chunk_size,
-      clip_x0=config.sampling.clip_x0)
+  generator = generate.Generator.from_config(comps, mesh, config.sampling)
   lr_fn = ts.learning_rate_schedule(config.optim, tcfg.num_steps)
   evaluator, eval_generator = None, None
   if config.eval.metrics and jax.process_count() > 1:
@@ -259,20 +255,24 @@ def train_and_evaluate(config, workdir: str):
     local.pop("label")
     return parallel.global_batch(local, batch_sharding)
 
+  prefetcher = input_pipeline.Prefetcher(
+      next_batch, stride=k) if tcfg.prefetch else None
+
   def save(step):
     checkpoint.save(mngr, step, state, {
         "step": step, "data_position": data_position,
-        "rng_seed": tcfg.seed, "config": config.to_dict()})
+        "train_seconds": progress.train_seconds, "rng_seed": tcfg.seed, "config": config.to_dict()})
 
   preemption = _Preemption(sync_every=tcfg.log_every)
-  progress = metric_logging.Progress(start_step, tcfg.num_steps)
+  progress = metric_logging.Progress(start_step, tcfg.num_steps, train_seconds)
   pending = []  # (first step, device metrics) not yet fetched
   step = start_step
   status = "FINISHED"
   logging.info("Training from step %d to %d.", start_step, tcfg.num_steps)
   try:
     while step < tcfg.num_steps:
-      batch = next_batch(data_position)
+      batch = (prefetcher.get(data_position) if prefetcher
+               else next_batch(data_position))
       state, metrics = jit_step(state, batch, train_rng)
       pending.append((step + 1, metrics))
       step += k
@@ -292,20 +292,23 @@ def train_and_evaluate(config, workdir: str):
               "train/grad_norm": fetched[-1][1]["grad_norm"],
               "train/learning_rate": float(lr_fn(step - 1)),
               "system/memory_gb": metric_logging.memory_gb(),
+              "system/peak_memory_gb": metric_logging.peak_memory_gb(),
               **progress.update(step)}
           writer.write_scalars(step, scalars)
           logging.info(progress.line(step, scalars))
       if do_ckpt:
         save(step)
       if do_eval:
-        params = state.ema_params if config.sampling.use_ema else state.params
-        params = parallel.gather_replicated(params, mesh)  # FSDP: gather
-        write_sample_grid(generator, params, config,
-                          jax.random.fold_in(sample_rng, step), step, workdir,
-                          writer, mlflow_writer)
-        if evaluator is not None:
-          run_evaluation(evaluator, eval_generator, params,
-                         jax.random.fold_in(eval_rng, step), step, writer)
+        with progress.excluded():  # not training time
+          params = (state.ema_params if config.sampling.use_ema
+                    else state.params)
+          params = parallel.gather_replicated(params, mesh)  # FSDP: gather
+          write_sample_grid(generator, params, config,
+                            jax.random.fold_in(sample_rng, step), step,
+                            workdir, writer, mlflow_writer)
+          if evaluator is not None:
+            run_evaluation(evaluator, eval_generator, params,
+                           jax.random.fold_in(eval_rng, step), step, writer)
       if preempted and not last:
         status = "KILLED"
         logging.warning("Stopped at step %d after preemption; the next start "
@@ -315,6 +318,8 @@ def train_and_evaluate(config, workdir: str):
     status = "FAILED"
     raise
   finally:
+    if prefetcher:
+      prefetcher.close()
     preemption.restore()
     mngr.wait_until_finished()
     mngr.close()

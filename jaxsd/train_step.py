@@ -11,7 +11,28 @@ from jaxsd.diffusion import losses
 from jaxsd.diffusion.schedules import NoiseSchedule
 
 
-def add_noise_inputs(batch, rng, *, num_timesteps: int, cfg_dropout: float):
+def sample_timesteps(rng, b: int, num_timesteps: int,
+                     distribution: str = "uniform", logit_mean: float = 0.0,
+                     logit_std: float = 1.0):
+  """Training timesteps, int32 [b] in [0, num_timesteps).
+
+  "uniform", or "logit_normal": t / T = sigmoid(N(mean, std)), which spends
+  fewer examples on the nearly clean and nearly pure-noise ends (SD3,
+  Esser et al. 2024).
+  """
+  if distribution == "uniform":
+    return jax.random.randint(rng, (b,), 0, num_timesteps)
+  if distribution == "logit_normal":
+    u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (b,)))
+    return jnp.clip(jnp.floor(u * num_timesteps), 0,
+                    num_timesteps - 1).astype(jnp.int32)
+  raise ValueError(f"diffusion.timestep_sampling={distribution!r}; choose "
+                   "'uniform' or 'logit_normal'.")
+
+
+def add_noise_inputs(batch, rng, *, num_timesteps: int, cfg_dropout: float,
+                     timestep_sampling: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0):
   """Draws the step's randomness for the whole global batch.
 
   Adds noise [B, H, W, C], t int32 [B] and drop bool [B] (train on the empty
@@ -22,7 +43,8 @@ def add_noise_inputs(batch, rng, *, num_timesteps: int, cfg_dropout: float):
   b = x0.shape[0]
   rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
   return {**batch,
-          "t": jax.random.randint(rng_t, (b,), 0, num_timesteps),
+          "t": sample_timesteps(rng_t, b, num_timesteps, timestep_sampling,
+                                logit_mean, logit_std),
           "noise": jax.random.normal(rng_noise, x0.shape, x0.dtype),
           "drop": jax.random.bernoulli(rng_drop, cfg_dropout, (b,))}
 
@@ -105,7 +127,10 @@ def make_step_fn(*, unet_apply, text_apply, schedule, uncond_ids, config, tx,
       text_trainable=config.text.trainable)
   noise_inputs = functools.partial(
       add_noise_inputs, num_timesteps=schedule.num_timesteps,
-      cfg_dropout=config.diffusion.cfg_dropout)
+      cfg_dropout=config.diffusion.cfg_dropout,
+      timestep_sampling=config.diffusion.timestep_sampling,
+      logit_mean=config.diffusion.logit_mean,
+      logit_std=config.diffusion.logit_std)
   step = functools.partial(train_step, loss=loss, noise_inputs=noise_inputs,
                            tx=tx,
                            ema_decay=config.optim.ema_decay,

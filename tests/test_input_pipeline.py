@@ -97,6 +97,24 @@ def test_resume_position_gives_same_batches():
     np.testing.assert_array_equal(x, y)
 
 
+def test_prefetcher_gives_the_asked_for_batches():
+  d = _data()
+  calls = []
+  def make(position):
+    calls.append(position)
+    return d.batch(position)
+  prefetch = input_pipeline.Prefetcher(make, stride=2)
+  try:
+    for pos in (0, 2, 4, 9, 11):  # 9: a jump, as after a resume
+      np.testing.assert_array_equal(prefetch.get(pos)["image"],
+                                    d.batch(pos)["image"])
+  finally:
+    prefetch.close()
+  # 4 was prefetched after 2 and used; 6 was prefetched but never asked for;
+  # 9 was built directly.
+  assert calls.count(4) == 1 and 6 in calls and calls.count(9) == 1
+
+
 def test_random_flip_is_deterministic():
   d = _data(random_flip=True)
   np.testing.assert_array_equal(d.batch(1)["image"], d.batch(1)["image"])

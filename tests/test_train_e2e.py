@@ -14,6 +14,7 @@ import pytest
 
 from jaxsd import input_pipeline
 from jaxsd import metric_logging
+from jaxsd import plot_runs
 from jaxsd import train
 
 pytestmark = pytest.mark.slow
@@ -59,7 +60,8 @@ def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
   assert all(np.isfinite(m.value) for m in history)
   for key in ("train/learning_rate", "train/grad_norm",
               "system/steps_per_second", "system/memory_gb",
-              "system/eta_seconds", "model/params_trainable", "data/count_7"):
+              "system/eta_seconds", "system/train_seconds",
+              "model/params_trainable", "data/count_7"):
     assert key in run.data.metrics, key
   artifacts = [a.path for a in client.list_artifacts(run.info.run_id,
                                                      "samples")]
@@ -92,6 +94,27 @@ def test_preempted_run_resumes_to_identical_parameters(
   steps = [m.step for m in client.get_metric_history(runs[0].info.run_id,
                                                      "train/loss")]
   assert steps == [2, 4]
+  # Training time carries over the restart (saved in the checkpoint).
+  seconds = [m.value for m in client.get_metric_history(
+      runs[0].info.run_id, "system/train_seconds")]
+  assert len(seconds) == 2 and 0 < seconds[0] < seconds[1]
+
+
+def test_plot_runs_draws_eval_metrics_against_training_minutes(
+    uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  hist = plot_runs.run_histories(workdir, [plot_runs.TIME_KEY,
+                                           "eval/prompt_accuracy"])
+  # (jaxsd.evaluate tests may log more eval points into this run.)
+  assert 4 in [s for s, _ in hist["eval/prompt_accuracy"]]
+  minutes = plot_runs.minutes_at([4], hist[plot_runs.TIME_KEY])
+  assert minutes[0] == pytest.approx(hist[plot_runs.TIME_KEY][-1][1] / 60)
+  out = str(tmp_path / "progress.png")
+  plot_runs.plot([workdir, workdir], ["a", "b"],
+                 ["eval/prompt_accuracy", "eval/fid_mnist"], out)
+  assert os.path.getsize(out) > 10_000
+  with pytest.raises(FileNotFoundError, match="not a training workdir"):
+    plot_runs.run_histories(str(tmp_path), ["eval/fid_mnist"])
 
 
 def test_nonfinite_loss_stops_without_checkpoint(tiny_config, tmp_path,

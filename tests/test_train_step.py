@@ -35,7 +35,8 @@ class ToyText(nn.Module):
 def _config(**optim):
   config = ml_collections.ConfigDict({
       "diffusion": {"prediction_type": "epsilon", "min_snr_gamma": 0.0,
-                    "cfg_dropout": 0.2},
+                    "cfg_dropout": 0.2, "timestep_sampling": "uniform",
+                    "logit_mean": 0.0, "logit_std": 1.0},
       "text": {"trainable": True},
       "optim": {"learning_rate": 3e-2, "warmup_steps": 2,
                 "end_learning_rate_factor": 0.0, "b1": 0.9, "b2": 0.999,
@@ -187,3 +188,23 @@ def test_cfg_dropout_replaces_captions():
   assert out["noise"].shape == batch["image"].shape
   assert out["t"].min() >= 0 and out["t"].max() < 100
   assert abs(float(out["drop"].mean()) - 0.25) < 0.03
+
+
+def test_logit_normal_timesteps_concentrate_in_the_middle():
+  rng = jax.random.key(3)
+  uniform = np.asarray(step_lib.sample_timesteps(rng, 20000, 1000))
+  logit = np.asarray(step_lib.sample_timesteps(rng, 20000, 1000,
+                                               "logit_normal"))
+  shifted = np.asarray(step_lib.sample_timesteps(rng, 20000, 1000,
+                                                 "logit_normal", 1.0, 1.0))
+  for t in (uniform, logit, shifted):
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+  ends = lambda t: np.mean((t < 100) | (t >= 900))
+  assert abs(ends(uniform) - 0.2) < 0.02
+  # P(|N(0,1)| > logit(0.9) = 2.197) = 0.028.
+  assert abs(ends(logit) - 0.028) < 0.01
+  assert abs(np.median(logit) - 500) < 15
+  # Median of sigmoid(N(1, 1)) is sigmoid(1) = 0.731.
+  assert abs(np.median(shifted) - 731) < 15
+  with pytest.raises(ValueError, match="logit_normal"):
+    step_lib.sample_timesteps(rng, 4, 1000, "beta")

@@ -173,3 +173,28 @@ def test_rejects_unsupported_config():
   with pytest.raises(ValueError, match="addition_embed_type"):
     unet_lib.unet_from_diffusers_config(
         dict(MIXED, addition_embed_type="text_time"))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "flatten"])
+def test_pooled_text_embedding_adds_a_prompt_dependent_term(pooling):
+  """The pooled path's contribution to the output depends on the prompt."""
+  kwargs = dict(MIXED, pooled_text_embedding=pooling)
+  del kwargs["sample_size"]
+  model = unet_lib.UNet(**kwargs)
+  sample, timesteps, context = inputs(MIXED)
+  other = context.at[:, 3].add(1.0)  # one token changed
+  params = model.init(jax.random.key(0), sample, timesteps, context)["params"]
+  width = MIXED["cross_attention_dim"] * (TOKENS if pooling == "flatten"
+                                          else 1)
+  assert params["text_pool_norm"]["scale"].shape == (width,)
+  # The same model with the pooled path's last layer zeroed: no pooled term.
+  off = jax.tree_util.tree_map(lambda x: x, params)
+  off["text_embedding"]["linear_2"] = jax.tree_util.tree_map(
+      jnp.zeros_like, params["text_embedding"]["linear_2"])
+  apply = jax.jit(lambda p, c: model.apply({"params": p}, sample, timesteps,
+                                           c))
+  term = lambda c: apply(params, c) - apply(off, c)
+  assert float(jnp.max(jnp.abs(term(context)))) > 1e-3
+  assert float(jnp.max(jnp.abs(term(context) - term(other)))) > 1e-3
+  with pytest.raises(ValueError, match="pooled_text_embedding"):
+    unet_lib.pool_text(context, "max")

@@ -192,13 +192,17 @@ def _clip_bound(clip_x0) -> Optional[float]:
 
 
 def guided_denoise_fn(denoise_fn: DenoiseFn, cond_context, uncond_context,
-                      guidance_scale) -> Callable:
+                      guidance_scale,
+                      guidance_timesteps: Optional[Tuple[int, int]] = None
+                      ) -> Callable:
   """Wraps denoise_fn with classifier-free guidance: (x_t, t) -> output.
 
   Both branches go through one denoise_fn call on the doubled batch
   (conditional first); ``out = uncond + s (cond - uncond)``. A static
   guidance_scale == 1 calls only the conditional branch. uncond_context may
   have batch size 1 and is broadcast; contexts may also be pytrees of arrays.
+  With guidance_timesteps=(lo, hi) the scale applies only where
+  lo <= t <= hi, and the conditional output is used elsewhere.
   """
   if _is_static_one(guidance_scale):
     return lambda x, t: denoise_fn(x, t, cond_context)
@@ -213,8 +217,33 @@ def guided_denoise_fn(denoise_fn: DenoiseFn, cond_context, uncond_context,
                            cond_context, uncond)
     out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), context)
     out_cond, out_uncond = jnp.split(out, 2)
-    return out_uncond + guidance_scale * (out_cond - out_uncond)
+    scale = guidance_scale
+    if guidance_timesteps is not None:
+      inside = (t >= guidance_timesteps[0]) & (t <= guidance_timesteps[1])
+      scale = jnp.where(inside, guidance_scale, 1.0)
+      scale = scale.reshape((-1,) + (1,) * (out_cond.ndim - 1))
+    return out_uncond + scale * (out_cond - out_uncond)
   return fn
+
+
+def guidance_timesteps_for(interval, num_timesteps: int
+                           ) -> Optional[Tuple[int, int]]:
+  """(lo, hi) timesteps of a guidance interval given as fractions of T.
+
+  Guidance limited to an interval of noise levels (Kynkaanniemi et al.,
+  2024) keeps most of its effect on the prompt while costing less diversity;
+  None or (0, 1) = everywhere.
+  """
+  if interval is None:
+    return None
+  lo, hi = (float(v) for v in interval)
+  if not 0.0 <= lo < hi <= 1.0:
+    raise ValueError(f"guidance interval {interval!r}: need 0 <= lo < hi <= 1 "
+                     "(fractions of the diffusion time, 1 = pure noise).")
+  if lo == 0.0 and hi == 1.0:
+    return None
+  return (int(np.ceil(lo * (num_timesteps - 1))),
+          int(np.floor(hi * (num_timesteps - 1))))
 
 
 def sample(denoise_fn: DenoiseFn,
@@ -229,7 +258,9 @@ def sample(denoise_fn: DenoiseFn,
            guidance_scale: Union[float, jnp.ndarray] = 1.0,
            prediction_type: str = "epsilon",
            eta: Union[float, jnp.ndarray] = 0.0,
-           clip_x0: Union[bool, float] = False) -> jnp.ndarray:
+           clip_x0: Union[bool, float] = False,
+           guidance_interval: Optional[Tuple[float, float]] = None
+           ) -> jnp.ndarray:
   """Draws x0 [B, ...] float32 by running `sampler` from pure noise.
 
   Args:
@@ -252,6 +283,9 @@ def sample(denoise_fn: DenoiseFn,
     eta: DDIM noise level (0 deterministic, 1 ~ DDPM); other samplers ignore it.
     clip_x0: clip the x0 prediction to [-1, 1] (True) or [-c, c] (c > 0); eps is
       then recomputed from the clipped x0, as diffusers does. False or 0: off.
+    guidance_interval: (lo, hi) fractions of the diffusion time (1 = pure
+      noise) where guidance applies; elsewhere the conditional output alone.
+      None = every step.
 
   Returns:
     x0 [B, ...] float32, the final step's x0 prediction (clipped if asked).
@@ -277,8 +311,9 @@ def sample(denoise_fn: DenoiseFn,
     if leaf.shape[0] != batch:
       raise ValueError(f"cond_context has batch {leaf.shape[0]} but x_T has "
                        f"batch {batch}.")
-  model = guided_denoise_fn(denoise_fn, cond_context, uncond_context,
-                            guidance_scale)
+  model = guided_denoise_fn(
+      denoise_fn, cond_context, uncond_context, guidance_scale,
+      guidance_timesteps_for(guidance_interval, schedule.num_timesteps))
   ab = schedule.alphas_cumprod
 
   def predict(x, t):

@@ -53,6 +53,7 @@ class Evaluator:
     self._classifier = None
     self._inception = None
     self._clip = None
+    self._real_diversity = None
     self._skipped: Dict[str, str] = {}
 
   @property
@@ -109,6 +110,8 @@ class Evaluator:
       self.classifier()
       if "fid_mnist" in names:
         self._mnist_reference()
+      if "diversity" in names:
+        self.real_diversity()
     if "fid_inception" in names and self._inception_net() is not None:
       self._inception_reference()
     if "clip_score" in names:
@@ -120,6 +123,16 @@ class Evaluator:
     return prompt_metrics.mnist_reference_statistics(
         clf, os.path.join(self.cache_dir, "fid_stats"), split="test",
         images=self._mnist("test")[0])
+
+  def real_diversity(self) -> np.ndarray:
+    """Per-digit diversity [10] of the MNIST test split: the yardstick of
+    diversity_ratio."""
+    if self._real_diversity is None:
+      images, labels = self._mnist("test")
+      feats = self.classifier().features(images)
+      self._real_diversity = np.asarray(
+          prompt_metrics.diversity(feats, labels)["per_digit"])
+    return self._real_diversity
 
   def _inception_reference(self):
     net = self._inception_net()
@@ -158,6 +171,8 @@ class Evaluator:
         name = "fid_mnist" if key == "mnist_fid" else key
         if name.split("/")[0] in names:
           out[name] = float(value)
+      out.update(_worst_and_ratios(out, self.real_diversity()
+                                   if "diversity" in names else None))
       out["seconds/classifier_metrics"] = time.perf_counter() - start
     if "fid_inception" in names and self._inception_net() is not None:
       start = time.perf_counter()
@@ -174,6 +189,26 @@ class Evaluator:
       out["clip_score_x100"] = score["clip_score"]
       out["seconds/clip_score"] = time.perf_counter() - start
     return out
+
+
+def _worst_and_ratios(metrics: Dict[str, float], real_diversity):
+  """prompt_accuracy_min (worst digit) and, given the real test split's
+  per-digit diversity, diversity_ratio/<d> = generated / real with its mean
+  and minimum (1 = as varied as real digits; near 0 = mode collapse)."""
+  out = {}
+  accs = [v for k, v in metrics.items() if k.startswith("prompt_accuracy/")]
+  if accs:
+    out["prompt_accuracy_min"] = min(accs)
+  if real_diversity is not None:
+    ratios = {}
+    for d, real in enumerate(real_diversity):
+      if f"diversity/{d}" in metrics:
+        ratios[f"diversity_ratio/{d}"] = metrics[f"diversity/{d}"] / real
+    if ratios:
+      out.update(ratios)
+      out["diversity_ratio"] = float(np.mean(list(ratios.values())))
+      out["diversity_ratio_min"] = min(ratios.values())
+  return out
 
 
 def evaluate_params(evaluator: Evaluator, generate_fn: Callable, params, rng

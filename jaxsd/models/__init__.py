@@ -34,6 +34,11 @@ def compute_dtype(name: str):
   return dtypes[name]
 
 
+def _hashable(value):
+  """Per-block settings may arrive as lists (config.json); modules need tuples."""
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def architecture_kwargs(model_config, cross_attention_dim: int):
   """The UNet2DConditionModel-style fields both implementations share."""
   return dict(
@@ -43,7 +48,8 @@ def architecture_kwargs(model_config, cross_attention_dim: int):
       up_block_types=tuple(model_config.up_block_types),
       block_out_channels=tuple(model_config.block_out_channels),
       layers_per_block=model_config.layers_per_block,
-      attention_head_dim=model_config.attention_head_dim,
+      attention_head_dim=_hashable(model_config.attention_head_dim),
+      only_cross_attention=_hashable(model_config.only_cross_attention),
       cross_attention_dim=cross_attention_dim,
       use_linear_projection=model_config.use_linear_projection)
 
@@ -55,6 +61,10 @@ class DiffusersUNet:
   def __init__(self, model_config, cross_attention_dim: int):
     import diffusers  # pylint: disable=g-import-not-at-top
     diffusers.utils.logging.set_verbosity_error()
+    if model_config.pooled_text_embedding:
+      raise ValueError(
+          "model.pooled_text_embedding is a jaxsd UNet feature: set "
+          "model.implementation='jaxsd' or model.pooled_text_embedding=False.")
     if model_config.norm_num_groups != 32:
       raise ValueError(
           "The diffusers UNet hard-codes GroupNorm(32): set "
@@ -108,6 +118,7 @@ class JaxsdUNet:
     else:
       self.module = unet.UNet(
           norm_num_groups=model_config.norm_num_groups, dtype=dtype,
+          pooled_text_embedding=model_config.pooled_text_embedding,
           **architecture_kwargs(model_config, cross_attention_dim))
 
   def init(self, rng, image_shape: Tuple[int, ...], context_shape):

@@ -453,6 +453,7 @@ class UNet(nn.Module):
   use_linear_projection: bool = False
   transformer_layers_per_block: IntOrTuple = 1
   dropout: float = 0.0
+  pooled_text_embedding: str = ""  # "" | "mean" | "flatten"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -496,6 +497,12 @@ class UNet(nn.Module):
     temb = TimestepEmbedding(channels[0] * 4, self.dtype,
                              name="time_embedding")(temb)
     context = encoder_hidden_states.astype(self.dtype)
+    if self.pooled_text_embedding:
+      pooled = pool_text(context, self.pooled_text_embedding)
+      pooled = nn.LayerNorm(epsilon=_NORM_EPS, dtype=self.dtype,
+                            name="text_pool_norm")(pooled)
+      temb = temb + TimestepEmbedding(channels[0] * 4, self.dtype,
+                                      name="text_embedding")(pooled)
 
     x = _conv3x3(channels[0], self.dtype, "conv_in")(sample.astype(self.dtype))
     skips = [x]
@@ -525,6 +532,16 @@ class UNet(nn.Module):
                      name="conv_norm_out")(x)
     x = _conv3x3(self.out_channels, self.dtype, "conv_out")(nn.swish(x))
     return x.astype(jnp.float32)
+
+
+def pool_text(context: jnp.ndarray, pooling: str) -> jnp.ndarray:
+  """[B, L, D] text encoding -> [B, D] ("mean") or [B, L * D] ("flatten")."""
+  if pooling == "mean":
+    return context.mean(axis=1)
+  if pooling == "flatten":
+    return context.reshape(context.shape[0], -1)
+  raise ValueError(f"model.pooled_text_embedding={pooling!r}; choose '', "
+                   "'mean' or 'flatten'.")
 
 
 def _has_attention(block_type: str, direction: str) -> bool:
