@@ -155,6 +155,7 @@ def train_and_evaluate(config, workdir: str):
   """Trains config's model in workdir, resuming from its latest checkpoint."""
   config_checks.validate(config)
   parallel.hide_gpus_from_tensorflow()
+  parallel.split_cpu_into_devices(config.parallel.cpu_devices)
   parallel.maybe_initialize_distributed(config.parallel.distributed)
   enable_compilation_cache()
   os.makedirs(workdir, exist_ok=True)

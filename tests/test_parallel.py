@@ -305,3 +305,20 @@ def test_launcher_passes_shellcheck():
   out = subprocess.run(["shellcheck", LAUNCHER], capture_output=True,
                        text=True)
   assert out.returncode == 0, out.stdout
+
+
+def test_cpu_devices_flag_respects_the_users_choice():
+  assert (parallel.xla_flags_with_cpu_devices("", 2)
+          == "--xla_force_host_platform_device_count=2")
+  assert (parallel.xla_flags_with_cpu_devices("--xla_dump_to=/tmp/x", 2)
+          == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2")
+  mine = "--xla_force_host_platform_device_count=4"
+  assert parallel.xla_flags_with_cpu_devices(mine, 2) == mine
+
+
+def test_cpu_devices_ignored_once_jax_is_running(monkeypatch, caplog):
+  jax.devices()  # backends initialised
+  monkeypatch.setenv("XLA_FLAGS", "")
+  parallel.split_cpu_into_devices(2)
+  assert os.environ["XLA_FLAGS"] == ""
+  assert "ignored" in caplog.text

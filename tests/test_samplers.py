@@ -345,3 +345,26 @@ def test_matches_diffusers(sampler, num_steps):
   ours = samplers.sample(fn, cosine, jax.random.key(0), x_T, zeros_context(16),
                          sampler=sampler, num_steps=num_steps)
   np.testing.assert_allclose(ours, x.numpy(), atol=1e-4)
+
+
+def test_guidance_interval_timesteps():
+  assert samplers.guidance_timesteps_for(None, 1000) is None
+  assert samplers.guidance_timesteps_for((0.0, 1.0), 1000) is None
+  assert samplers.guidance_timesteps_for((0.2, 0.8), 1000) == (200, 799)
+  for bad in ((0.8, 0.2), (-0.1, 0.5), (0.5, 1.5)):
+    with pytest.raises(ValueError, match="guidance interval"):
+      samplers.guidance_timesteps_for(bad, 1000)
+
+
+def test_guidance_applies_only_inside_the_interval():
+  def denoise(x, t, context):  # output = context value: cond 1, uncond 0
+    del t
+    return x + context.mean((1, 2))[:, None]
+  x = jnp.zeros((2, 3))
+  cond, uncond = jnp.ones((2, 1, 1)), jnp.zeros((1, 1, 1))
+  fn = samplers.guided_denoise_fn(denoise, cond, uncond, 4.0, (200, 799))
+  out = fn(x, jnp.asarray([500, 900]))
+  # Inside: uncond + 4 (cond - uncond) = 4; outside: the conditional output, 1.
+  np.testing.assert_allclose(out, [[4.0] * 3, [1.0] * 3])
+  everywhere = samplers.guided_denoise_fn(denoise, cond, uncond, 4.0)
+  np.testing.assert_allclose(everywhere(x, jnp.asarray([500, 900])), 4.0)

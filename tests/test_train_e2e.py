@@ -152,10 +152,12 @@ def test_cli_unknown_config_key_is_named(tmp_path):
 
 
 def test_cli_batch_not_divisible_by_devices(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  # parallel.cpu_devices splits the CPU into 3 devices before JAX starts.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run(
       [sys.executable, "-m", "jaxsd.main", "--config=configs/tiny.py",
-       f"--workdir={tmp_path}", "--config.training.batch_size=8"],
+       f"--workdir={tmp_path}", "--config.training.batch_size=8",
+       "--config.parallel.cpu_devices=3"],
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
       capture_output=True, text=True, timeout=600, env=env)
   assert out.returncode != 0
