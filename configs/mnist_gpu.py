@@ -35,7 +35,7 @@ def get_config():
   config.training.batch_size = 256
   config.training.num_steps = 20_000
   # steps_per_call > 1 (several steps per jitted call) is untimed on GPUs
-  # and 11x slower on XLA:CPU (benchmarks/README.md); measure before raising.
+  # (benchmarks/README.md); measure before raising.
   config.training.steps_per_call = 1
   config.training.log_every = 200
   config.training.eval_every = 5000

@@ -97,13 +97,25 @@ def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], rng, *,
       return (acc_l + l, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     (loss_value, grads), _ = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros), micro)
+        body, (jnp.zeros((), jnp.float32), zeros), micro,
+        unroll=_loop_unroll())
     loss_value = loss_value / grad_accum_steps
     grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grads)
   grad_norm = optax.tree.norm(grads)
   new_state = ts.apply_gradients(state, grads, tx, ema_decay)
   metrics = {"loss": loss_value, "grad_norm": grad_norm}
   return new_state, metrics
+
+
+def _loop_unroll():
+  """`unroll` for scans whose body takes gradients of convolutions.
+
+  XLA:CPU runs a convolution's weight gradient inside a while loop ~17x
+  slower than outside one (benchmarks/README.md); a fully unrolled scan is
+  straight-line code and runs at full speed, at the cost of compile time
+  growing with the trip count. Accelerators keep the rolled loop.
+  """
+  return True if jax.default_backend() == "cpu" else 1
 
 
 def multi_step(state, batches, rng, *, step_fn: Callable):
@@ -113,7 +125,7 @@ def multi_step(state, batches, rng, *, step_fn: Callable):
   """
   def body(state, batch):
     return step_fn(state, batch, rng)
-  return jax.lax.scan(body, state, batches)
+  return jax.lax.scan(body, state, batches, unroll=_loop_unroll())
 
 
 def make_step_fn(*, unet_apply, text_apply, schedule, uncond_ids, config, tx,
