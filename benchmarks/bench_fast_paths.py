@@ -159,30 +159,16 @@ def _timed_loop(step, state, key, get_batch, position: int, calls: int,
 def _prefetch_child(config):
   """Both prefetch variants in one process, alternating windows."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxsd import input_pipeline, parallel, text as text_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd import input_pipeline, parallel  # pylint: disable=g-import-not-at-top
   comps, state, step, sharding = bench_train.make_train_step(config)
-  tcfg = config.training
-  k = tcfg.steps_per_call
-  images, labels = input_pipeline.load_mnist(config.data, "train")
-  caption_ids = text_lib.tokenize(
-      comps.tokenizer,
-      input_pipeline.captions_for_labels(config.data.caption_template),
-      config.text.max_length)
-  data = input_pipeline.CaptionedImages(
-      images=images, labels=labels, caption_ids=caption_ids,
-      global_batch_size=tcfg.batch_size, image_size=config.data.image_size,
-      seed=tcfg.seed, shuffle=config.data.shuffle,
-      random_flip=config.data.random_flip)
+  k = config.training.steps_per_call
+  data = input_pipeline.training_data(
+      config, comps.tokenizer,
+      *input_pipeline.load_mnist(config.data, "train"))
 
-  def next_batch(position):  # as in jaxsd.train
-    if k == 1:
-      local = data.batch(position)
-    else:
-      parts = [data.batch(position + i) for i in range(k)]
-      local = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
-    local.pop("label")
-    return parallel.global_batch(local, sharding)
+  def next_batch(position):  # as jaxsd.train's
+    return parallel.global_batch(
+        input_pipeline.model_inputs(data, position, k), sharding)
 
   batch_seconds = []  # host cost of one batch, what prefetching can hide
   for position in range(3):
@@ -207,7 +193,7 @@ def _prefetch_child(config):
   out = {}
   for variant, ts in times.items():
     med = statistics.median(ts)
-    out[variant] = {"images_per_second": tcfg.batch_size / med,
+    out[variant] = {"images_per_second": config.training.batch_size / med,
                     "seconds_per_step_median": med,
                     "seconds_per_step_windows": ts}
   out["host_batch_seconds"] = statistics.median(batch_seconds)

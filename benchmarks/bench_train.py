@@ -61,13 +61,6 @@ def _peak_rss_gb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _peak_memory_gb(jax):
-  stats = jax.local_devices()[0].memory_stats()
-  if stats and "peak_bytes_in_use" in stats:
-    return stats["peak_bytes_in_use"] / 2**30
-  return _peak_rss_gb()
-
-
 def make_train_step(config, donate: bool = True):
   """(components, initial state, jitted step, batch sharding): the config's
   real train step, state replicated and batch sharded over all devices."""
@@ -97,7 +90,7 @@ def measure(config, windows: int, steps_per_window: int, donate: bool = True):
   """Figures of the config's JAX train step in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd import build, metric_logging  # pylint: disable=g-import-not-at-top
   comps, state, step, sharding = make_train_step(config, donate)
   tcfg = config.training
   k = tcfg.steps_per_call
@@ -127,7 +120,7 @@ def measure(config, windows: int, steps_per_window: int, donate: bool = True):
           "seconds_per_step_median": med,
           "seconds_per_step_windows": times,
           "compile_seconds": max(first - med * k, 0.0),
-          "peak_memory_gb": _peak_memory_gb(jax),
+          "peak_memory_gb": metric_logging.peak_memory_gb(),
           "params": build.param_count(state.params),
           "device": jax.devices()[0].device_kind,
           "device_count": jax.device_count()}
@@ -204,7 +197,7 @@ def _torch_models(config):
 
 
 def _torch_ids(batch: int, length: int):
-  """A caption-like batch ([BOS, 8 words, EOS, padding]) and the empty prompt."""
+  """A caption-like batch ([BOS, words, EOS, padding]) and the empty prompt."""
   import torch  # pylint: disable=g-import-not-at-top
   gen = torch.Generator().manual_seed(0)
   ids = torch.full((batch, length), _EOS, dtype=torch.long)

@@ -1,7 +1,9 @@
 """Config validation: bad values fail at start-up with the key and the fix."""
 from jaxsd import models
+from jaxsd import train_step
 from jaxsd.diffusion import losses
 from jaxsd.diffusion import schedules
+from jaxsd.models import unet
 
 REQUIRED_POSITIVE = ("training.num_steps", "training.batch_size",
                      "training.log_every", "training.eval_every",
@@ -29,14 +31,14 @@ def validate(config):
     raise ValueError(
         f"diffusion.prediction_type={config.diffusion.prediction_type!r}; "
         f"choose one of {losses.PREDICTION_TYPES}.")
-  if config.diffusion.timestep_sampling not in ("uniform", "logit_normal"):
+  if config.diffusion.timestep_sampling not in train_step.TIMESTEP_SAMPLINGS:
     raise ValueError(
         f"diffusion.timestep_sampling={config.diffusion.timestep_sampling!r}; "
-        "choose 'uniform' or 'logit_normal'.")
-  if config.model.pooled_text_embedding not in ("", "mean", "flatten"):
-    raise ValueError(
-        f"model.pooled_text_embedding={config.model.pooled_text_embedding!r};"
-        " choose '' (off), 'mean' or 'flatten'.")
+        f"choose one of {train_step.TIMESTEP_SAMPLINGS}.")
+  pooling = config.model.pooled_text_embedding
+  if pooling and pooling not in unet.TEXT_POOLINGS:
+    raise ValueError(f"model.pooled_text_embedding={pooling!r}; choose '' "
+                     f"(off) or one of {unet.TEXT_POOLINGS}.")
   if not 0.0 <= config.diffusion.cfg_dropout < 1.0:
     raise ValueError(f"diffusion.cfg_dropout={config.diffusion.cfg_dropout} "
                      "must be in [0, 1).")

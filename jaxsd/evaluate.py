@@ -41,7 +41,8 @@ TABLE_KEYS = ("step", "prompt_accuracy", "fid_mnist", "diversity",
 def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
                          num_samples=None, metrics=None, sampler=None,
                          sampler_steps=None, guidance_scale=None,
-                         guidance_interval=None, seed=0, use_ema=True) -> List[Dict[str, float]]:
+                         guidance_interval=None, seed=0, use_ema=True
+                         ) -> List[Dict[str, float]]:
   """Evaluates the given checkpoint steps (default: latest) of a run."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxsd import build, checkpoint, generate, parallel  # pylint: disable=g-import-not-at-top
@@ -126,9 +127,7 @@ def main(argv):
       FLAGS.workdir, steps, num_samples=FLAGS.num_samples,
       metrics=FLAGS.metrics, sampler=FLAGS.sampler, sampler_steps=FLAGS.steps,
       guidance_scale=FLAGS.guidance_scale,
-      guidance_interval=(tuple(float(v) for v in FLAGS.guidance_interval)
-                         if FLAGS.guidance_interval else None),
-      seed=FLAGS.seed,
+      guidance_interval=FLAGS.guidance_interval, seed=FLAGS.seed,
       use_ema=FLAGS.use_ema)
   csv_path, md_path = write_tables(results, os.path.join(FLAGS.workdir,
                                                          "eval"))

@@ -37,9 +37,10 @@ class Generator:
     self.mesh = mesh
     self._sharding = parallel.batch_sharding(mesh)
     self._replicated = parallel.replicated(mesh)
-    if guidance_interval is not None:
+    if guidance_interval is not None:  # may come as strings (flags) or a list
       guidance_interval = tuple(float(v) for v in guidance_interval)
-      samplers.guidance_timesteps_for(guidance_interval, 2)  # validates
+      samplers.guidance_timesteps_for(  # fails early on a bad interval
+          guidance_interval, components.schedule.num_timesteps)
     self._settings = dict(sampler=sampler, num_steps=num_steps,
                           guidance_scale=guidance_scale, eta=eta,
                           clip_x0=clip_x0, guidance_interval=guidance_interval)

@@ -198,6 +198,37 @@ class CaptionedImages:
       position += 1
 
 
+def training_data(config, tokenizer, images: np.ndarray, labels: np.ndarray,
+                  process_index: int = 0, process_count: int = 1
+                  ) -> CaptionedImages:
+  """The config's training batches of (images, labels), each label's caption
+  tokenised once."""
+  from jaxsd import text as text_lib  # pylint: disable=g-import-not-at-top
+  caption_ids = text_lib.tokenize(
+      tokenizer, captions_for_labels(config.data.caption_template),
+      config.text.max_length)
+  return CaptionedImages(
+      images=images, labels=labels, caption_ids=caption_ids,
+      global_batch_size=config.training.batch_size,
+      image_size=config.data.image_size, seed=config.training.seed,
+      shuffle=config.data.shuffle, random_flip=config.data.random_flip,
+      process_index=process_index, process_count=process_count)
+
+
+def model_inputs(data: CaptionedImages, position: int, steps: int = 1
+                 ) -> Dict[str, np.ndarray]:
+  """This process's batch at `position` without labels; with steps > 1 the
+  batches of `steps` consecutive positions stacked on a leading axis (one
+  call of training.steps_per_call steps)."""
+  if steps == 1:
+    local = data.batch(position)
+  else:
+    parts = [data.batch(position + i) for i in range(steps)]
+    local = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+  local.pop("label")
+  return local
+
+
 class Prefetcher:
   """Builds the batch at `position + stride` in a thread while the caller
   trains on the one at `position` (host assembly and host-to-device copy

@@ -1,7 +1,8 @@
 """Plots evaluation metrics of training runs against training minutes.
 
 python -m jaxsd.plot_runs --workdir=runs/a --workdir=runs/b \
-    --out=docs/mnist_progress.png [--metrics=eval/prompt_accuracy,eval/fid_mnist]
+    --out=docs/mnist_progress.png \
+    [--metrics=eval/prompt_accuracy,eval/fid_mnist]
 
 Reads each run's MLflow run (the store and run id its training wrote in the
 workdir, or MLFLOW_TRACKING_URI). The x axis is training wall time

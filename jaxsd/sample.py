@@ -101,8 +101,7 @@ def main(argv):
       FLAGS.workdir, prompts, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
       sampler=FLAGS.sampler, steps=FLAGS.steps,
       guidance_scale=FLAGS.guidance_scale, eta=FLAGS.eta, step=FLAGS.step,
-      guidance_interval=(tuple(float(v) for v in FLAGS.guidance_interval)
-                         if FLAGS.guidance_interval else None),
+      guidance_interval=FLAGS.guidance_interval,
       use_ema=FLAGS.use_ema, chunk_size=FLAGS.chunk_size)
   if jax.process_index() != 0:
     return

@@ -22,7 +22,6 @@ from jaxsd import images as images_lib
 from jaxsd import input_pipeline
 from jaxsd import metric_logging
 from jaxsd import parallel
-from jaxsd import text as text_lib
 from jaxsd import train_state as ts
 from jaxsd import train_step as step_lib
 from jaxsd.evaluation import evaluator as evaluator_lib
@@ -174,15 +173,8 @@ def train_and_evaluate(config, workdir: str):
   stats = input_pipeline.dataset_statistics(train_images, train_labels)
   logging.info("Train data: %s", json.dumps(stats))
   comps = build.build_components(config)
-  caption_ids = text_lib.tokenize(
-      comps.tokenizer,
-      input_pipeline.captions_for_labels(config.data.caption_template),
-      config.text.max_length)
-  data = input_pipeline.CaptionedImages(
-      images=train_images, labels=train_labels, caption_ids=caption_ids,
-      global_batch_size=tcfg.batch_size, image_size=config.data.image_size,
-      seed=tcfg.seed, shuffle=config.data.shuffle,
-      random_flip=config.data.random_flip,
+  data = input_pipeline.training_data(
+      config, comps.tokenizer, train_images, train_labels,
       process_index=jax.process_index(), process_count=jax.process_count())
 
   # --- State ----------------------------------------------------------------
@@ -248,13 +240,8 @@ def train_and_evaluate(config, workdir: str):
   eval_rng = jax.random.fold_in(sample_rng, 1 << 20)
 
   def next_batch(position):
-    if k == 1:
-      local = data.batch(position)
-    else:
-      parts = [data.batch(position + i) for i in range(k)]
-      local = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
-    local.pop("label")
-    return parallel.global_batch(local, batch_sharding)
+    return parallel.global_batch(
+        input_pipeline.model_inputs(data, position, k), batch_sharding)
 
   prefetcher = input_pipeline.Prefetcher(
       next_batch, stride=k) if tcfg.prefetch else None
@@ -262,10 +249,12 @@ def train_and_evaluate(config, workdir: str):
   def save(step):
     checkpoint.save(mngr, step, state, {
         "step": step, "data_position": data_position,
-        "train_seconds": progress.train_seconds, "rng_seed": tcfg.seed, "config": config.to_dict()})
+        "train_seconds": progress.train_seconds, "rng_seed": tcfg.seed,
+        "config": config.to_dict()})
 
   preemption = _Preemption(sync_every=tcfg.log_every)
-  progress = metric_logging.Progress(start_step, tcfg.num_steps, train_seconds)
+  progress = metric_logging.Progress(start_step, tcfg.num_steps,
+                                     train_seconds)
   pending = []  # (first step, device metrics) not yet fetched
   step = start_step
   status = "FINISHED"

@@ -11,6 +11,9 @@ from jaxsd.diffusion import losses
 from jaxsd.diffusion.schedules import NoiseSchedule
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
 def sample_timesteps(rng, b: int, num_timesteps: int,
                      distribution: str = "uniform", logit_mean: float = 0.0,
                      logit_std: float = 1.0):
@@ -27,7 +30,7 @@ def sample_timesteps(rng, b: int, num_timesteps: int,
     return jnp.clip(jnp.floor(u * num_timesteps), 0,
                     num_timesteps - 1).astype(jnp.int32)
   raise ValueError(f"diffusion.timestep_sampling={distribution!r}; choose "
-                   "'uniform' or 'logit_normal'.")
+                   f"one of {TIMESTEP_SAMPLINGS}.")
 
 
 def add_noise_inputs(batch, rng, *, num_timesteps: int, cfg_dropout: float,

@@ -97,6 +97,33 @@ def test_resume_position_gives_same_batches():
     np.testing.assert_array_equal(x, y)
 
 
+def test_model_inputs_drop_labels_and_stack_steps():
+  d = _data()
+  one = input_pipeline.model_inputs(d, 3)
+  assert sorted(one) == ["image", "input_ids"]
+  np.testing.assert_array_equal(one["image"], d.batch(3)["image"])
+  three = input_pipeline.model_inputs(d, 3, steps=3)
+  assert three["image"].shape == (3,) + one["image"].shape
+  for i in range(3):
+    np.testing.assert_array_equal(three["input_ids"][i],
+                                  d.batch(3 + i)["input_ids"])
+
+
+def test_training_data_follows_the_config(tiny_config, tokenizer):
+  config = tiny_config()
+  images = np.zeros((40, 28, 28, 1), np.uint8)
+  labels = (np.arange(40) % 10).astype(np.int32)
+  data = input_pipeline.training_data(config, tokenizer, images, labels,
+                                      process_index=1, process_count=2)
+  assert data.global_batch_size == config.training.batch_size
+  assert (data.process_index, data.process_count) == (1, 2)
+  assert data.caption_ids.shape == (10, config.text.max_length)
+  np.testing.assert_array_equal(
+      data.caption_ids, text.tokenize(
+          tokenizer, input_pipeline.captions_for_labels(
+              config.data.caption_template), config.text.max_length))
+
+
 def test_prefetcher_gives_the_asked_for_batches():
   d = _data()
   calls = []

@@ -64,7 +64,7 @@ class DiffusersUNet:
     if model_config.pooled_text_embedding:
       raise ValueError(
           "model.pooled_text_embedding is a jaxsd UNet feature: set "
-          "model.implementation='jaxsd' or model.pooled_text_embedding=False.")
+          "model.implementation='jaxsd' or model.pooled_text_embedding=''.")
     if model_config.norm_num_groups != 32:
       raise ValueError(
           "The diffusers UNet hard-codes GroupNorm(32): set "

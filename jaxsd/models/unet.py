@@ -534,14 +534,17 @@ class UNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+TEXT_POOLINGS = ("mean", "flatten")  # model.pooled_text_embedding, or "" (off)
+
+
 def pool_text(context: jnp.ndarray, pooling: str) -> jnp.ndarray:
   """[B, L, D] text encoding -> [B, D] ("mean") or [B, L * D] ("flatten")."""
   if pooling == "mean":
     return context.mean(axis=1)
   if pooling == "flatten":
     return context.reshape(context.shape[0], -1)
-  raise ValueError(f"model.pooled_text_embedding={pooling!r}; choose '', "
-                   "'mean' or 'flatten'.")
+  raise ValueError(f"model.pooled_text_embedding={pooling!r}; choose '' "
+                   f"(off) or one of {TEXT_POOLINGS}.")
 
 
 def _has_attention(block_type: str, direction: str) -> bool:
