@@ -123,7 +123,8 @@ def measure(config, windows: int, steps_per_window: int, donate: bool = True):
           "peak_memory_gb": metric_logging.peak_memory_gb(),
           "params": build.param_count(state.params),
           "device": jax.devices()[0].device_kind,
-          "device_count": jax.device_count()}
+          "device_count": jax.device_count(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 # CLIP's tokenizer: 49406 = <|startoftext|>, 49407 = <|endoftext|> (padding).
@@ -277,13 +278,19 @@ def measure_torch(config, windows: int, steps_per_window: int):
           "torch_note": _torch_note(config)}
 
 
-def _run_child(config_path, implementation, extra):
+def _run_child(config_path, implementation, extra, xla_defaults=False):
+  """Figures of one implementation, measured in a fresh process;
+  xla_defaults: without the XLA flags `import jaxsd` adds (jaxsd.xla_flags),
+  i.e. XLA as a plain JAX user gets it."""
+  env = dict(os.environ)
+  if xla_defaults:
+    env["JAXSD_XLA_DEFAULTS"] = "1"
   cmd = [sys.executable, os.path.abspath(__file__), f"--config={config_path}",
          f"--implementation={implementation}",
          f"--windows={FLAGS.windows}",
          f"--steps_per_window={FLAGS.steps_per_window}", *extra]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                       check=False)
+                       check=False, env=env)
   if out.returncode:
     raise RuntimeError(f"{implementation} benchmark failed:\n"
                        f"{out.stderr[-3000:]}")
@@ -314,14 +321,24 @@ def main(argv):
   ours = _run_child(config_path, FLAGS.config.model.implementation, extra)
   result = {"config": config_path, "overrides": extra, **ours}
   if not FLAGS.skip_diffusers and ours["implementation"] != "diffusers":
-    theirs = _run_child(config_path, "diffusers", extra)
+    # As its users run it: XLA's default flags.
+    theirs = _run_child(config_path, "diffusers", extra, xla_defaults=True)
     result.update({
         "diffusers_images_per_second": theirs["images_per_second"],
         "diffusers_compile_seconds": theirs["compile_seconds"],
         "diffusers_peak_memory_gb": theirs["peak_memory_gb"],
+        "diffusers_xla_flags": theirs["xla_flags"],
         **({"diffusers_note": theirs["note"]} if "note" in theirs else {}),
         "speedup_vs_diffusers": ours["images_per_second"]
                                 / theirs["images_per_second"]})
+    if theirs["xla_flags"] != ours["xla_flags"]:
+      # And with jaxsd's XLA flags, which separates the UNet's own speed from
+      # the XLA settings.
+      same = _run_child(config_path, "diffusers", extra)
+      result.update({
+          "diffusers_same_flags_images_per_second": same["images_per_second"],
+          "speedup_vs_diffusers_same_flags": ours["images_per_second"]
+                                             / same["images_per_second"]})
   if not FLAGS.skip_torch:
     pt = _run_child(config_path, "torch", extra)
     result.update({

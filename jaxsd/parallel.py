@@ -15,6 +15,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from jaxsd import xla_flags as xla_flags_lib
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 BATCH_AXES = (DATA_AXIS, MODEL_AXIS)  # the batch is split over all devices
@@ -44,9 +46,7 @@ _CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 def xla_flags_with_cpu_devices(xla_flags: str, count: int) -> str:
   """XLA_FLAGS with the host platform split into `count` devices, unless the
   flags already choose a count (the user's choice wins)."""
-  if _CPU_DEVICES_FLAG in xla_flags:
-    return xla_flags
-  return f"{xla_flags} {_CPU_DEVICES_FLAG}={count}".strip()
+  return xla_flags_lib.with_flag(xla_flags, f"{_CPU_DEVICES_FLAG}={count}")
 
 
 def split_cpu_into_devices(count: int):
@@ -58,8 +58,7 @@ def split_cpu_into_devices(count: int):
   """
   if count <= 0:
     return
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
+  if xla_flags_lib.backends_started():
     logging.warning("parallel.cpu_devices=%d ignored: JAX is already "
                     "initialised (set XLA_FLAGS=%s=%d instead).", count,
                     _CPU_DEVICES_FLAG, count)

@@ -1,0 +1,60 @@
+"""XLA flags jaxsd sets before JAX starts its backends.
+
+`import jaxsd` applies `use_fast_cpu_kernels()`. The flags only act on the
+CPU backend; GPU and TPU programs are unchanged. Opt out with
+JAXSD_XLA_DEFAULTS=1, or by setting the flag yourself in XLA_FLAGS (the
+user's value always wins).
+
+Kept free of JAX imports: importing jaxsd must not start a backend before the
+flags are in place.
+"""
+import os
+import sys
+
+# XLA:CPU in jaxlib 0.10 lowers convolutions to YNNPACK by default. Its older
+# Eigen convolutions run the MNIST UNet's 3x3 convolutions, forward and both
+# gradients, 1.5-1.8x faster on AVX-512 (and the whole train step 1.3x):
+# benchmarks/README.md. YNNPACK keeps the matmuls, where it is the faster one.
+YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+FAST_CPU_FLAGS = (f"{YNN_FUSION_FLAG}=-individual_convolution",)
+OPT_OUT_ENV = "JAXSD_XLA_DEFAULTS"
+
+
+def with_flag(xla_flags: str, flag: str) -> str:
+  """xla_flags plus `--name=value`, unless they already set that name."""
+  name = flag.split("=", 1)[0]
+  if name in xla_flags:
+    return xla_flags
+  return f"{xla_flags} {flag}".strip()
+
+
+def backends_started() -> bool:
+  """Whether JAX has created its backends (XLA_FLAGS are read then, once)."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
+
+
+def _jaxlib_knows_flags() -> bool:
+  # XLA aborts on flags it does not know; YNNPACK fusions came with 0.10.
+  try:
+    from jaxlib import version  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return tuple(int(p) for p in version.__version__.split(".")[:2]) >= (0, 10)
+
+
+def use_fast_cpu_kernels() -> bool:
+  """Adds FAST_CPU_FLAGS to XLA_FLAGS; True if XLA_FLAGS now carry them."""
+  if os.environ.get(OPT_OUT_ENV) == "1" or not _jaxlib_knows_flags():
+    return False
+  flags = os.environ.get("XLA_FLAGS", "")
+  for flag in FAST_CPU_FLAGS:
+    flags = with_flag(flags, flag)
+  if flags == os.environ.get("XLA_FLAGS", ""):
+    return all(f in flags for f in FAST_CPU_FLAGS)
+  if backends_started():
+    return False  # too late for this process; the caller's JAX runs as is
+  os.environ["XLA_FLAGS"] = flags
+  return True
