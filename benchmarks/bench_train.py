@@ -11,6 +11,11 @@ EMA, batch sharded over all devices), times `windows` windows of
 images_per_second (median over windows), compile_seconds (first call minus a
 steady step), peak_memory_gb (the process's peak RSS on CPU, the device's peak
 bytes in use on GPU), the same for diffusers, and speedup_vs_diffusers.
+diffusers runs as its users get it, with XLA's default flags; where those
+differ from the flags `import jaxsd` sets (jaxsd.xla_flags), it runs a second
+time with jaxsd's flags (diffusers_same_flags_images_per_second,
+speedup_vs_diffusers_same_flags), which separates the UNet's own speed from
+the XLA setting. Every child reports the xla_flags it ran with.
 
 The PyTorch baseline (`torch_*` keys and speedup_vs_torch) is the stack the
 project replaces: diffusers' PyTorch UNet2DConditionModel and transformers'

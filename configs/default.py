@@ -141,8 +141,9 @@ def get_config():
   config.parallel = parallel = ml_collections.ConfigDict()
   # "auto": jax.distributed.initialize() under SLURM / when a coordinator is set.
   parallel.distributed = "auto"  # auto | on | off
-  # > 0: present the CPU as this many devices (data parallel over cores;
-  # 2 on 2 cores trains the MNIST config 1.27x faster). 0 = one CPU device.
+  # > 0: present the CPU as this many devices (data parallel over them; no
+  # faster than one device on 2 cores now that convolutions use both cores,
+  # benchmarks/README.md). 0 = one CPU device.
   # No effect on GPU/TPU runs or when XLA_FLAGS already sets a count.
   parallel.cpu_devices = 0
   # Fully-sharded state (FSDP) for models too big to replicate: parameters,

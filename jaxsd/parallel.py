@@ -51,10 +51,12 @@ def xla_flags_with_cpu_devices(xla_flags: str, count: int) -> str:
 
 def split_cpu_into_devices(count: int):
   """Presents the CPU as `count` devices, so data parallelism runs one
-  stream of ops per core: XLA:CPU keeps one device's small ops on about 1.4
-  of 2 cores, and 2 devices train the MNIST config 1.27x faster
-  (benchmarks/README.md). Must run before JAX initialises its backends;
-  ignored (with a warning) after, and by GPU/TPU runs (their devices win).
+  stream of ops per core. It paid (1.27x on 2 cores) while XLA:CPU's
+  convolutions left a core idle; with jaxsd.xla_flags they do not, and 2
+  devices run the MNIST config at 0.98x (benchmarks/README.md). Also how
+  tests emulate several devices. Must run before JAX initialises its
+  backends; ignored (with a warning) after, and by GPU/TPU runs (their
+  devices win).
   """
   if count <= 0:
     return

@@ -11,6 +11,9 @@ how it computes:
   accelerators and for cross-attention; on CPU, long self-attention runs in
   cache-sized blocks with a recomputing backward pass. That is where the
   train-step speedup and memory saving come from (benchmarks/bench_unet.py).
+* GroupNorm (`group_norm`) reduces its statistics one axis at a time and has
+  a hand-written backward pass: XLA:CPU's reductions over several axes are
+  slow.
 
 Numerics follow diffusers' Flax classes, including their quirks:
 `attention_head_dim` is the number of heads (diffusers issue #2011), GEGLU
