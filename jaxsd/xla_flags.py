@@ -11,6 +11,8 @@ flags are in place.
 import os
 import sys
 
+from absl import logging
+
 # XLA:CPU in jaxlib 0.10 lowers convolutions to YNNPACK by default. Its older
 # Eigen convolutions run the MNIST UNet's 3x3 convolutions, forward and both
 # gradients, 1.5-1.8x faster on AVX-512 (and the whole train step 1.3x):
@@ -55,6 +57,13 @@ def use_fast_cpu_kernels() -> bool:
   if flags == os.environ.get("XLA_FLAGS", ""):
     return all(f in flags for f in FAST_CPU_FLAGS)
   if backends_started():
-    return False  # too late for this process; the caller's JAX runs as is
+    # Too late for this process: JAX read XLA_FLAGS when it started.
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.default_backend() == "cpu":
+      logging.warning(
+          "JAX started before `import jaxsd`, so XLA:CPU keeps its default "
+          "(slower) convolutions. Import jaxsd before using JAX, or set "
+          "XLA_FLAGS=%s yourself.", " ".join(FAST_CPU_FLAGS))
+    return False
   os.environ["XLA_FLAGS"] = flags
   return True

@@ -45,3 +45,13 @@ def test_with_flag_keeps_other_flags_and_an_existing_value():
   assert xla_flags.with_flag("", flag) == flag
   assert xla_flags.with_flag("--xla_bar=2", flag) == "--xla_bar=2 --xla_foo=1"
   assert xla_flags.with_flag("--xla_foo=7", flag) == "--xla_foo=7"
+
+
+def test_too_late_once_jax_runs_says_so(monkeypatch, caplog):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()  # backends started: XLA_FLAGS were read already
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.delenv(xla_flags.OPT_OUT_ENV, raising=False)
+  assert not xla_flags.use_fast_cpu_kernels()
+  assert os.environ["XLA_FLAGS"] == ""
+  assert "JAX started before" in caplog.text
