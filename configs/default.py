@@ -45,8 +45,8 @@ def get_config():
   model.in_channels = 1
   model.out_channels = 1
   model.block_out_channels = (64, 128, 128)
-  # Attention at the 28x28 level costs (784 tokens)^2 per head; MNIST keeps
-  # it to the 14x14 and 7x7 levels.
+  # Attention at the 28x28 level costs (784 tokens)^2 per head; the default
+  # keeps it to the 14x14 and 7x7 levels (configs/mnist.py to 7x7 alone).
   model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D",
                             "CrossAttnDownBlock2D")
   model.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
