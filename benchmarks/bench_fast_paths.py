@@ -34,7 +34,6 @@ pairs. Prints one JSON object: per path the figures with and without it and
 `ratio` (with / without, per figure; > 1 is faster for images_per_second,
 < 1 is better for seconds and GB).
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -48,19 +47,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import train_timing  # benchmarks/, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-
-def _import_bench_train():
-  spec = importlib.util.spec_from_file_location(
-      "bench_train", os.path.join(ROOT, "benchmarks", "bench_train.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench_train = _import_bench_train()
 
 PATHS = ("attention", "donation", "steps_per_call", "prefetch",
          "compile_cache", "bf16")
@@ -107,7 +96,7 @@ def _attention_info(config):
 
 
 def _measure_variant(config, path: str, variant: str):
-  """bench_train.measure() with the path switched on ("with") or off."""
+  """train_timing.measure() with the path switched on ("with") or off."""
   on = variant == "with"
   donate, steps, info = True, FLAGS.steps, {}
   if path == "attention":
@@ -130,7 +119,7 @@ def _measure_variant(config, path: str, variant: str):
   else:
     raise ValueError(f"unknown path {path!r}")
   windows = 1 if path == "compile_cache" else FLAGS.repeats
-  result = bench_train.measure(config, windows, steps, donate=donate)
+  result = train_timing.measure(config, windows, steps, donate=donate)
   if path == "compile_cache":
     cache_dir = os.environ["JAXSD_COMPILATION_CACHE"]
     result["cache_files"] = sum(len(f) for _, _, f in os.walk(cache_dir))
@@ -159,16 +148,15 @@ def _timed_loop(step, state, key, get_batch, position: int, calls: int,
 def _prefetch_child(config):
   """Both prefetch variants in one process, alternating windows."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import input_pipeline, parallel  # pylint: disable=g-import-not-at-top
-  comps, state, step, sharding = bench_train.make_train_step(config)
-  k = config.training.steps_per_call
-  data = input_pipeline.training_data(
-      config, comps.tokenizer,
-      *input_pipeline.load_mnist(config.data, "train"))
+  from jaxsd import build, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  setup = build.TrainSetup(config)
+  state = setup.create_train_state(jax.random.key(0))
+  step = setup.make_train_step()
+  k = setup.steps_per_call
+  data, _ = train.load_training_data(config, setup.components.tokenizer)
 
   def next_batch(position):  # as jaxsd.train's
-    return parallel.global_batch(
-        input_pipeline.model_inputs(data, position, k), sharding)
+    return setup.global_batch(input_pipeline.model_inputs(data, position, k))
 
   batch_seconds = []  # host cost of one batch, what prefetching can hide
   for position in range(3):

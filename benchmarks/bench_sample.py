@@ -8,16 +8,12 @@ Prints one JSON object: per step count the median images/s over `repeats`
 timed calls after a warm-up call, and the compile seconds.
 """
 import json
-import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file.")
 flags.DEFINE_integer("batch", 256, "Images per call.")

@@ -29,8 +29,8 @@ non-uniform timestep sampling) are left out there and listed in
 model.pooled_text_embedding (`diffusers_note`).
 
 Each implementation runs in a subprocess so its memory and compile cache are
-its own. `make_train_step` and `measure` are also used by
-benchmarks/bench_fast_paths.py.
+its own. The JAX children time the step that jaxsd.build.TrainSetup builds
+(benchmarks/train_timing.py, shared with bench_fast_paths.py).
 """
 import json
 import os
@@ -44,14 +44,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import train_timing  # benchmarks/, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  """Only when run as a script, so other benchmarks can import measure()."""
   config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file.")
   flags.DEFINE_integer("windows", 5, "Timed windows (median reported).")
   flags.DEFINE_integer("steps_per_window", 5, "Train steps per window.")
@@ -64,72 +64,6 @@ def _define_flags():
 
 def _peak_rss_gb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def make_train_step(config, donate: bool = True):
-  """(components, initial state, jitted step, batch sharding): the config's
-  real train step, state replicated and batch sharded over all devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import build, parallel, train_state as ts  # pylint: disable=g-import-not-at-top
-  from jaxsd import train_step as step_lib  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh()
-  comps = build.build_components(config)
-  k = config.training.steps_per_call
-  tx = ts.make_optimizer(config.optim, 10**6, config.text.trainable)
-  replicated = parallel.replicated(mesh)
-  state = jax.jit(lambda r: ts.create(comps.init_params(r), tx),
-                  out_shardings=replicated)(jax.random.key(0))
-  fn = step_lib.make_step_fn(
-      unet_apply=comps.unet.apply, text_apply=comps.text_encoder,
-      schedule=comps.schedule, uncond_ids=comps.uncond_ids, config=config,
-      tx=tx, steps_per_call=k)
-  sharding = (parallel.batch_sharding(mesh) if k == 1
-              else parallel.stacked_batch_sharding(mesh))
-  step = jax.jit(fn, in_shardings=(replicated, sharding, replicated),
-                 out_shardings=(replicated, replicated),
-                 donate_argnums=(0,) if donate else ())
-  return comps, state, step, sharding
-
-
-def measure(config, windows: int, steps_per_window: int, donate: bool = True):
-  """Figures of the config's JAX train step in this process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxsd import build, metric_logging  # pylint: disable=g-import-not-at-top
-  comps, state, step, sharding = make_train_step(config, donate)
-  tcfg = config.training
-  k = tcfg.steps_per_call
-  rng = np.random.default_rng(0)
-  b = tcfg.batch_size
-  lead = (k, b) if k > 1 else (b,)
-  batch = {"image": rng.uniform(-1, 1, lead + comps.image_shape).astype(
-               np.float32),
-           "input_ids": np.tile(comps.uncond_ids[0], lead + (1,))}
-  batch = jax.device_put(batch, sharding)
-  key = jax.random.key(1)
-  start = time.perf_counter()
-  state, metrics = step(state, batch, key)
-  jax.block_until_ready(metrics)
-  first = time.perf_counter() - start
-  calls = max(1, steps_per_window // k)
-  times = []
-  for _ in range(windows):
-    start = time.perf_counter()
-    for _ in range(calls):
-      state, metrics = step(state, batch, key)
-    jax.block_until_ready(metrics)
-    times.append((time.perf_counter() - start) / (calls * k))
-  med = statistics.median(times)
-  return {"implementation": config.model.implementation,
-          "images_per_second": b / med,
-          "seconds_per_step_median": med,
-          "seconds_per_step_windows": times,
-          "compile_seconds": max(first - med * k, 0.0),
-          "peak_memory_gb": metric_logging.peak_memory_gb(),
-          "params": build.param_count(state.params),
-          "device": jax.devices()[0].device_kind,
-          "device_count": jax.device_count(),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 # CLIP's tokenizer: 49406 = <|startoftext|>, 49407 = <|endoftext|> (padding).
@@ -316,7 +250,8 @@ def main(argv):
         pooled = config.model.pooled_text_embedding
         config.model.pooled_text_embedding = type(pooled)()  # off: "" or False
         note = {"note": f"ran without model.pooled_text_embedding={pooled!r}"}
-      result = {**measure(config, FLAGS.windows, FLAGS.steps_per_window),
+      result = {**train_timing.measure(config, FLAGS.windows,
+                                          FLAGS.steps_per_window),
                 **note}
     print(json.dumps(result))
     return

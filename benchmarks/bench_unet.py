@@ -11,15 +11,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from jaxsd.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+from jaxsd.models import unet as unet_lib
 
 # The MNIST UNet (configs/mnist.py), as a diffusers config.
 MNIST_CONFIG = dict(

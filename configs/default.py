@@ -4,8 +4,6 @@ Experiment files (`configs/mnist.py`, ...) start from this tree and override
 fields; any field can also be overridden on the command line, e.g.
 `--config.training.num_steps=100`. Unknown keys are errors.
 """
-import os
-
 import ml_collections
 
 
@@ -15,10 +13,14 @@ def get_config():
   # --- Data ---------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "mnist"  # tensorflow-datasets name
-  # Folder with the four original MNIST files; builds the dataset offline.
-  data.mnist_dir = os.environ.get("JAXSD_MNIST_DIR", "")
-  # Where tfds keeps prepared datasets ("" = TFDS_DATA_DIR or ~/tensorflow_datasets).
-  data.tfds_data_dir = os.environ.get("TFDS_DATA_DIR", "")
+  # Machine-dependent fields are "" here: jaxsd.environment.resolve fills
+  # them from the environment when a run starts, and config.json keeps the
+  # resolved values.
+  # Folder with the four original MNIST files; builds the dataset offline
+  # ("" = $JAXSD_MNIST_DIR, else download).
+  data.mnist_dir = ""
+  # Where tfds keeps prepared datasets ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets).
+  data.tfds_data_dir = ""
   data.caption_template = "a photograph of the number {label}"
   data.image_size = 28  # 32 pads 28x28 MNIST with background to 32x32
   data.random_flip = False  # horizontal flips; wrong for digits
@@ -26,9 +28,9 @@ def get_config():
 
   # --- Text encoder (transformers FlaxCLIPTextModel) ----------------------
   config.text = text = ml_collections.ConfigDict()
-  # Hub id or local folder; env JAXSD_CLIP_TOKENIZER overrides the default.
-  text.tokenizer = os.environ.get("JAXSD_CLIP_TOKENIZER",
-                                  "openai/clip-vit-large-patch14")
+  # Hub id or local folder ("" = $JAXSD_CLIP_TOKENIZER, else
+  # openai/clip-vit-large-patch14).
+  text.tokenizer = ""
   text.max_length = 77  # tokens per caption (padded / truncated)
   text.pretrained = ""  # hub id or path of a FlaxCLIPTextModel; "" = fresh weights
   text.trainable = True

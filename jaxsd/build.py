@@ -1,13 +1,31 @@
-"""Builds a run's components from its config: tokenizer, text encoder, UNet,
-noise schedule. Shared by training, sampling and evaluation."""
+"""Builders of what a run is made of, from its config alone.
+
+- `build_components(config)`: tokenizer, text encoder, UNet, noise schedule.
+- `TrainSetup(config)`: those plus the optimiser, the mesh and the state's
+  shardings; creates or restores the sharded train state and builds the
+  jitted, sharded, donated train step.
+- `restore_for_inference(workdir, mesh)`: a saved run's parameters without
+  optimiser state.
+
+Training, sampling, evaluation, benchmarks and tests all build through
+these, so none of them assembles a state or a step by hand.
+"""
 import dataclasses
-from typing import Any
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
 
 import jax
+import ml_collections
 import numpy as np
 
+from jaxsd import checkpoint
+from jaxsd import environment
 from jaxsd import models
+from jaxsd import parallel
 from jaxsd import text as text_lib
+from jaxsd import train_state as ts
+from jaxsd import train_step as step_lib
 from jaxsd.diffusion import schedules
 
 
@@ -44,6 +62,9 @@ class Components:
 
 
 def build_components(config) -> Components:
+  """The config's tokenizer, text encoder, UNet and schedule (the config is
+  resolved for this machine first: jaxsd.environment)."""
+  environment.resolve(config)
   tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
   encoder = text_lib.TextEncoder(config.text, text_lib.vocab_size(tokenizer))
   unet = models.build_unet(config.model, encoder.hidden_size)
@@ -58,30 +79,98 @@ def param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
+def make_optimizer(config):
+  """The config's optimiser (AdamW, warmup-cosine over training.num_steps)."""
+  return ts.make_optimizer(config.optim, config.training.num_steps,
+                           config.text.trainable)
+
+
+class TrainSetup:
+  """A config's train state and step, built once and shared.
+
+  Attributes:
+    config, components, mesh, tx: what the step is made of.
+    state_shardings: NamedSharding per state array (replicated, or
+      FSDP-split with parallel.fsdp).
+    abstract_state: ShapeDtypeStructs carrying those shardings (the target
+      of checkpoint restores).
+    batch_sharding: of the step's batch ([B, ...], or [steps_per_call, B,
+      ...] with training.steps_per_call > 1).
+  """
+
+  def __init__(self, config, mesh=None, components: Optional[Components] = None):
+    self.config = config
+    self.components = components or build_components(config)
+    self.mesh = mesh or parallel.make_mesh(
+        parallel.model_axis_size(config.parallel))
+    self.tx = make_optimizer(config)
+    abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+    self.state_shardings = parallel.state_shardings(
+        abstract, self.mesh, config.parallel.fsdp_min_size)
+    self.abstract_state = parallel.with_shardings(abstract,
+                                                  self.state_shardings)
+    self.steps_per_call = config.training.steps_per_call
+    self.batch_sharding = (parallel.batch_sharding(self.mesh)
+                           if self.steps_per_call == 1
+                           else parallel.stacked_batch_sharding(self.mesh))
+
+  def _init_state(self, rng) -> ts.TrainState:
+    return ts.create(self.components.init_params(rng), self.tx)
+
+  def create_train_state(self, rng) -> ts.TrainState:
+    """A fresh state (params, EMA, optimiser), initialised in its shardings."""
+    return jax.jit(self._init_state,
+                   out_shardings=self.state_shardings)(rng)
+
+  def restore_train_state(self, mngr, step: Optional[int] = None
+                          ) -> Tuple[ts.TrainState, Dict[str, Any], int]:
+    """(state, run metadata, step) of a checkpoint (default: the latest),
+    restored straight into this setup's shardings."""
+    return checkpoint.restore(mngr, self.abstract_state, step)
+
+  def step_fn(self):
+    """The step as a pure function of (state, batch, rng), unjitted."""
+    c = self.components
+    return step_lib.make_step_fn(
+        unet_apply=c.unet.apply, text_apply=c.text_encoder,
+        schedule=c.schedule, uncond_ids=c.uncond_ids, config=self.config,
+        tx=self.tx, steps_per_call=self.steps_per_call)
+
+  def make_train_step(self, donate: bool = True):
+    """The jitted step: state sharded as `state_shardings`, batch as
+    `batch_sharding`, rng and metrics replicated; the input state's buffers
+    are donated (reused for the output) unless donate=False."""
+    replicated = parallel.replicated(self.mesh)
+    return jax.jit(
+        self.step_fn(),
+        in_shardings=(self.state_shardings, self.batch_sharding, replicated),
+        out_shardings=(self.state_shardings, replicated),
+        donate_argnums=(0,) if donate else ())
+
+  def global_batch(self, local_batch):
+    """This process's share of a batch -> the step's global, sharded batch."""
+    return parallel.global_batch(local_batch, self.batch_sharding)
+
+
+CONFIG_FILE = "config.json"
+
+
 def load_run_config(workdir: str):
-  """The config a run in `workdir` was trained with (WORKDIR/config.json)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
+  """The config a run in `workdir` was trained with (WORKDIR/config.json),
+  resolved for this machine (jaxsd.environment)."""
+  path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path} not found: {workdir!r} is not a jaxsd training workdir (train "
         "with `python -m jaxsd.main --config=... --workdir=...` first).")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  tokenizer = config.text.tokenizer
-  if not os.path.isdir(tokenizer) and os.environ.get("JAXSD_CLIP_TOKENIZER"):
-    # A run trained elsewhere: use this machine's tokenizer folder.
-    config.text.tokenizer = os.environ["JAXSD_CLIP_TOKENIZER"]
-  return config
+  return environment.resolve(config, reopened=True)
 
 
 def restore_for_inference(workdir: str, mesh, step=None, use_ema=True):
   """(config, components, params, step) from a run's saved config and
   checkpoint; params are replicated over the mesh, no optimiser state."""
-  from jaxsd import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   config = load_run_config(workdir)
   comps = build_components(config)
   replicated = parallel.replicated(mesh)

@@ -17,21 +17,30 @@ from absl import app
 from absl import flags
 from absl import logging
 
-flags.DEFINE_string("workdir", None, "Training workdir.")
-flags.DEFINE_bool("all_checkpoints", False, "Evaluate every checkpoint.")
-flags.DEFINE_integer("step", None, "Evaluate this checkpoint step.")
-flags.DEFINE_integer("num_samples", None, "Generated images (default: the "
-                     "run's eval.num_samples).")
-flags.DEFINE_list("metrics", None, "Metrics (default: the run's eval.metrics).")
-flags.DEFINE_string("sampler", None, "Sampler (default: the run's).")
-flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's).")
-flags.DEFINE_float("guidance_scale", None, "CFG scale (default: the run's).")
-flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only there "
-                  "(fractions of the diffusion time; default: the run's).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_bool("use_ema", True, "EMA parameters (--nouse_ema: raw).")
-flags.DEFINE_bool("mlflow", True, "Log to the run's MLflow run.")
+from jaxsd import cli
+
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  flags.DEFINE_string("workdir", None, "Training workdir.")
+  flags.DEFINE_bool("all_checkpoints", False, "Evaluate every checkpoint.")
+  flags.DEFINE_integer("step", None, "Evaluate this checkpoint step.")
+  flags.DEFINE_integer("num_samples", None, "Generated images (default: the "
+                       "run's eval.num_samples).")
+  flags.DEFINE_list("metrics", None, "Metrics (default: the run's "
+                    "eval.metrics).")
+  flags.DEFINE_string("sampler", None, "Sampler (default: the run's).")
+  flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's).")
+  flags.DEFINE_float("guidance_scale", None, "CFG scale (default: the "
+                     "run's).")
+  flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only there "
+                    "(fractions of the diffusion time; default: the run's).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_bool("use_ema", True, "EMA parameters (--nouse_ema: raw).")
+  flags.DEFINE_bool("mlflow", True, "Log to the run's MLflow run.")
+  flags.mark_flags_as_required(["workdir"])
+
 
 # Columns of the comparison table, in order.
 TABLE_KEYS = ("step", "prompt_accuracy", "fid_mnist", "diversity",
@@ -43,7 +52,11 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
                          sampler_steps=None, guidance_scale=None,
                          guidance_interval=None, seed=0, use_ema=True
                          ) -> List[Dict[str, float]]:
-  """Evaluates the given checkpoint steps (default: latest) of a run."""
+  """Evaluates the given checkpoint steps (default: latest) of a run.
+
+  In a multi-process run every process samples its share and process 0
+  scores; the others return [].
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from jaxsd import build, checkpoint, generate, parallel  # pylint: disable=g-import-not-at-top
   from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
@@ -66,8 +79,9 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
     raise FileNotFoundError(f"No checkpoint for steps {missing} in {workdir}; "
                             f"available: {available or 'none'}.")
   mesh = parallel.make_mesh()
-  evaluator = evaluator_lib.Evaluator(config).prepare()
-  s = config.sampling
+  evaluator = evaluator_lib.Evaluator(config)
+  if jax.process_index() == 0:  # the process that scores
+    evaluator.prepare()
   results = []
   generator = None
   for step in steps:
@@ -80,7 +94,8 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
           guidance_scale=guidance_scale, guidance_interval=guidance_interval)
     out = evaluator_lib.evaluate_params(evaluator, generator, params,
                                         jax.random.key(seed))
-    results.append({"step": step, **out})
+    if out is not None:
+      results.append({"step": step, **out})
   return results
 
 
@@ -112,7 +127,9 @@ def write_tables(results: List[Dict[str, float]], out_dir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from jaxsd import checkpoint  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxsd import checkpoint, parallel  # pylint: disable=g-import-not-at-top
+  parallel.maybe_initialize_distributed("auto")
   if FLAGS.all_checkpoints and FLAGS.step is not None:
     raise app.UsageError("Give --all_checkpoints or --step, not both.")
   steps = None
@@ -129,6 +146,8 @@ def main(argv):
       guidance_scale=FLAGS.guidance_scale,
       guidance_interval=FLAGS.guidance_interval, seed=FLAGS.seed,
       use_ema=FLAGS.use_ema)
+  if jax.process_index() != 0:
+    return
   csv_path, md_path = write_tables(results, os.path.join(FLAGS.workdir,
                                                          "eval"))
   if FLAGS.mlflow:
@@ -147,6 +166,10 @@ def main(argv):
   logging.info("Wrote %s and %s", csv_path, md_path)
 
 
+def run():
+  """The `jaxsd-evaluate` command (`python -m jaxsd.evaluate`)."""
+  cli.run(main, _define_flags)
+
+
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  run()

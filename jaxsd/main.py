@@ -10,12 +10,17 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from jaxsd import cli
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here; "
-                    "an existing workdir is resumed.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file(
+      "config", None, "Training configuration file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go "
+                      "here; an existing workdir is resumed.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -35,5 +40,10 @@ def main(argv):
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def run():
+  """The `jaxsd-train` command (`python -m jaxsd.main`)."""
+  cli.run(main, _define_flags)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

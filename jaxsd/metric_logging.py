@@ -183,6 +183,16 @@ def peak_memory_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+@contextlib.contextmanager
+def timed(what: str):
+  """Logs how long the block took."""
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    logging.info("%s took %.1f s", what, time.perf_counter() - start)
+
+
 class Progress:
   """Step rate, percentage, ETA and training time; console line.
 

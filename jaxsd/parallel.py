@@ -98,6 +98,9 @@ def maybe_initialize_distributed(mode: str = "auto"):
   # would install a C++ SIGTERM handler that swallows a SIGTERM arriving
   # before the train loop starts, leaving a process that never stops.
   jax.config.update("jax_enable_preemption_service", False)
+  # CPU processes reduce over gloo (TCP); GPUs use NCCL whatever this says.
+  if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
                              process_id=_env_int("JAX_PROCESS_ID"))
   logging.info("jax.distributed: process %d of %d, %d local / %d global "

@@ -16,14 +16,13 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from jaxsd import cli
 from jaxsd import metric_logging
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  """Defined only when run as a command, so importing this module (tests,
-  notebooks) adds no flags that clash with the other commands'."""
   flags.DEFINE_multi_string("workdir", [], "Training workdir; repeat to "
                             "compare.")
   flags.DEFINE_multi_string("label", [], "Legend label per workdir "
@@ -102,6 +101,10 @@ def main(argv):
   print(FLAGS.out)
 
 
+def run():
+  """The `jaxsd-plot-runs` command (`python -m jaxsd.plot_runs`)."""
+  cli.run(main, _define_flags)
+
+
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  run()

@@ -1,13 +1,15 @@
 """Training and periodic evaluation: the host-side loop.
 
-The numerics live in train_step.py (jitted, pure); this file does data,
-checkpoints, logging, preemption and sample grids.
+The numerics live in train_step.py (jitted, pure) and are assembled by
+build.TrainSetup; this file runs them: data, checkpoints, logging,
+preemption, sample grids and evaluation. `train_and_evaluate` reads as the
+sequence of a run; the periodic chores are small `Chore`s called after the
+steps they are due at.
 """
-import functools
+import dataclasses
 import json
 import os
 import signal
-import time
 from typing import Any, Dict, List, Tuple
 
 from absl import logging
@@ -17,29 +19,39 @@ import numpy as np
 from jaxsd import build
 from jaxsd import checkpoint
 from jaxsd import config_checks
+from jaxsd import environment
 from jaxsd import generate
 from jaxsd import images as images_lib
 from jaxsd import input_pipeline
 from jaxsd import metric_logging
 from jaxsd import parallel
 from jaxsd import train_state as ts
-from jaxsd import train_step as step_lib
 from jaxsd.evaluation import evaluator as evaluator_lib
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = build.CONFIG_FILE
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
 
 
+# --- Run set-up -------------------------------------------------------------
+
+
 def enable_compilation_cache():
   """Persistent XLA cache: a second run of the same config skips compiling."""
-  cache_dir = os.environ.get("JAXSD_COMPILATION_CACHE",
-                             os.path.expanduser("~/.cache/jaxsd/xla"))
+  cache_dir = environment.compilation_cache_dir()
   if cache_dir and not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def start_runtime(config):
+  """Process-wide settings, once, before JAX or TensorFlow start."""
+  parallel.hide_gpus_from_tensorflow()
+  parallel.split_cpu_into_devices(config.parallel.cpu_devices)
+  parallel.maybe_initialize_distributed(config.parallel.distributed)
+  enable_compilation_cache()
 
 
 def save_config(config, workdir: str):
@@ -48,6 +60,63 @@ def save_config(config, workdir: str):
     with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     os.replace(path + ".tmp", path)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKeys:
+  """The run's random keys, all derived from training.seed."""
+  init: Any  # parameter initialisation
+  train: Any  # the step folds in its step number
+  sample: Any  # periodic sample grids fold in the step
+  eval: Any  # periodic evaluation folds in the step
+
+  @classmethod
+  def from_seed(cls, seed: int) -> "RunKeys":
+    init, train, sample = jax.random.split(jax.random.key(seed), 3)
+    return cls(init=init, train=train, sample=sample,
+               eval=jax.random.fold_in(sample, 1 << 20))
+
+
+def eval_key(config, step: int):
+  """The key of training's periodic evaluation at `step` (for reproducing
+  it outside the run)."""
+  return jax.random.fold_in(RunKeys.from_seed(config.training.seed).eval, step)
+
+
+def load_training_data(config, tokenizer):
+  """(this process's batches, dataset statistics) of the config's data."""
+  train_images, train_labels = input_pipeline.load_mnist(config.data, "train")
+  stats = input_pipeline.dataset_statistics(train_images, train_labels)
+  logging.info("Train data: %s", json.dumps(stats))
+  data = input_pipeline.training_data(
+      config, tokenizer, train_images, train_labels,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return data, stats
+
+
+def restore_or_create_state(setup: build.TrainSetup, mngr, rng):
+  """(state, step, data position, training seconds so far): the latest
+  checkpoint's, or a fresh state at step 0."""
+  if mngr.latest_step() is None:
+    return setup.create_train_state(rng), 0, 0, 0.0
+  state, meta, step = setup.restore_train_state(mngr)
+  position = int(meta["data_position"])
+  logging.info("Resumed from checkpoint at step %d (data position %d).", step,
+               position)
+  return state, step, position, float(meta.get("train_seconds", 0.0))
+
+
+def log_parameter_counts(config, state, step: int, stats, writer):
+  n_total = build.param_count(state.params)
+  n_trainable = build.param_count(
+      state.params if config.text.trainable else state.params["unet"])
+  logging.info("Parameters: %d total (UNet %d, text %d), %d trainable.",
+               n_total, build.param_count(state.params["unet"]),
+               build.param_count(state.params["text"]), n_trainable)
+  if jax.process_index() == 0:
+    writer.write_scalars(step, {
+        **{f"data/{k}": v for k, v in stats.items()},
+        "model/params_total": n_total, "model/params_trainable": n_trainable})
 
 
 class _Preemption:
@@ -81,8 +150,152 @@ class _Preemption:
                   else self._previous)
 
 
-def _check_finite(pending: List[Tuple[int, Dict[str, Any]]]):
-  for step, metrics in pending:
+# --- The periodic chores ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoopState:
+  """What the chores see after a call of the step."""
+  step: int
+  state: Any
+  data_position: int
+  last: bool  # the final step of the run
+  preempted: bool
+  # (step, {name: value}) of every step since the last chore ran.
+  metrics: List[Tuple[int, Dict[str, float]]] = dataclasses.field(
+      default_factory=list)
+  _sampling_params: Any = None
+
+  def sampling_params(self, config, mesh):
+    """EMA (or raw) parameters, replicated (gathered once under FSDP)."""
+    if self._sampling_params is None:
+      params = (self.state.ema_params if config.sampling.use_ema
+                else self.state.params)
+      self._sampling_params = parallel.gather_replicated(params, mesh)
+    return self._sampling_params
+
+
+class Chore:
+  """Runs every `every` steps and after the last one."""
+
+  def __init__(self, every: int):
+    self.every = every
+
+  def due(self, loop: LoopState) -> bool:
+    return loop.step % self.every == 0 or loop.last
+
+  def __call__(self, loop: LoopState):
+    raise NotImplementedError
+
+
+class LogProgress(Chore):
+  """train/* and system/* scalars, and one console line (process 0)."""
+
+  def __init__(self, config, writer, progress: metric_logging.Progress):
+    super().__init__(config.training.log_every)
+    self.writer, self.progress = writer, progress
+    self.lr_fn = ts.learning_rate_schedule(config.optim,
+                                           config.training.num_steps)
+
+  def __call__(self, loop: LoopState):
+    if jax.process_index() != 0:
+      return
+    scalars = {
+        "train/loss": float(np.mean([m["loss"] for _, m in loop.metrics])),
+        "train/grad_norm": loop.metrics[-1][1]["grad_norm"],
+        "train/learning_rate": float(self.lr_fn(loop.step - 1)),
+        "system/memory_gb": metric_logging.memory_gb(),
+        "system/peak_memory_gb": metric_logging.peak_memory_gb(),
+        **self.progress.update(loop.step)}
+    self.writer.write_scalars(loop.step, scalars)
+    logging.info(self.progress.line(loop.step, scalars))
+
+
+class SaveCheckpoint(Chore):
+  """The state and the data position; also when preempted."""
+
+  def __init__(self, config, mngr, progress: metric_logging.Progress):
+    super().__init__(config.training.checkpoint_every)
+    self.config, self.mngr, self.progress = config, mngr, progress
+
+  def due(self, loop: LoopState) -> bool:
+    return super().due(loop) or loop.preempted
+
+  def __call__(self, loop: LoopState):
+    checkpoint.save(self.mngr, loop.step, loop.state, {
+        "step": loop.step, "data_position": loop.data_position,
+        "train_seconds": self.progress.train_seconds,
+        "rng_seed": self.config.training.seed,
+        "config": self.config.to_dict()})
+
+
+class WriteSampleGrid(Chore):
+  """A captioned grid of the configured prompts (written by process 0)."""
+
+  def __init__(self, config, generator: generate.Generator, keys: RunKeys,
+               workdir: str, writer, progress: metric_logging.Progress):
+    super().__init__(config.training.eval_every)
+    self.config, self.generator, self.keys = config, generator, keys
+    self.workdir, self.writer, self.progress = workdir, writer, progress
+
+  def __call__(self, loop: LoopState):
+    with self.progress.excluded():  # not training time
+      s = self.config.sampling
+      prompts = [p for p in s.prompts for _ in range(s.samples_per_prompt)]
+      params = loop.sampling_params(self.config, self.generator.mesh)
+      images = self.generator(params, prompts,
+                              jax.random.fold_in(self.keys.sample, loop.step))
+      if jax.process_index() != 0:
+        return
+      ncols = s.samples_per_prompt if len(s.prompts) > 10 else len(s.prompts)
+      grid = images_lib.captioned_grid(images, prompts, ncols=ncols)
+      path = os.path.join(self.workdir, "samples",
+                          f"step_{loop.step:08d}.png")
+      images_lib.save_png_atomic(grid, path)
+      self.writer.write_images(loop.step,
+                               {"samples": np.asarray(grid)[None] / 255.0})
+      logging.info("Wrote sample grid %s", path)
+
+
+class Evaluate(Chore):
+  """eval/* of config.eval.metrics. Every process samples its share; the
+  images are gathered and process 0 computes and logs the metrics."""
+
+  def __init__(self, config, evaluator, generator: generate.Generator,
+               keys: RunKeys, writer, progress: metric_logging.Progress):
+    super().__init__(config.training.eval_every)
+    self.config, self.evaluator, self.keys = config, evaluator, keys
+    self.generator = generator.with_chunk_size(config.eval.chunk_size)
+    self.writer, self.progress = writer, progress
+
+  def __call__(self, loop: LoopState):
+    with self.progress.excluded():
+      params = loop.sampling_params(self.config, self.generator.mesh)
+      metrics = evaluator_lib.evaluate_params(
+          self.evaluator, self.generator, params,
+          jax.random.fold_in(self.keys.eval, loop.step))
+      if metrics is None:  # not process 0
+        return
+      self.writer.write_scalars(loop.step,
+                                {f"eval/{k}": v for k, v in metrics.items()})
+      logging.info("eval at step %d: %s", loop.step, ", ".join(
+          f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k))
+
+
+def prepare_evaluator(config):
+  """The config's evaluator with its networks loaded (on process 0, the one
+  that computes metrics), or None when eval.metrics is empty."""
+  if not config.eval.metrics:
+    return None
+  evaluator = evaluator_lib.Evaluator(config)
+  if jax.process_index() == 0:
+    with metric_logging.timed("eval setup (classifier, reference statistics)"):
+      evaluator.prepare()
+  return evaluator
+
+
+def _check_finite(fetched: List[Tuple[int, Dict[str, Any]]]):
+  for step, metrics in fetched:
     for name, value in metrics.items():
       if not np.isfinite(value):
         raise NonFiniteLossError(
@@ -101,66 +314,18 @@ def _fetch_metrics(pending_device) -> List[Tuple[int, Dict[str, float]]]:
   return out
 
 
-def write_sample_grid(generator: generate.Generator, params, config, rng,
-                      step: int, workdir: str, writer, mlflow_writer):
-  """Samples the configured prompts and writes a captioned grid (process 0)."""
-  prompts = [p for p in config.sampling.prompts
-             for _ in range(config.sampling.samples_per_prompt)]
-  images = generator(params, prompts, rng)
-  if jax.process_index() != 0:
-    return
-  grid = images_lib.captioned_grid(images, prompts,
-                                   ncols=config.sampling.samples_per_prompt
-                                   if len(config.sampling.prompts) > 10
-                                   else len(config.sampling.prompts))
-  path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-  images_lib.save_png_atomic(grid, path)
-  writer.write_images(step, {"samples": np.asarray(grid)[None] / 255.0})
-  logging.info("Wrote sample grid %s", path)
-
-
-class _timed:
-  """Logs how long a block took."""
-
-  def __init__(self, what: str):
-    self.what = what
-
-  def __enter__(self):
-    self.start = time.perf_counter()
-
-  def __exit__(self, *exc):
-    logging.info("%s took %.1f s", self.what, time.perf_counter() - self.start)
-
-
-def run_evaluation(evaluator, generator, params, rng, step: int, writer):
-  """Samples, evaluates and logs eval/* (metrics on process 0 only)."""
-  prompts = evaluator_lib.eval_prompts(evaluator.config.data.caption_template,
-                                       evaluator.eval_config.num_samples)
-  start = time.perf_counter()
-  images = generator(params, prompts, rng)  # every process takes part
-  sampling = time.perf_counter() - start
-  if jax.process_index() != 0:
-    return None
-  metrics = evaluator.evaluate(images, prompts)
-  metrics["sampling_seconds"] = sampling
-  metrics["seconds"] = time.perf_counter() - start
-  writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-  logging.info("eval at step %d: %s", step, ", ".join(
-      f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k))
-  return metrics
+# --- The run --------------------------------------------------------------------
 
 
 def train_and_evaluate(config, workdir: str):
   """Trains config's model in workdir, resuming from its latest checkpoint."""
+  config = environment.resolve(config)
   config_checks.validate(config)
-  parallel.hide_gpus_from_tensorflow()
-  parallel.split_cpu_into_devices(config.parallel.cpu_devices)
-  parallel.maybe_initialize_distributed(config.parallel.distributed)
-  enable_compilation_cache()
+  start_runtime(config)
   os.makedirs(workdir, exist_ok=True)
   tcfg = config.training
   parallel.check_batch_size(tcfg.batch_size, config.optim.grad_accum_steps)
-  mesh = parallel.make_mesh(parallel.model_axis_size(config.parallel))
+  setup = build.TrainSetup(config)
   logging.info("%d processes, %d devices (%s)", jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   save_config(config, workdir)
@@ -168,138 +333,52 @@ def train_and_evaluate(config, workdir: str):
   if jax.process_index() == 0:
     writer.write_hparams(config.to_dict())
 
-  # --- Data ---------------------------------------------------------------
-  train_images, train_labels = input_pipeline.load_mnist(config.data, "train")
-  stats = input_pipeline.dataset_statistics(train_images, train_labels)
-  logging.info("Train data: %s", json.dumps(stats))
-  comps = build.build_components(config)
-  data = input_pipeline.training_data(
-      config, comps.tokenizer, train_images, train_labels,
-      process_index=jax.process_index(), process_count=jax.process_count())
-
-  # --- State ----------------------------------------------------------------
-  base_rng = jax.random.key(tcfg.seed)
-  init_rng, train_rng, sample_rng = jax.random.split(base_rng, 3)
-  tx = ts.make_optimizer(config.optim, tcfg.num_steps, config.text.trainable)
-  def init_state(rng):
-    return ts.create(comps.init_params(rng), tx)
-  replicated = parallel.replicated(mesh)
-  abstract = jax.eval_shape(init_state, init_rng)
-  # Replicated, or FSDP-split with parallel.fsdp; checkpoints restore into it.
-  state_sharding = parallel.state_shardings(abstract, mesh,
-                                            config.parallel.fsdp_min_size)
-  abstract = parallel.with_shardings(abstract, state_sharding)
+  data, stats = load_training_data(config, setup.components.tokenizer)
+  keys = RunKeys.from_seed(tcfg.seed)
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    state, meta, start_step = checkpoint.restore(mngr, abstract)
-    data_position = int(meta["data_position"])
-    train_seconds = float(meta.get("train_seconds", 0.0))
-    logging.info("Resumed from checkpoint at step %d (data position %d).",
-                 start_step, data_position)
-  else:
-    state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
-    start_step, data_position, train_seconds = 0, 0, 0.0
-  n_total = build.param_count(state.params)
-  n_trainable = build.param_count(
-      state.params if config.text.trainable else state.params["unet"])
-  logging.info("Parameters: %d total (UNet %d, text %d), %d trainable.",
-               n_total, build.param_count(state.params["unet"]),
-               build.param_count(state.params["text"]), n_trainable)
-  if jax.process_index() == 0:
-    writer.write_scalars(start_step, {
-        **{f"data/{k}": v for k, v in stats.items()},
-        "model/params_total": n_total, "model/params_trainable": n_trainable})
+  state, start_step, data_position, train_seconds = restore_or_create_state(
+      setup, mngr, keys.init)
+  log_parameter_counts(config, state, start_step, stats, writer)
+  train_step = setup.make_train_step()
+  evaluator = prepare_evaluator(config)
 
-  # --- Steps ----------------------------------------------------------------
-  k = tcfg.steps_per_call
-  step_fn = step_lib.make_step_fn(
-      unet_apply=comps.unet.apply, text_apply=comps.text_encoder,
-      schedule=comps.schedule, uncond_ids=comps.uncond_ids, config=config,
-      tx=tx, steps_per_call=k)
-  batch_sharding = (parallel.batch_sharding(mesh) if k == 1
-                    else parallel.stacked_batch_sharding(mesh))
-  jit_step = jax.jit(step_fn,
-                     in_shardings=(state_sharding, batch_sharding, replicated),
-                     out_shardings=(state_sharding, replicated),
-                     donate_argnums=(0,))
-  generator = generate.Generator.from_config(comps, mesh, config.sampling)
-  lr_fn = ts.learning_rate_schedule(config.optim, tcfg.num_steps)
-  evaluator, eval_generator = None, None
-  if config.eval.metrics and jax.process_count() > 1:
-    # The classifier cache's orbax barriers would deadlock while only
-    # process 0 evaluates; evaluate the checkpoints with jaxsd.evaluate.
-    logging.warning("Periodic evaluation (eval.metrics) runs in single-process "
-                    "runs only; skipped here. Run `python -m jaxsd.evaluate "
-                    "--workdir=%s --all_checkpoints` afterwards.", workdir)
-  elif config.eval.metrics:
-    evaluator = evaluator_lib.Evaluator(config)
-    if jax.process_index() == 0:
-      with _timed("eval setup (classifier, reference statistics)"):
-        evaluator.prepare()
-    eval_generator = generator.with_chunk_size(config.eval.chunk_size)
-  eval_rng = jax.random.fold_in(sample_rng, 1 << 20)
-
+  k = setup.steps_per_call
   def next_batch(position):
-    return parallel.global_batch(
-        input_pipeline.model_inputs(data, position, k), batch_sharding)
+    return setup.global_batch(input_pipeline.model_inputs(data, position, k))
+  prefetcher = (input_pipeline.Prefetcher(next_batch, stride=k)
+                if tcfg.prefetch else None)
+  get_batch = prefetcher.get if prefetcher else next_batch
 
-  prefetcher = input_pipeline.Prefetcher(
-      next_batch, stride=k) if tcfg.prefetch else None
-
-  def save(step):
-    checkpoint.save(mngr, step, state, {
-        "step": step, "data_position": data_position,
-        "train_seconds": progress.train_seconds, "rng_seed": tcfg.seed,
-        "config": config.to_dict()})
-
+  progress = metric_logging.Progress(start_step, tcfg.num_steps, train_seconds)
+  generator = generate.Generator.from_config(setup.components, setup.mesh,
+                                             config.sampling)
+  chores = [LogProgress(config, writer, progress),
+            SaveCheckpoint(config, mngr, progress),
+            WriteSampleGrid(config, generator, keys, workdir, writer, progress)]
+  if evaluator is not None:
+    chores.append(Evaluate(config, evaluator, generator, keys, writer,
+                           progress))
   preemption = _Preemption(sync_every=tcfg.log_every)
-  progress = metric_logging.Progress(start_step, tcfg.num_steps,
-                                     train_seconds)
   pending = []  # (first step, device metrics) not yet fetched
   step = start_step
   status = "FINISHED"
   logging.info("Training from step %d to %d.", start_step, tcfg.num_steps)
   try:
     while step < tcfg.num_steps:
-      batch = (prefetcher.get(data_position) if prefetcher
-               else next_batch(data_position))
-      state, metrics = jit_step(state, batch, train_rng)
+      state, metrics = train_step(state, get_batch(data_position), keys.train)
       pending.append((step + 1, metrics))
       step += k
       data_position += k
-      last = step >= tcfg.num_steps
-      preempted = preemption.reached(step)
-      do_log = step % tcfg.log_every == 0 or last
-      do_ckpt = step % tcfg.checkpoint_every == 0 or last or preempted
-      do_eval = step % tcfg.eval_every == 0 or last
-      if do_log or do_ckpt or do_eval or preempted:
-        fetched = _fetch_metrics(pending)
-        pending = []
-        _check_finite(fetched)
-        if do_log and jax.process_index() == 0:
-          scalars = {
-              "train/loss": float(np.mean([m["loss"] for _, m in fetched])),
-              "train/grad_norm": fetched[-1][1]["grad_norm"],
-              "train/learning_rate": float(lr_fn(step - 1)),
-              "system/memory_gb": metric_logging.memory_gb(),
-              "system/peak_memory_gb": metric_logging.peak_memory_gb(),
-              **progress.update(step)}
-          writer.write_scalars(step, scalars)
-          logging.info(progress.line(step, scalars))
-      if do_ckpt:
-        save(step)
-      if do_eval:
-        with progress.excluded():  # not training time
-          params = (state.ema_params if config.sampling.use_ema
-                    else state.params)
-          params = parallel.gather_replicated(params, mesh)  # FSDP: gather
-          write_sample_grid(generator, params, config,
-                            jax.random.fold_in(sample_rng, step), step,
-                            workdir, writer, mlflow_writer)
-          if evaluator is not None:
-            run_evaluation(evaluator, eval_generator, params,
-                           jax.random.fold_in(eval_rng, step), step, writer)
-      if preempted and not last:
+      loop = LoopState(step=step, state=state, data_position=data_position,
+                       last=step >= tcfg.num_steps,
+                       preempted=preemption.reached(step))
+      due = [chore for chore in chores if chore.due(loop)]
+      if due:
+        loop.metrics, pending = _fetch_metrics(pending), []
+        _check_finite(loop.metrics)
+        for chore in due:
+          chore(loop)
+      if loop.preempted and not loop.last:
         status = "KILLED"
         logging.warning("Stopped at step %d after preemption; the next start "
                         "resumes here.", step)

@@ -18,17 +18,14 @@ import os
 import signal
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
 
 
 def tiny_config(overrides):
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
+  from jaxsd import environment  # pylint: disable=g-import-not-at-top
+  config = environment.resolve(tiny.get_config())
   config.update_from_flattened_dict(overrides or {})
   return config
 
@@ -55,23 +52,13 @@ def restore_state(workdir, overrides, step=None):
   shardings the config asks for on this process's devices."""
   from jaxsd import build  # pylint: disable=g-import-not-at-top
   from jaxsd import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  from jaxsd import train_state as ts  # pylint: disable=g-import-not-at-top
-  config = tiny_config(overrides)
-  comps = build.build_components(config)
-  tx = ts.make_optimizer(config.optim, config.training.num_steps,
-                         config.text.trainable)
-  abstract = jax.eval_shape(lambda r: ts.create(comps.init_params(r), tx),
-                            jax.random.key(0))
-  mesh = parallel.make_mesh(parallel.model_axis_size(config.parallel))
-  shardings = parallel.state_shardings(abstract, mesh,
-                                       config.parallel.fsdp_min_size)
+  setup = build.TrainSetup(tiny_config(overrides))
   mngr = checkpoint.manager(workdir, read_only=True)
   try:
-    state, _, step = checkpoint.restore(
-        mngr, parallel.with_shardings(abstract, shardings), step)
+    state, _, step = setup.restore_train_state(mngr, step)
   finally:
     mngr.close()
+  shardings = setup.state_shardings
   for x, s in zip(jax.tree_util.tree_leaves(state),
                   jax.tree_util.tree_leaves(shardings)):
     assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)

@@ -1,17 +1,31 @@
-"""Test set-up: offline assets, caches outside the repo, fast compiles."""
+"""Test set-up: offline assets, caches outside the repo, fast compiles.
+
+Assets: a variable you set wins; else `../shared/assets/` beside the
+repository when it exists; else, for the CLIP tokenizer, the copy in
+tests/assets/. MNIST is not shipped: without JAXSD_MNIST_DIR, the shared
+folder, a prepared tfds `mnist` or a network, the tests marked `mnist` skip.
+"""
+import glob
 import os
-import sys
 import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(os.path.dirname(ROOT), "shared", "assets")
-sys.path.insert(0, ROOT)  # `configs` is imported as a package
+SHARED_ASSETS = os.path.join(os.path.dirname(ROOT), "shared", "assets")
+REPO_ASSETS = os.path.join(ROOT, "tests", "assets")
 
-os.environ.setdefault("JAXSD_MNIST_DIR", os.path.join(ASSETS, "mnist"))
-os.environ.setdefault("JAXSD_CLIP_TOKENIZER",
-                      os.path.join(ASSETS, "clip_tokenizer"))
+
+def _shared(name):
+  path = os.path.join(SHARED_ASSETS, name)
+  return path if os.path.isdir(path) else None
+
+
+if _shared("mnist"):
+  os.environ.setdefault("JAXSD_MNIST_DIR", _shared("mnist"))
+os.environ.setdefault(
+    "JAXSD_CLIP_TOKENIZER",
+    _shared("clip_tokenizer") or os.path.join(REPO_ASSETS, "clip_tokenizer"))
 _CACHE = os.environ.setdefault(
     "JAXSD_CACHE", os.path.join(tempfile.gettempdir(), "jaxsd-test-cache"))
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_CACHE, "tfds"))
@@ -20,16 +34,63 @@ os.environ.setdefault("JAXSD_COMPILATION_CACHE", os.path.join(_CACHE, "xla"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+MNIST_SKIPPED = "MNIST unavailable offline"
+MNIST_HINT = "set JAXSD_MNIST_DIR to a folder of the four MNIST .gz files"
 
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: end-to-end runs (a minute or more)")
+
+def _mnist_available() -> bool:
+  if os.path.isdir(os.environ.get("JAXSD_MNIST_DIR", "")):
+    return True
+  prepared = os.path.join(os.environ["TFDS_DATA_DIR"], "mnist", "*",
+                          "dataset_info.json")
+  if glob.glob(prepared):
+    return True
+  from jaxsd import hub  # pylint: disable=g-import-not-at-top
+  return hub.network_available("storage.googleapis.com")
+
+
+# Fixtures that train a model: a test using one must be marked slow, so
+# `-m "not slow"` stays the fast suite.
+TRAINING_FIXTURES = ("trained_run",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything
+def pytest_itemcollected(item):
+  trains = [f for f in TRAINING_FIXTURES if f in item.fixturenames]
+  if trains and not item.get_closest_marker("slow"):
+    raise pytest.UsageError(
+        f"{item.nodeid} uses {trains[0]} (trains a model) but is not marked "
+        "@pytest.mark.slow")
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(items):
+  needs_mnist = [item for item in items if item.get_closest_marker("mnist")]
+  if needs_mnist and not _mnist_available():
+    skip = pytest.mark.skip(reason=f"{MNIST_SKIPPED}: {MNIST_HINT}")
+    for item in needs_mnist:
+      item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+  count = sum(MNIST_SKIPPED in str(report.longrepr)
+              for report in terminalreporter.stats.get("skipped", []))
+  if count:
+    terminalreporter.write_line(
+        f"{MNIST_SKIPPED}: {count} test{'s' * (count != 1)} skipped; "
+        f"{MNIST_HINT}")
 
 
 @pytest.fixture(scope="session")
 def tiny_config():
-  """The tiny config, a fresh copy per call of the returned factory."""
+  """The tiny config, resolved for this machine (jaxsd.environment), a
+  fresh copy per call of the returned factory."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  return tiny.get_config
+  from jaxsd import environment  # pylint: disable=g-import-not-at-top
+
+  def make():
+    return environment.resolve(tiny.get_config())
+  return make
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,6 @@ import pytest
 
 from jaxsd import build
 from jaxsd import config_checks
-from jaxsd import train_state as ts
-from jaxsd import train_step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "mnist_results.md")
@@ -87,16 +85,11 @@ def test_mnist_model_trains_with_the_real_step():
   update keeps the loss finite and moves the weights."""
   config = _config("mnist")
   config.training.batch_size = 4
-  comps = build.build_components(config)
-  tx = ts.make_optimizer(config.optim, config.training.num_steps,
-                         config.text.trainable)
-  state = jax.jit(lambda r: ts.create(comps.init_params(r), tx))(
-      jax.random.key(0))
+  setup = build.TrainSetup(config)
+  comps = setup.components
+  state = setup.create_train_state(jax.random.key(0))
   before = np.asarray(state.params["unet"]["conv_in"]["kernel"])
-  step = jax.jit(step_lib.make_step_fn(
-      unet_apply=comps.unet.apply, text_apply=comps.text_encoder,
-      schedule=comps.schedule, uncond_ids=comps.uncond_ids, config=config,
-      tx=tx))
+  step = setup.make_train_step(donate=False)
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32),
            "input_ids": np.repeat(comps.uncond_ids, 4, axis=0)}

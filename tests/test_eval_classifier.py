@@ -1,31 +1,44 @@
 """The MNIST judge: trains to >= 99%, is cached, and scores real digits well.
 
 One session-scoped fixture trains the classifier (about a minute on 2 cores)
-into the test run's cache; every other test (and training's evaluation) reuses it.
+into the test run's cache; every other test (and training's evaluation) reuses
+it. Tests that need it are slow: a fresh cache trains it. The cache's save,
+load, input rule and multi-process safety are tested with random weights.
 """
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from jaxsd import environment
+from jaxsd import input_pipeline
 from jaxsd.evaluation import classifier as classifier_lib
 from jaxsd.evaluation import fid
-from jaxsd.evaluation import mnist_idx
 from jaxsd.evaluation import prompt_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def mnist():
-  """(train_images, train_labels, test_images, test_labels), uint8 / int32."""
-  return classifier_lib.mnist_arrays()
+def mnist(tiny_config):
+  """(train_images, train_labels, test_images, test_labels), uint8
+  [N, 28, 28, 1] / int32, from the data pipeline."""
+  data = environment.resolve(tiny_config()).data
+  return (*input_pipeline.load_mnist(data, "train"),
+          *input_pipeline.load_mnist(data, "test"))
 
 
 @pytest.fixture(scope="session")
 def cache_dir():
   """The evaluator's own classifier cache under $JAXSD_CACHE (fresh per CI
   run), so one test run trains the classifier once, here or in training."""
-  return os.path.join(os.environ["JAXSD_CACHE"], "classifier")
+  return os.path.join(environment.cache_dir(), "classifier")
 
 
 @pytest.fixture(scope="session")
@@ -33,18 +46,16 @@ def classifier(mnist, cache_dir):
   return classifier_lib.load_or_train_classifier(cache_dir, lambda: mnist)
 
 
-def test_mnist_idx_reader(mnist):
-  train_images, train_labels, test_images, test_labels = mnist
-  assert train_images.shape == (60000, 28, 28)
-  assert test_images.shape == (10000, 28, 28)
-  assert train_images.dtype == np.uint8 and train_images.max() == 255
-  # The canonical files' first labels and class counts.
-  np.testing.assert_array_equal(train_labels[:8], [5, 0, 4, 1, 9, 2, 1, 3])
-  np.testing.assert_array_equal(test_labels[:8], [7, 2, 1, 0, 4, 1, 4, 9])
-  assert np.bincount(test_labels).tolist() == [
-      980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+def _random_classifier(seed=0):
+  """An untrained classifier: real shapes, no training."""
+  variables = classifier_lib.MnistClassifier().init(
+      jax.random.key(seed), np.zeros((1, 28, 28, 1), np.float32))
+  return classifier_lib.Classifier(variables, test_accuracy=0.5,
+                                   train_seconds=1.25)
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_classifier_reaches_99_percent(classifier, mnist):
   _, _, test_images, test_labels = mnist
   assert classifier.test_accuracy >= 0.99
@@ -56,6 +67,8 @@ def test_classifier_reaches_99_percent(classifier, mnist):
         f"in {classifier.train_seconds:.1f} s")
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_cached_classifier_is_reused_not_retrained(classifier, cache_dir,
                                                    mnist):
   def must_not_train():
@@ -76,11 +89,13 @@ def test_cached_classifier_is_reused_not_retrained(classifier, cache_dir,
       classifier_lib.classifier_dir(cache_dir), "metadata.json"))
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_input_forms_agree(classifier, mnist):
   """uint8, [-1, 1] floats, [N, 28, 28] and 32x32-padded images: same logits."""
   images = mnist[2][:64]
   reference = classifier.logits_and_features(images, batch_size=50)[0]
-  as_float = mnist_idx.to_model_range(images)
+  as_float = images.astype(np.float32) / 127.5 - 1
   padded = np.pad(as_float, ((0, 0), (2, 2), (2, 2), (0, 0)),
                   constant_values=-1.0)
   for variant in (as_float, as_float[..., 0], padded):
@@ -89,6 +104,8 @@ def test_input_forms_agree(classifier, mnist):
         atol=1e-4)
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_prompt_accuracy_of_real_digits(classifier, mnist):
   """Real test digits, 'prompted' with their labels, are judged right."""
   _, _, test_images, test_labels = mnist
@@ -102,6 +119,8 @@ def test_prompt_accuracy_of_real_digits(classifier, mnist):
   assert wrong["mean"] < 0.02
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_mnist_fid_small_for_real_data_large_for_noise(classifier, mnist):
   train_images, train_labels, test_images, test_labels = mnist
   noise = np.random.RandomState(0).randint(0, 256, (10000, 28, 28),
@@ -117,16 +136,20 @@ def test_mnist_fid_small_for_real_data_large_for_noise(classifier, mnist):
   assert real < low_digits < to_noise
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_sample_metrics_with_cached_reference(classifier, mnist, cache_dir):
   _, _, test_images, test_labels = mnist
   reference = prompt_metrics.mnist_reference_statistics(
-      classifier, cache_dir, "test", images=test_images)
+      classifier, cache_dir, "test", lambda: test_images)
   path = fid.statistics_cache_path(cache_dir, fid.reference_statistics_name(
       classifier.identity, "mnist-test"))
   assert os.path.exists(path)
-  # A cache hit reads no MNIST files (this folder does not exist).
+  # A cache hit reads no MNIST.
+  def must_not_read():
+    raise AssertionError("cached statistics were recomputed")
   cached = prompt_metrics.mnist_reference_statistics(
-      classifier, cache_dir, "test", mnist_dir="/nonexistent/mnist")
+      classifier, cache_dir, "test", must_not_read)
   np.testing.assert_array_equal(cached[1], reference[1])
 
   samples, digits = test_images[:1000], test_labels[:1000]
@@ -164,3 +187,142 @@ def test_random_shift_translates_within_bounds():
   assert len(offsets) > 10  # offsets vary per image
   np.testing.assert_array_equal(
       classifier_lib.random_shift(jax.random.key(0), images, 0), images)
+
+
+# --- Input rule ---------------------------------------------------------------
+
+
+def test_input_rule_crops_32_and_refuses_other_shapes():
+  """28x28 as is, 32x32 padded digits cropped back: same outputs; other
+  sizes or colour are errors, not silently resized or cropped."""
+  digits = np.random.RandomState(0).uniform(-1, 1, (6, 28, 28, 1)).astype(
+      np.float32)
+  padded = np.pad(digits, ((0, 0), (2, 2), (2, 2), (0, 0)),
+                  constant_values=-1.0)
+  np.testing.assert_array_equal(classifier_lib.as_model_input(padded), digits)
+  clf = _random_classifier()
+  for a, b in zip(clf.logits_and_features(digits),
+                  clf.logits_and_features(padded)):
+    np.testing.assert_array_equal(a, b)
+  for bad in (np.zeros((2, 64, 64, 1), np.float32),
+              np.zeros((2, 28, 28, 3), np.float32),
+              np.zeros((2, 30, 30, 1), np.float32)):
+    with pytest.raises(ValueError, match=r"28x28 or 32x32 grey") as info:
+      clf.logits_and_features(bad)
+    assert str(bad.shape) in str(info.value)
+    assert "prompt_accuracy, fid_mnist, diversity" in str(info.value)
+
+
+# --- Cache ------------------------------------------------------------------
+
+
+def test_variables_round_trip(tmp_path):
+  tree = {"params": {"dense": {"kernel": np.arange(6, dtype=np.float32)
+                               .reshape(2, 3), "bias": np.ones(3, np.float32)}},
+          "batch_stats": {"mean": np.array([0.5], np.float64)}}
+  path = str(tmp_path / "v.msgpack")
+  classifier_lib.save_variables(path, tree)
+  loaded = classifier_lib.load_variables(path)
+  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(
+      tree)
+  for a, b in zip(jax.tree_util.tree_leaves(loaded),
+                  jax.tree_util.tree_leaves(tree)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  assert os.listdir(tmp_path) == ["v.msgpack"]  # no temporary file left
+
+
+def test_classifier_round_trip_and_cache_hit(tmp_path):
+  """A saved classifier loads with the same identity and outputs; a cache
+  hit never trains; a tampered file is refused."""
+  clf = _random_classifier()
+  directory = classifier_lib.classifier_dir(str(tmp_path))
+  classifier_lib.save_classifier(directory, clf)
+  assert sorted(os.listdir(directory)) == ["metadata.json",
+                                           "variables.msgpack"]
+  with open(os.path.join(directory, "metadata.json")) as f:
+    assert json.load(f)["identity"] == clf.identity
+
+  def must_not_train():
+    raise AssertionError("cached classifier was retrained")
+  again = classifier_lib.load_or_train_classifier(str(tmp_path),
+                                                  must_not_train)
+  assert again.identity == clf.identity
+  assert again.identity.startswith(classifier_lib.ARCHITECTURE_VERSION + "-")
+  assert (again.test_accuracy, again.train_seconds) == (0.5, 1.25)
+  images = np.random.RandomState(1).randint(0, 256, (5, 28, 28, 1), np.uint8)
+  np.testing.assert_array_equal(again.logits_and_features(images)[1],
+                                clf.logits_and_features(images)[1])
+
+  other = _random_classifier(seed=1)
+  classifier_lib.save_variables(os.path.join(directory, "variables.msgpack"),
+                                other.variables)
+  with pytest.raises(ValueError, match="hash"):
+    classifier_lib.load_classifier(directory)
+
+
+def test_folder_without_format_is_a_miss(tmp_path):
+  """A folder an older jaxsd wrote (orbax, no format field) is retrained."""
+  directory = classifier_lib.classifier_dir(str(tmp_path))
+  os.makedirs(os.path.join(directory, "variables"))
+  with open(os.path.join(directory, "metadata.json"), "w") as f:
+    json.dump({"identity": "mnist-cnn-v1-000000000000"}, f)
+  def train_arrays():
+    raise RuntimeError("trains")
+  with pytest.raises(RuntimeError, match="trains"):
+    classifier_lib.load_or_train_classifier(str(tmp_path), train_arrays)
+
+
+_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    import numpy as np
+    from jaxsd.evaluation import classifier as classifier_lib
+    cache, arrays, me, other = sys.argv[1:5]
+    with np.load(arrays) as data:
+      arrays = tuple(data[k] for k in ("xtr", "ytr", "xte", "yte"))
+    calls = []
+    def train_arrays():
+      calls.append(1)
+      return arrays
+    # Start together: both find the cache empty.
+    open(me, "w").close()
+    while not os.path.exists(other):
+      time.sleep(0.05)
+    clf = classifier_lib.load_or_train_classifier(
+        cache, train_arrays, classifier_lib.TrainConfig(epochs=1),
+        min_accuracy=0.5)
+    print(json.dumps(dict(identity=clf.identity, trained=len(calls),
+                          test_accuracy=clf.test_accuracy,
+                          train_seconds=clf.train_seconds)))
+""")
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_processes_share_an_empty_cache(mnist, tmp_path):
+  """Two processes on one empty cache: one trains, the other waits and loads
+  the same weights; neither deadlocks (no collective barriers)."""
+  train_images, train_labels, test_images, test_labels = mnist
+  arrays = str(tmp_path / "arrays.npz")
+  np.savez(arrays, xtr=train_images[:6000], ytr=train_labels[:6000],
+           xte=test_images[:1000], yte=test_labels[:1000])
+  cache = str(tmp_path / "cache")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _WORKER, cache, arrays,
+       str(tmp_path / f"ready{i}"), str(tmp_path / f"ready{1 - i}")],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  assert sorted(r["trained"] for r in results) == [0, 1]
+  assert results[0]["identity"] == results[1]["identity"]
+  assert results[0]["train_seconds"] == results[1]["train_seconds"]
+  print(f"1-epoch classifier on 6000 images: test accuracy "
+        f"{results[0]['test_accuracy']:.3f}")
+  (folder,) = [n for n in os.listdir(cache) if not n.endswith(".lock")]
+  assert sorted(os.listdir(os.path.join(cache, folder))) == [
+      "metadata.json", "variables.msgpack"]

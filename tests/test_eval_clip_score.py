@@ -12,8 +12,8 @@ from transformers.modeling_flax_pytorch_utils import (
     load_flax_weights_in_pytorch_model)
 from PIL import Image
 
+from jaxsd import hub
 from jaxsd.evaluation import clip_score
-from jaxsd.evaluation import weights
 
 TOKENIZER_DIR = os.environ["JAXSD_CLIP_TOKENIZER"]
 PROMPTS = [f"a photograph of the number {d}" for d in (3, 7, 3, 0, 9)]
@@ -175,7 +175,7 @@ def test_preprocess_resizes_and_normalises():
 
 def test_missing_weights_fail_fast(tmp_path, monkeypatch):
   start = time.time()
-  with pytest.raises(weights.WeightsUnavailableError):
+  with pytest.raises(hub.WeightsUnavailableError):
     clip_score.load_clip_scorer(str(tmp_path / "no_such_model"), TOKENIZER_DIR)
   # Hub id, HF cache empty, hub unreachable: one quick, clear error.
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
@@ -184,9 +184,9 @@ def test_missing_weights_fail_fast(tmp_path, monkeypatch):
   monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
   monkeypatch.setattr(clip_score, "host_reachable",
                       lambda host, port=443, timeout=3.0: False)
-  with pytest.raises(weights.WeightsUnavailableError, match="not reachable"):
+  with pytest.raises(hub.WeightsUnavailableError, match="not reachable"):
     clip_score.load_clip_scorer("openai/clip-vit-base-patch32")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  with pytest.raises(weights.WeightsUnavailableError):
+  with pytest.raises(hub.WeightsUnavailableError):
     clip_score.load_clip_scorer("openai/clip-vit-base-patch32")
   assert time.time() - start < 20

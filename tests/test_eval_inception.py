@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jaxsd import hub
 from jaxsd.evaluation import inception
 from jaxsd.evaluation import torch_checkpoint
-from jaxsd.evaluation import weights
 
 
 # --- PyTorch reference: torchvision Inception3 layers + pytorch-fid patches --
@@ -321,25 +321,25 @@ def test_missing_weights_fail_fast(tmp_path, monkeypatch):
   monkeypatch.delenv("JAXSD_OFFLINE", raising=False)
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
   start = time.time()
-  with pytest.raises(weights.WeightsUnavailableError):
+  with pytest.raises(hub.WeightsUnavailableError):
     inception.load_fid_inception(weights_path=str(tmp_path / "none.pth"))
-  with pytest.raises(weights.WeightsUnavailableError):
+  with pytest.raises(hub.WeightsUnavailableError):
     inception.load_fid_inception(cache_dir=str(tmp_path),
                                  allow_download=False)
   # With downloads allowed, this machine (offline) must give up quickly.
-  monkeypatch.setattr(weights, "host_reachable",
+  monkeypatch.setattr(hub, "host_reachable",
                       lambda host, port=443, timeout=3.0: False)
-  with pytest.raises(weights.WeightsUnavailableError, match="reachable"):
+  with pytest.raises(hub.WeightsUnavailableError, match="reachable"):
     inception.load_fid_inception(cache_dir=str(tmp_path))
   monkeypatch.setenv("JAXSD_OFFLINE", "1")
-  with pytest.raises(weights.WeightsUnavailableError, match="offline"):
+  with pytest.raises(hub.WeightsUnavailableError, match="offline"):
     inception.load_fid_inception(cache_dir=str(tmp_path))
   assert time.time() - start < 10
   assert os.listdir(tmp_path) == []  # no partial download left behind
 
 
 def test_download_checks_hash_and_writes_atomically(tmp_path, monkeypatch):
-  """weights.download against a local HTTP server (no internet needed)."""
+  """hub.download against a local HTTP server (no internet needed)."""
   import functools
   import hashlib
   import http.server
@@ -359,14 +359,14 @@ def test_download_checks_hash_and_writes_atomically(tmp_path, monkeypatch):
   try:
     url = f"http://127.0.0.1:{server.server_port}/w.pth"
     out = tmp_path / "cache" / "w.pth"
-    weights.download(url, str(out), sha256_prefix=digest[:8])
+    hub.download(url, str(out), sha256_prefix=digest[:8])
     assert out.read_bytes() == payload
     with pytest.raises(ValueError, match="sha256"):
-      weights.download(url, str(tmp_path / "cache" / "bad.pth"),
+      hub.download(url, str(tmp_path / "cache" / "bad.pth"),
                        sha256_prefix="0" * 8 if digest[0] != "0" else "1" * 8)
     assert sorted(os.listdir(tmp_path / "cache")) == ["w.pth"]
-    with pytest.raises(weights.WeightsUnavailableError):
-      weights.download(f"http://127.0.0.1:{server.server_port}/missing.pth",
+    with pytest.raises(hub.WeightsUnavailableError):
+      hub.download(f"http://127.0.0.1:{server.server_port}/missing.pth",
                        str(tmp_path / "cache" / "missing.pth"))
   finally:
     server.shutdown()

@@ -179,6 +179,7 @@ def test_mnist_dir_missing_files(tiny_config, tmp_path):
     input_pipeline.load_mnist(config.data, "test")
 
 
+@pytest.mark.mnist
 def test_load_mnist_offline_from_files(tiny_config):
   images, labels = input_pipeline.load_mnist(tiny_config().data, "test")
   assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8

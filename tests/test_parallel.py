@@ -48,13 +48,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_workers(spec, log_dir, *, devices=1, processes=1, timeout=600):
-  """Runs the worker with `devices` CPU devices in each of `processes`
+def _run_workers(spec, log_dir, **kwargs):
+  """Runs the worker script with the given jobs (see _run_processes)."""
+  _run_processes([sys.executable, WORKER, json.dumps(spec)], log_dir,
+                 **kwargs)
+
+
+def _run_processes(argv, log_dir, *, devices=1, processes=1, timeout=600):
+  """Runs the command with `devices` CPU devices in each of `processes`
   processes (one jax.distributed group on 127.0.0.1); fails with their logs."""
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC",
                               "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE"))}
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # The worker imports `configs` and `jaxsd` from this checkout.
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (ROOT, env.get("PYTHONPATH")) if p)
   if processes > 1:
     env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{_free_port()}"
     env["JAX_NUM_PROCESSES"] = str(processes)
@@ -64,7 +73,7 @@ def _run_workers(spec, log_dir, *, devices=1, processes=1, timeout=600):
     logs.append(os.path.join(log_dir, f"worker_{len(os.listdir(log_dir))}.log"))
     with open(logs[-1], "w") as log:
       procs.append(subprocess.Popen(
-          [sys.executable, WORKER, json.dumps(spec)], cwd=ROOT,
+          argv, cwd=ROOT,
           env={**env, "JAX_PROCESS_ID": str(i)}, stdout=log,
           stderr=subprocess.STDOUT))
   deadline = time.time() + timeout
@@ -143,6 +152,7 @@ def four_devices(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.mnist
 @pytest.mark.slow
 def test_four_devices_match_one_device(four_devices, reference):
   ref_workdir, ref_states = reference
@@ -158,6 +168,7 @@ def test_four_devices_match_one_device(four_devices, reference):
     _assert_close(worker.state_leaves(state), ref_states[step])
 
 
+@pytest.mark.mnist
 @pytest.mark.slow
 def test_four_device_checkpoints_restore_on_two(four_devices, tmp_path):
   """The data-parallel checkpoint restores FSDP-split, the FSDP one
@@ -175,6 +186,7 @@ def test_four_device_checkpoints_restore_on_two(four_devices, tmp_path):
     _assert_close(restored, expected, rtol=0, atol=0)
 
 
+@pytest.mark.mnist
 @pytest.mark.slow
 def test_two_processes_stop_together_and_resume(reference, tmp_path):
   """Two processes (one device each, gloo collectives): SIGTERM reaches only
@@ -199,6 +211,52 @@ def test_two_processes_stop_together_and_resume(reference, tmp_path):
   # Both starts log into one MLflow run.
   run = _assert_same_metrics(workdir, ref_workdir)
   assert run.info.status == "FINISHED"
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_two_process_cli_evaluates_periodically(tmp_path):
+  """Two `python -m jaxsd.main` processes (gloo on 127.0.0.1, set up only by
+  the JAX_* variables) train the tiny config with evaluation every 2 steps
+  from an empty classifier cache: eval/* is logged once per evaluation step
+  in the run's one MLflow run, and equals a single-process evaluation of the
+  same checkpoints with the same key."""
+  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd import generate  # pylint: disable=g-import-not-at-top
+  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  workdir, cache = str(tmp_path / "run"), str(tmp_path / "empty_cache")
+  _run_processes(
+      [sys.executable, "-m", "jaxsd.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}", "--config.training.eval_every=2",
+       f"--config.eval.cache_dir={cache}"],
+      str(tmp_path / "logs"), processes=2, timeout=900)
+  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  exp = client.get_experiment_by_name("jaxsd")
+  (run,) = client.search_runs([exp.experiment_id])
+  names = ("prompt_accuracy", "prompt_accuracy/7", "fid_mnist", "diversity",
+           "diversity_ratio")
+  logged = {}
+  for name in names:
+    history = client.get_metric_history(run.info.run_id, f"eval/{name}")
+    assert sorted(m.step for m in history) == [2, 4], name
+    logged.update({(name, m.step): m.value for m in history})
+
+  config = build.load_run_config(workdir)
+  assert config.eval.cache_dir == cache
+  evaluator = evaluator_lib.Evaluator(config).prepare()
+  mesh = parallel.make_mesh()
+  for step in (2, 4):
+    _, comps, params, _ = build.restore_for_inference(
+        workdir, mesh, step=step, use_ema=config.sampling.use_ema)
+    generator = generate.Generator.from_config(
+        comps, mesh, config.sampling, chunk_size=config.eval.chunk_size)
+    metrics = evaluator_lib.evaluate_params(evaluator, generator, params,
+                                            train.eval_key(config, step))
+    for name in names:
+      np.testing.assert_allclose(metrics[name], logged[name, step],
+                                 rtol=1e-3, atol=1e-4, err_msg=name)
 
 
 def test_state_shardings_split_largest_divisible_axis():

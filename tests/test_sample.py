@@ -13,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a photograph of the number 3", ""]
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
 def test_each_sampler_from_checkpoint(trained_run, sampler):
   workdir, _ = trained_run
@@ -26,6 +28,8 @@ def test_each_sampler_from_checkpoint(trained_run, sampler):
   assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_same_seed_same_images(trained_run):
   workdir, _ = trained_run
   kw = dict(num_samples=2, sampler="ddpm", steps=3)
@@ -36,6 +40,8 @@ def test_same_seed_same_images(trained_run):
   assert not np.allclose(a, c)
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_chunks_cover_any_number_of_images(trained_run):
   workdir, _ = trained_run
   images, _ = sample.generate_for_prompts(
@@ -44,6 +50,8 @@ def test_chunks_cover_any_number_of_images(trained_run):
   assert images.shape[0] == 5 and np.all(np.isfinite(images))
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_raw_and_ema_parameters_differ(trained_run):
   workdir, _ = trained_run
   kw = dict(num_samples=1, sampler="ddim", steps=2, seed=0)
@@ -52,6 +60,8 @@ def test_raw_and_ema_parameters_differ(trained_run):
   assert not np.allclose(ema, raw)
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_bad_input_errors(trained_run, tmp_path):
   workdir, _ = trained_run
   with pytest.raises(ValueError, match="Unknown sampler"):
@@ -82,6 +92,8 @@ def _cli(*args):
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.mnist
+@pytest.mark.slow
 def test_cli_writes_grid_and_individual_images(trained_run, tmp_path):
   workdir, _ = trained_run
   out = tmp_path / "grid.png"

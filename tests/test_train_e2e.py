@@ -44,6 +44,7 @@ def uninterrupted(trained_run):
   return workdir, _leaves(state)
 
 
+@pytest.mark.mnist
 def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
   workdir, _ = uninterrupted
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
@@ -68,6 +69,7 @@ def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
   assert artifacts == ["samples/step_00000004.png"]
 
 
+@pytest.mark.mnist
 def test_preempted_run_resumes_to_identical_parameters(
     uninterrupted, tiny_config, tmp_path, monkeypatch):
   _, expected = uninterrupted
@@ -100,6 +102,7 @@ def test_preempted_run_resumes_to_identical_parameters(
   assert len(seconds) == 2 and 0 < seconds[0] < seconds[1]
 
 
+@pytest.mark.mnist
 def test_plot_runs_draws_eval_metrics_against_training_minutes(
     uninterrupted, tmp_path):
   workdir, _ = uninterrupted
@@ -117,6 +120,7 @@ def test_plot_runs_draws_eval_metrics_against_training_minutes(
     plot_runs.run_histories(str(tmp_path), ["eval/fid_mnist"])
 
 
+@pytest.mark.mnist
 def test_nonfinite_loss_stops_without_checkpoint(tiny_config, tmp_path,
                                                  monkeypatch):
   original = input_pipeline.CaptionedImages.batch

@@ -3,6 +3,8 @@
 The step is generic in its UNet and text encoder, so most checks use a toy
 denoiser that compiles in a second; the end-to-end tests run the real UNet.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -181,13 +183,77 @@ def test_frozen_text_encoder_stays_fixed():
   assert any(changed)
 
 
-def test_cfg_dropout_replaces_captions():
+def test_cfg_dropout_draws_the_configured_share():
   batch = _batch(4000)
   out = step_lib.add_noise_inputs(batch, jax.random.key(0), num_timesteps=100,
                                   cfg_dropout=0.25)
   assert out["noise"].shape == batch["image"].shape
   assert out["t"].min() >= 0 and out["t"].max() < 100
   assert abs(float(out["drop"].mean()) - 0.25) < 0.03
+
+
+def test_cfg_dropout_swaps_in_the_empty_prompt_inside_the_loss():
+  """Dropped examples are encoded from the empty prompt's tokens: the text
+  encoder sees uncond_ids in their rows and the captions elsewhere."""
+  seen = []
+
+  def text_apply(params, ids):
+    seen.append(ids)
+    return params["embed"][ids]
+
+  def unet_apply(params, x, t, context):
+    del t
+    return x * params["scale"] + context.mean((1, 2))[:, None, None, None]
+
+  uncond = np.full((1, 4), 7, np.int32)
+  params = {"unet": {"scale": jnp.ones(())},
+            "text": {"embed": jnp.arange(50.0)[:, None] * jnp.ones((1, 3))}}
+  batch = step_lib.add_noise_inputs(_batch(6), jax.random.key(0),
+                                    num_timesteps=100, cfg_dropout=0.0)
+  drop = np.array([True, False, True, False, False, True])
+  loss = functools.partial(
+      step_lib.loss_fn, unet_apply=unet_apply, text_apply=text_apply,
+      schedule=schedules.make_schedule("linear", 100),
+      uncond_ids=jnp.asarray(uncond), prediction_type="epsilon",
+      min_snr_gamma=0.0, text_trainable=True)
+  dropped = loss(params, {**batch, "drop": jnp.asarray(drop)})
+  ids = np.asarray(seen[-1])
+  np.testing.assert_array_equal(ids[drop], np.repeat(uncond, 3, 0))
+  np.testing.assert_array_equal(ids[~drop], batch["input_ids"][~drop])
+  # Same as handing the loss the empty prompt's tokens with no dropout.
+  swapped = np.where(drop[:, None], uncond, batch["input_ids"])
+  by_hand = loss(params, {**batch, "input_ids": jnp.asarray(swapped),
+                          "drop": jnp.zeros(6, bool)})
+  kept = loss(params, {**batch, "drop": jnp.zeros(6, bool)})
+  np.testing.assert_allclose(dropped, by_hand, rtol=1e-6)
+  assert abs(float(dropped) - float(kept)) > 1e-3
+
+
+@pytest.mark.slow  # compiling diffusers' UNet step takes about a minute
+def test_diffusers_unet_runs_the_real_train_step(tiny_config):
+  """model.implementation="diffusers" (the reference UNet) trains through
+  the same TrainSetup and step as jaxsd's own."""
+  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.model.implementation = "diffusers"
+  config.model.pooled_text_embedding = ""  # a jaxsd UNet feature
+  setup = build.TrainSetup(config)
+  state = setup.create_train_state(jax.random.key(0))
+  assert "conv_in" in state.params["unet"]
+  before = np.asarray(state.params["unet"]["conv_in"]["kernel"])
+  step = setup.make_train_step(donate=False)
+  b = config.training.batch_size
+  rng = np.random.default_rng(0)
+  batch = setup.global_batch({
+      "image": rng.uniform(-1, 1, (b,) + setup.components.image_shape
+                           ).astype(np.float32),
+      "input_ids": np.repeat(setup.components.uncond_ids, b, 0)})
+  for i in range(2):  # the warm-up's learning rate is 0 at step 0
+    state, metrics = step(state, batch, jax.random.key(i))
+    assert np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 2
+  after = np.asarray(state.params["unet"]["conv_in"]["kernel"])
+  assert not np.array_equal(before, after)
 
 
 def test_logit_normal_timesteps_concentrate_in_the_middle():

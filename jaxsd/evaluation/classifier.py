@@ -1,9 +1,15 @@
 """A small MNIST CNN used as the judge of generated digits.
 
 Its logits give prompt accuracy; its 128-d penultimate layer is the feature
-space for diversity and MNIST-FID. Trained once (about 40 s on 2 CPU
-cores) and kept in a cache folder with orbax, next to its test accuracy and an
-identity string that names reference statistics computed with it.
+space for diversity and MNIST-FID. Trained once and kept in a cache folder
+(msgpack variables, then metadata.json with its test accuracy and an identity
+string that names reference statistics computed with it).
+
+The cache is written without collective operations (an orbax checkpointer's
+barriers deadlock when only one process of a `jax.distributed` run
+evaluates): files appear by atomic rename, and a file lock lets the first of
+several processes that start on an empty cache train while the others wait
+and then load its result.
 """
 import dataclasses
 import hashlib
@@ -12,16 +18,16 @@ import logging
 import os
 import shutil
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from jaxsd.evaluation import mnist_idx
+from jaxsd.evaluation import cache_files
 
 # Bump when the architecture or training recipe changes: the cache folder and
 # the identity (hence cached reference statistics) change with it.
@@ -76,27 +82,36 @@ class TrainConfig:
   seed: int = 0
 
 
+CLASSIFIER_METRICS = ("prompt_accuracy", "fid_mnist", "diversity")
+
+
 def as_model_input(images) -> np.ndarray:
-  """Images to float32 [N, 28, 28, 1] in [-1, 1].
+  """Images to float32 [N, 28, 28, 1] in [-1, 1], the classifier's input.
 
   Accepts uint8 (0..255) or float in [-1, 1], [N, H, W] or [N, H, W, 1].
-  32x32 images (MNIST padded by the data pipeline) are centre-cropped; other
-  sizes are resized bilinearly.
+  28x28 images are used as they are; 32x32 ones (MNIST padded with
+  background by the data pipeline) are centre-cropped back to 28x28. Any
+  other size or channel count is an error: the classifier has only seen
+  28x28 grey digits, and resizing or cropping other images would judge
+  something else than what was generated.
+
+  Raises:
+    ValueError: images are not [N, 28 or 32, 28 or 32(, 1)] squares.
   """
   images = np.asarray(images)
   if images.ndim == 3:
     images = images[..., None]
-  if images.ndim != 4 or images.shape[-1] != 1:
-    raise ValueError(f"expected [N, H, W(, 1)] grey images, got {images.shape}")
+  if (images.ndim != 4 or images.shape[-1] != 1
+      or images.shape[1:3] not in ((28, 28), (32, 32))):
+    raise ValueError(
+        f"images of shape {images.shape}: the MNIST-classifier metrics "
+        f"({', '.join(CLASSIFIER_METRICS)}) judge 28x28 or 32x32 grey "
+        "digits only ([N, 28, 28(, 1)] or [N, 32, 32(, 1)]).")
   if images.dtype == np.uint8:
     images = images.astype(np.float32) / 127.5 - 1.0
   images = images.astype(np.float32)
-  height, width = images.shape[1:3]
-  if (height, width) == (32, 32):
+  if images.shape[1] == 32:
     images = images[:, 2:30, 2:30]
-  elif (height, width) != (28, 28):
-    images = np.asarray(jax.image.resize(
-        images, (images.shape[0], 28, 28, 1), "bilinear"))
   return images
 
 
@@ -275,7 +290,10 @@ class Classifier:
 # --- Cache --------------------------------------------------------------------
 
 _METADATA = "metadata.json"
-_VARIABLES = "variables"
+_VARIABLES = "variables.msgpack"
+# Recorded in metadata.json; a folder without it (an older, orbax-written
+# cache) counts as a miss and is rewritten.
+_FORMAT = "flax-msgpack-v1"
 
 
 def classifier_dir(cache_dir: str, config: TrainConfig = TrainConfig()) -> str:
@@ -286,37 +304,72 @@ def classifier_dir(cache_dir: str, config: TrainConfig = TrainConfig()) -> str:
   return os.path.join(os.path.abspath(cache_dir), f"classifier_{key}")
 
 
+def save_variables(path: str, variables) -> None:
+  """Writes a tree of arrays to `path` (msgpack) atomically."""
+  state = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(variables))
+  data = flax.serialization.msgpack_serialize(state)
+  cache_files.atomic_write(path, lambda f: f.write(data))
+
+
+def load_variables(path: str):
+  """The tree of numpy arrays `save_variables` wrote (nested dicts)."""
+  with open(path, "rb") as f:
+    return flax.serialization.msgpack_restore(f.read())
+
+
 def save_classifier(directory: str, classifier: Classifier) -> None:
-  """Writes variables (orbax) and metadata.json (written last: marks done)."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
-  os.makedirs(directory)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, _VARIABLES), classifier.variables)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  """Writes the classifier to `directory`, holding its exclusive lock."""
+  with _lock(directory):
+    _write_classifier(directory, classifier)
+
+
+def _write_classifier(directory: str, classifier: Classifier) -> None:
+  # Variables first, then metadata.json, whose presence marks the folder
+  # complete; each file appears whole by rename.
+  save_variables(os.path.join(directory, _VARIABLES), classifier.variables)
   metadata = dict(identity=classifier.identity,
                   architecture=ARCHITECTURE_VERSION,
+                  format=_FORMAT,
                   test_accuracy=classifier.test_accuracy,
                   train_seconds=classifier.train_seconds,
                   config=dataclasses.asdict(classifier.config))
-  with open(os.path.join(directory, _METADATA), "w") as f:
-    json.dump(metadata, f, indent=2)
+  text = json.dumps(metadata, indent=2).encode()
+  cache_files.atomic_write(os.path.join(directory, _METADATA),
+                           lambda f: f.write(text))
+  # An older cache's orbax folder, now superseded.
+  shutil.rmtree(os.path.join(directory, "variables"), ignore_errors=True)
+
+
+def _is_complete(directory: str) -> bool:
+  try:
+    with open(os.path.join(directory, _METADATA)) as f:
+      metadata = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (metadata.get("format") == _FORMAT
+          and os.path.exists(os.path.join(directory, _VARIABLES)))
 
 
 def load_classifier(directory: str) -> Classifier:
-  """Restores a classifier written by `save_classifier`."""
+  """Restores a classifier written by `save_classifier`.
+
+  Raises:
+    ValueError: the stored tree does not fit `MnistClassifier`, or the
+      weights do not hash to the identity in metadata.json (corruption).
+  """
   directory = os.path.abspath(directory)
   with open(os.path.join(directory, _METADATA)) as f:
     metadata = json.load(f)
-  model = MnistClassifier()
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
+  variables = load_variables(os.path.join(directory, _VARIABLES))
+  abstract = jax.eval_shape(MnistClassifier().init, jax.random.key(0),
                             jnp.zeros((1, 28, 28, 1), jnp.float32))
-  checkpointer = ocp.StandardCheckpointer()
-  variables = checkpointer.restore(os.path.join(directory, _VARIABLES),
-                                   abstract)
-  checkpointer.close()
+  leaves = jax.tree_util.tree_leaves
+  if (jax.tree_util.tree_structure(abstract)
+      != jax.tree_util.tree_structure(variables)
+      or any((a.shape, a.dtype) != (v.shape, v.dtype)
+             for a, v in zip(leaves(abstract), leaves(variables)))):
+    raise ValueError(f"{directory}: stored variables do not fit "
+                     f"{ARCHITECTURE_VERSION}")
   classifier = Classifier(variables, TrainConfig(**metadata["config"]),
                           test_accuracy=metadata["test_accuracy"],
                           train_seconds=metadata["train_seconds"])
@@ -327,24 +380,27 @@ def load_classifier(directory: str) -> Classifier:
   return classifier
 
 
-def mnist_arrays(directory: Optional[str] = None):
-  """(train_images, train_labels, test_images, test_labels) from IDX files."""
-  return (*mnist_idx.load_mnist_split("train", directory),
-          *mnist_idx.load_mnist_split("test", directory))
+def _lock(directory: str, shared: bool = False):
+  # Beside the folder, not in it: the folder's contents may be replaced.
+  return cache_files.file_lock(directory + ".lock", shared=shared)
 
 
-def load_or_train_classifier(cache_dir: str,
-                             train_arrays_fn: Optional[ArraysFn] = None,
+def load_or_train_classifier(cache_dir: str, train_arrays_fn: ArraysFn,
                              config: TrainConfig = TrainConfig(),
                              min_accuracy: float = 0.99,
                              retrain: bool = False) -> Classifier:
   """The cached classifier for `config`, trained and saved on a cache miss.
 
+  Safe when several processes call it at once on one cache: the first to
+  miss trains under an exclusive file lock; the others wait for the lock and
+  load what it saved (readers hold the lock shared, so none reads a folder
+  being rewritten).
+
   Args:
     cache_dir: folder holding classifiers (created when missing).
     train_arrays_fn: () -> (train_images, train_labels, test_images,
-      test_labels), numpy (see `train_classifier`); called only to train.
-      Default: `mnist_arrays()` (reads $JAXSD_MNIST_DIR).
+      test_labels), numpy (see `train_classifier`), e.g. from
+      `input_pipeline.load_mnist`; called only to train.
     config: training settings; part of the cache key.
     min_accuracy: a fresh classifier below this test accuracy raises instead
       of being cached (a weak judge would make every metric misleading).
@@ -354,18 +410,26 @@ def load_or_train_classifier(cache_dir: str,
     The `Classifier`.
   """
   directory = classifier_dir(cache_dir, config)
-  if not retrain and os.path.exists(os.path.join(directory, _METADATA)):
-    classifier = load_classifier(directory)
-    logging.info("loaded classifier %s (test accuracy %.4f) from %s",
-                 classifier.identity, classifier.test_accuracy, directory)
-    return classifier
-  train_images, train_labels, test_images, test_labels = (
-      train_arrays_fn or mnist_arrays)()
-  classifier = train_classifier(train_images, train_labels, test_images,
-                                test_labels, config)
-  if not classifier.test_accuracy >= min_accuracy:
-    raise RuntimeError(f"classifier reached test accuracy "
-                       f"{classifier.test_accuracy:.4f} < {min_accuracy}")
-  save_classifier(directory, classifier)
+  if not retrain:
+    with _lock(directory, shared=True):
+      if _is_complete(directory):
+        return _load_logged(directory)
+  with _lock(directory):
+    if not retrain and _is_complete(directory):  # trained while we waited
+      return _load_logged(directory)
+    train_images, train_labels, test_images, test_labels = train_arrays_fn()
+    classifier = train_classifier(train_images, train_labels, test_images,
+                                  test_labels, config)
+    if not classifier.test_accuracy >= min_accuracy:
+      raise RuntimeError(f"classifier reached test accuracy "
+                         f"{classifier.test_accuracy:.4f} < {min_accuracy}")
+    _write_classifier(directory, classifier)
   logging.info("saved classifier %s to %s", classifier.identity, directory)
+  return classifier
+
+
+def _load_logged(directory: str) -> Classifier:
+  classifier = load_classifier(directory)
+  logging.info("loaded classifier %s (test accuracy %.4f) from %s",
+               classifier.identity, classifier.test_accuracy, directory)
   return classifier

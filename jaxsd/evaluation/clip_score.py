@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.evaluation.weights import (WeightsUnavailableError, host_reachable,
-                                      offline_mode)
+from jaxsd import environment
+from jaxsd.hub import WeightsUnavailableError, host_reachable, offline_mode
 
 # Cheapest of the OpenAI CLIPs (about 4 GFLOPs an image): fine for 28x28
 # digits. torchmetrics defaults to openai/clip-vit-large-patch14 (~20x more).
@@ -129,7 +129,7 @@ def _from_pretrained(cls, name_or_path: str, **kwargs):
   try:  # the Hugging Face cache, without touching the network
     return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
   except OSError as local_error:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    endpoint = environment.get("HF_ENDPOINT", "https://huggingface.co")
     host = urllib.parse.urlparse(endpoint).hostname
     # from_pretrained retries for minutes when the hub is unreachable.
     if offline_mode(hugging_face=True) or not host_reachable(host):

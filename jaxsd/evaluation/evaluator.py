@@ -1,36 +1,32 @@
-"""Runs the metrics a config names on samples of a model.
+"""Runs the metrics a config names (`eval.metrics`) on samples of a model.
 
-Metrics are registered by name (config `eval.metrics`):
+Metrics are registered by name in jaxsd/evaluation/metrics/, one module each
+(`metric_names()` lists them):
   prompt_accuracy  share of samples the MNIST classifier labels as the
-                   prompted digit (mean and per digit)
+                   prompted digit (mean, per digit, worst digit)
   fid_mnist        Fréchet distance in the classifier's penultimate features
                    to the MNIST test split
-  diversity        mean pairwise classifier-feature distance within a prompt
+  diversity        mean pairwise classifier-feature distance within a prompt,
+                   and its ratio to real digits'
   fid_inception    standard FID (pytorch-fid Inception weights) to MNIST test
   clip_score       mean image-prompt cosine similarity under a CLIP model
-A metric whose network is unavailable (weights missing offline) is skipped
-with one log line and logs nothing.
+The evaluator knows none of them by name: it prepares and calls whatever the
+config lists, through the shared `EvalContext`. A metric whose network is
+unavailable (weights missing offline) is skipped with one log line and logs
+nothing.
 """
-import os
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import logging
+import jax
 import numpy as np
 
-from jaxsd import input_pipeline
-from jaxsd.evaluation import classifier as classifier_lib
-from jaxsd.evaluation import fid
-from jaxsd.evaluation import prompt_metrics
-from jaxsd.evaluation.weights import WeightsUnavailableError
+from jaxsd.evaluation import metrics as metrics_lib
+from jaxsd.evaluation.context import EvalContext
+from jaxsd.hub import WeightsUnavailableError
 
-CLASSIFIER_METRICS = ("prompt_accuracy", "fid_mnist", "diversity")
-METRICS = CLASSIFIER_METRICS + ("fid_inception", "clip_score")
-
-
-def cache_dir(eval_config) -> str:
-  return (eval_config.cache_dir or os.environ.get("JAXSD_CACHE")
-          or os.path.expanduser("~/.cache/jaxsd"))
+metric_names = metrics_lib.metric_names
 
 
 def eval_prompts(template: str, num_samples: int) -> List[str]:
@@ -45,182 +41,101 @@ class Evaluator:
   def __init__(self, config):
     self.config = config
     self.eval_config = config.eval
-    unknown = set(self.eval_config.metrics) - set(METRICS)
+    unknown = set(self.eval_config.metrics) - set(metric_names())
     if unknown:
       raise ValueError(f"eval.metrics has unknown {sorted(unknown)}; known: "
-                       f"{list(METRICS)}.")
-    self.cache_dir = cache_dir(self.eval_config)
-    self._classifier = None
-    self._inception = None
-    self._clip = None
-    self._real_diversity = None
+                       f"{metric_names()}.")
+    self.context = EvalContext(config)
+    self.cache_dir = self.context.cache_dir
+    self._metrics = {name: metrics_lib.get_metric(name)
+                     for name in self.eval_config.metrics}
+    self._prepared = set()
     self._skipped: Dict[str, str] = {}
 
   @property
   def metrics(self) -> Sequence[str]:
+    """The configured metrics, less those skipped so far."""
     return tuple(m for m in self.eval_config.metrics if m not in self._skipped)
 
-  def _mnist(self, split):
-    return input_pipeline.load_mnist(self.config.data, split)
-
-  # --- Networks, loaded lazily and once -------------------------------------
-  def classifier(self) -> classifier_lib.Classifier:
-    if self._classifier is None:
-      def arrays():
-        return (*self._mnist("train"), *self._mnist("test"))
-      self._classifier = classifier_lib.load_or_train_classifier(
-          os.path.join(self.cache_dir, "classifier"), arrays)
-      logging.info("MNIST classifier %s: test accuracy %.4f",
-                   self._classifier.identity, self._classifier.test_accuracy)
-    return self._classifier
-
-  def _skip(self, metric: str, reason: str):
-    if metric not in self._skipped:
-      logging.warning("Skipping eval/%s: %s", metric, reason)
-      self._skipped[metric] = reason
-
-  def _inception_net(self):
-    if self._inception is None and "fid_inception" not in self._skipped:
-      from jaxsd.evaluation import inception  # pylint: disable=g-import-not-at-top
-      try:
-        self._inception = inception.load_fid_inception(
-            self.eval_config.inception_weights or None,
-            cache_dir=self.cache_dir)
-      except WeightsUnavailableError as e:
-        self._skip("fid_inception", f"no FID Inception weights ({e}); set "
-                   "eval.inception_weights to pt_inception-2015-12-05-"
-                   "6726825d.pth")
-    return self._inception
-
-  def _clip_scorer(self):
-    if self._clip is None and "clip_score" not in self._skipped:
-      from jaxsd.evaluation import clip_score  # pylint: disable=g-import-not-at-top
-      try:
-        self._clip = clip_score.load_clip_scorer(self.eval_config.clip_model)
-      except WeightsUnavailableError as e:
-        self._skip("clip_score", f"CLIP model {self.eval_config.clip_model!r} "
-                   f"unavailable ({e}); set eval.clip_model to a local folder")
-    return self._clip
-
-  def prepare(self):
-    """Loads every network and reference statistic the metrics need, so the
-    first evaluation's time is the evaluation's own."""
-    names = self.eval_config.metrics
-    if any(m in names for m in CLASSIFIER_METRICS):
-      self.classifier()
-      if "fid_mnist" in names:
-        self._mnist_reference()
-      if "diversity" in names:
-        self.real_diversity()
-    if "fid_inception" in names and self._inception_net() is not None:
-      self._inception_reference()
-    if "clip_score" in names:
-      self._clip_scorer()
-    return self
-
-  def _mnist_reference(self):
-    clf = self.classifier()
-    return prompt_metrics.mnist_reference_statistics(
-        clf, os.path.join(self.cache_dir, "fid_stats"), split="test",
-        images=self._mnist("test")[0])
+  def classifier(self):
+    return self.context.classifier()
 
   def real_diversity(self) -> np.ndarray:
     """Per-digit diversity [10] of the MNIST test split: the yardstick of
     diversity_ratio."""
-    if self._real_diversity is None:
-      images, labels = self._mnist("test")
-      feats = self.classifier().features(images)
-      self._real_diversity = np.asarray(
-          prompt_metrics.diversity(feats, labels)["per_digit"])
-    return self._real_diversity
+    return self.context.real_diversity()
 
-  def _inception_reference(self):
-    net = self._inception_net()
-    n = self.eval_config.inception_reference_samples
-    def compute():
-      images = self._mnist("test")[0][:n]
-      return fid.feature_statistics(net(images.astype(np.float32) / 127.5 - 1))
-    return fid.cached_statistics(
-        os.path.join(self.cache_dir, "fid_stats"),
-        fid.reference_statistics_name(net.identity, "mnist-test", f"n{n}"),
-        compute)
+  def _ready(self, name: str) -> bool:
+    """Prepares metric `name` once; False when it is skipped."""
+    if name in self._skipped:
+      return False
+    if name not in self._prepared:
+      try:
+        self._metrics[name].prepare(self.context)
+      except WeightsUnavailableError as e:
+        logging.warning("Skipping eval/%s: %s", name, e)
+        self._skipped[name] = str(e)
+        return False
+      self._prepared.add(name)
+    return True
 
-  # --- Evaluation ------------------------------------------------------------
+  def prepare(self):
+    """Loads every network and reference statistic the metrics need, so the
+    first evaluation's time is the evaluation's own."""
+    for name in self._metrics:
+      self._ready(name)
+    return self
+
   def evaluate(self, images: np.ndarray, prompts: Sequence[str]
                ) -> Dict[str, float]:
     """Metrics of samples [N, H, W, C] in [-1, 1] drawn for `prompts`.
 
-    Returns flat names: prompt_accuracy, prompt_accuracy/<d>, fid_mnist,
-    diversity, diversity/<d>, fid_inception, clip_score, clip_score_x100,
-    and seconds/<metric>.
+    Every metric sees the images as they are: the MNIST-classifier metrics
+    accept 28x28 or 32x32 grey digits (`classifier.as_model_input`),
+    Inception and CLIP resize for themselves.
+
+    Returns flat names: each metric's entries (prompt_accuracy,
+    prompt_accuracy/<d>, prompt_accuracy_min, fid_mnist, diversity,
+    diversity/<d>, diversity_ratio(/<d>, _min), fid_inception, clip_score,
+    clip_score_x100), seconds/<metric>, and seconds/mnist_classifier for the
+    classifier's pass shared by its metrics.
     """
-    names = self.eval_config.metrics
     images = np.asarray(images, np.float32)
-    if images.shape[1:3] != (28, 28):  # padded to 32: crop back to MNIST
-      h, w = images.shape[1:3]
-      images = images[:, (h - 28) // 2:(h - 28) // 2 + 28,
-                      (w - 28) // 2:(w - 28) // 2 + 28]
+    ctx = self.context
     out: Dict[str, float] = {}
-    if any(m in names for m in CLASSIFIER_METRICS):
-      start = time.perf_counter()
-      digits = prompt_metrics.prompt_digits_of(prompts)
-      ref = self._mnist_reference() if "fid_mnist" in names else None
-      metrics = prompt_metrics.sample_metrics(self.classifier(), images,
-                                              digits, ref)
-      for key, value in metrics.items():
-        name = "fid_mnist" if key == "mnist_fid" else key
-        if name.split("/")[0] in names:
-          out[name] = float(value)
-      out.update(_worst_and_ratios(out, self.real_diversity()
-                                   if "diversity" in names else None))
-      out["seconds/classifier_metrics"] = time.perf_counter() - start
-    if "fid_inception" in names and self._inception_net() is not None:
-      start = time.perf_counter()
-      mu, sigma = self._inception_reference()
-      feats = self._inception_net()(images)
-      out["fid_inception"] = fid.frechet_distance(
-          *fid.feature_statistics(feats), mu, sigma)
-      out["seconds/fid_inception"] = time.perf_counter() - start
-    if "clip_score" in names and self._clip_scorer() is not None:
-      start = time.perf_counter()
-      n = min(self.eval_config.num_clip_samples, len(images))
-      score = self._clip_scorer().score(images[:n], list(prompts[:n]))
-      out["clip_score"] = score["clip_similarity"]
-      out["clip_score_x100"] = score["clip_score"]
-      out["seconds/clip_score"] = time.perf_counter() - start
+    ctx.forget_samples()
+    try:
+      for name, metric in self._metrics.items():
+        if not self._ready(name):
+          continue
+        shared_before = sum(ctx.shared_seconds.values())
+        start = time.perf_counter()
+        out.update(metric(images, prompts, ctx))
+        shared = sum(ctx.shared_seconds.values()) - shared_before
+        out[f"seconds/{name}"] = time.perf_counter() - start - shared
+      out.update({f"seconds/{k}": v for k, v in ctx.shared_seconds.items()})
+    finally:
+      ctx.forget_samples()
     return out
 
 
-def _worst_and_ratios(metrics: Dict[str, float], real_diversity):
-  """prompt_accuracy_min (worst digit) and, given the real test split's
-  per-digit diversity, diversity_ratio/<d> = generated / real with its mean
-  and minimum (1 = as varied as real digits; near 0 = mode collapse)."""
-  out = {}
-  accs = [v for k, v in metrics.items() if k.startswith("prompt_accuracy/")]
-  if accs:
-    out["prompt_accuracy_min"] = min(accs)
-  if real_diversity is not None:
-    ratios = {}
-    for d, real in enumerate(real_diversity):
-      if f"diversity/{d}" in metrics:
-        ratios[f"diversity_ratio/{d}"] = metrics[f"diversity/{d}"] / real
-    if ratios:
-      out.update(ratios)
-      out["diversity_ratio"] = float(np.mean(list(ratios.values())))
-      out["diversity_ratio_min"] = min(ratios.values())
-  return out
-
-
 def evaluate_params(evaluator: Evaluator, generate_fn: Callable, params, rng
-                    ) -> Dict[str, float]:
+                    ) -> Optional[Dict[str, float]]:
   """Samples eval.num_samples images (prompts cycling over the digits) with
   generate_fn(params, prompts, rng) and evaluates them; adds
-  seconds (total) and sampling_seconds."""
+  seconds (total) and sampling_seconds.
+
+  Every process must call it: sampling is sharded over all devices and the
+  images gathered (generate.Generator). Process 0 alone computes the
+  metrics, which take no collective step, and the others return None.
+  """
   start = time.perf_counter()
   prompts = eval_prompts(evaluator.config.data.caption_template,
                          evaluator.eval_config.num_samples)
   images = generate_fn(params, prompts, rng)
   sampling = time.perf_counter() - start
+  if jax.process_index() != 0:
+    return None
   metrics = evaluator.evaluate(images, prompts)
   metrics["sampling_seconds"] = sampling
   metrics["seconds"] = time.perf_counter() - start

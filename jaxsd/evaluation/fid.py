@@ -5,10 +5,11 @@ float64: float32 covariances of 2048-d features lose the digits FID lives in.
 """
 import os
 import re
-import tempfile
 from typing import Callable, Optional, Tuple
 
 import numpy as np
+
+from jaxsd.evaluation import cache_files
 
 Statistics = Tuple[np.ndarray, np.ndarray]  # mean [D], covariance [D, D]
 
@@ -123,18 +124,9 @@ def statistics_cache_path(cache_dir: str, name: str) -> str:
 
 def save_statistics(path: str, mu, sigma, name: str = "") -> None:
   """Writes mean and covariance to an .npz atomically (no torn files)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(
-      os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, mu=np.asarray(mu, np.float64),
-               sigma=np.asarray(sigma, np.float64), name=np.asarray(name))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  cache_files.atomic_write(path, lambda f: np.savez(
+      f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+      name=np.asarray(name)))
 
 
 def load_statistics(path: str) -> Statistics:
@@ -162,9 +154,11 @@ def cached_statistics(cache_dir: str, name: str,
   if not overwrite and os.path.exists(path):
     with np.load(path) as data:
       stored = str(data["name"]) if "name" in data else None
-    # Sanitising can map two names to one file; never reuse the wrong one.
-    if stored == name:
-      return load_statistics(path)
+      # Sanitising can map two names to one file; never reuse the wrong one.
+      if stored == name:
+        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+  # Processes that miss together each compute and write the same values;
+  # the atomic rename keeps the file whole, and no process waits on another.
   mu, sigma = compute_fn()
   save_statistics(path, mu, sigma, name=name)
   return np.asarray(mu, np.float64), np.asarray(sigma, np.float64)

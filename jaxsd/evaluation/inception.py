@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsd import environment
 from jaxsd.evaluation import torch_checkpoint
-from jaxsd.evaluation.weights import WeightsUnavailableError, download
+from jaxsd.hub import WeightsUnavailableError, download
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
                    "fid_weights/pt_inception-2015-12-05-6726825d.pth")
@@ -255,13 +256,13 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
 
 def _candidate_paths(cache_dir: Optional[str]) -> Sequence[str]:
   paths = []
-  if os.environ.get("JAXSD_FID_INCEPTION_WEIGHTS"):
-    paths.append(os.environ["JAXSD_FID_INCEPTION_WEIGHTS"])
+  if environment.get("JAXSD_FID_INCEPTION_WEIGHTS"):
+    paths.append(environment.get("JAXSD_FID_INCEPTION_WEIGHTS"))
   if cache_dir:
     paths.append(os.path.join(cache_dir, FID_WEIGHTS_FILE))
   # Where pytorch-fid (torch.hub) keeps it, so an existing download is reused.
-  torch_home = os.environ.get("TORCH_HOME", os.path.join(
-      os.path.expanduser("~"), ".cache", "torch"))
+  torch_home = environment.get("TORCH_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache", "torch")
   paths.append(os.path.join(torch_home, "hub", "checkpoints", FID_WEIGHTS_FILE))
   return paths
 

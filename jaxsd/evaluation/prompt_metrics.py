@@ -7,12 +7,11 @@
 - MNIST-FID: Fréchet distance of classifier features to a reference set.
 """
 import re
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 from jaxsd.evaluation import fid
-from jaxsd.evaluation import mnist_idx
 from jaxsd.evaluation.classifier import Classifier
 
 NUM_DIGITS = 10
@@ -98,24 +97,32 @@ def mnist_fid(classifier: Classifier, images_a, images_b,
 
 
 def mnist_reference_statistics(classifier: Classifier, cache_dir: str,
-                               split: str = "test",
-                               mnist_dir: Optional[str] = None,
-                               images=None) -> fid.Statistics:
+                               split: str,
+                               images_fn: Callable[[], np.ndarray]
+                               ) -> fid.Statistics:
   """Classifier-feature statistics of an MNIST split, cached per classifier.
 
   Args:
     classifier: the feature network; its identity is part of the cache key.
     cache_dir: folder for the .npz.
-    split: "train" or "test".
-    mnist_dir: folder of the IDX files (default `$JAXSD_MNIST_DIR`).
-    images: the split's images, when the caller already holds them.
+    split: "train" or "test": names the cache entry.
+    images_fn: () -> the split's images (e.g. `input_pipeline.load_mnist`'s),
+      called only on a cache miss.
   """
   def compute():
-    split_images = (images if images is not None
-                    else mnist_idx.load_mnist_split(split, mnist_dir)[0])
-    return fid.feature_statistics(classifier.features(split_images))
+    return fid.feature_statistics(classifier.features(images_fn()))
   name = fid.reference_statistics_name(classifier.identity, f"mnist-{split}")
   return fid.cached_statistics(cache_dir, name, compute)
+
+
+def flat_per_digit(name: str, result: Dict[str, object]) -> Dict[str, float]:
+  """{"mean", "per_digit"} -> {name: mean, "name/<d>": value} for logging;
+  digits without a value (NaN: not prompted) are left out."""
+  out = {name: float(result["mean"])}
+  for d, value in enumerate(result["per_digit"]):
+    if not np.isnan(value):
+      out[f"{name}/{d}"] = float(value)
+  return out
 
 
 def sample_metrics(classifier: Classifier, images, prompt_digits,
@@ -135,14 +142,10 @@ def sample_metrics(classifier: Classifier, images, prompt_digits,
     ["mnist_fid"]}; per-digit entries only for digits that were prompted.
   """
   logits, features = classifier.logits_and_features(images, batch_size)
-  metrics = {}
-  for name, result in (
-      ("prompt_accuracy", prompt_accuracy(logits.argmax(-1), prompt_digits)),
-      ("diversity", diversity(features, prompt_digits))):
-    metrics[name] = result["mean"]
-    for d, value in enumerate(result["per_digit"]):
-      if not np.isnan(value):
-        metrics[f"{name}/{d}"] = float(value)
+  metrics = {
+      **flat_per_digit("prompt_accuracy",
+                       prompt_accuracy(logits.argmax(-1), prompt_digits)),
+      **flat_per_digit("diversity", diversity(features, prompt_digits))}
   if reference_statistics is not None:
     metrics["mnist_fid"] = fid.frechet_distance(
         *fid.feature_statistics(features), *reference_statistics)

@@ -1,0 +1,56 @@
+"""How jaxsd's commands start: flags defined on entry, help that lists them.
+
+Each command (`jaxsd.main`, `jaxsd.sample`, `jaxsd.evaluate`,
+`jaxsd.plot_runs`) defines its absl flags in a function that only its entry
+point calls, so the modules import together (tests, notebooks) without
+DuplicateFlagError over the names they share (workdir, step, seed, ...).
+"""
+import sys
+from typing import Callable
+
+from absl import app
+from absl import flags
+
+_SHORT_HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?")
+_FULL_HELP = ("--helpfull", "-helpfull")
+
+
+def _help_asked(argv) -> str:
+  """"short", "full" or "" for the first help flag before any "--"."""
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if arg in _SHORT_HELP:
+      return "short"
+    if arg in _FULL_HELP:
+      return "full"
+  return ""
+
+
+def run(main: Callable, define_flags: Callable[[], None]):
+  """Defines a command's flags, then runs `main(argv)` under absl.
+
+  `--help` prints the command's docstring and its own flags on stdout and
+  exits 0 (absl exits 1), also when started through a console script, whose
+  `__main__` is a wrapper that absl would take for the command.
+  """
+  define_flags()
+  command = sys.modules[define_flags.__module__]
+  # absl files flags under the defining module's name, or sys.argv[0] when
+  # that module is __main__ (python -m); its --help lists sys.argv[0]'s.
+  key = (sys.argv[0] if command.__name__ == "__main__"
+         else command.__name__)
+  if key != sys.argv[0]:
+    for flag in flags.FLAGS.get_key_flags_for_module(key):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  asked = _help_asked(sys.argv)
+  if asked:
+    sys.stdout.write(command.__doc__ or f"\nUSAGE: {sys.argv[0]} [flags]\n")
+    sys.stdout.write("\nflags:\n")
+    sys.stdout.write(flags.FLAGS.module_help(key) if asked == "short"
+                     else flags.FLAGS.get_help())
+    sys.stdout.write("\n")
+    if asked == "short":
+      sys.stdout.write("\nTry --helpfull to get a list of all flags.\n")
+    sys.exit(0)
+  app.run(main)

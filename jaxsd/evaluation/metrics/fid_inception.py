@@ -1,0 +1,58 @@
+"""fid_inception: the standard FID (pytorch-fid's Inception-v3 weights).
+
+Comparable with published FIDs. Samples go in at their own size (the network
+resizes to 299x299); the reference is MNIST test padded with background to
+the same size, as the data pipeline pads training images, so padding does not
+count as a difference. Skipped when the weights are missing offline.
+"""
+import os
+
+from jaxsd import input_pipeline
+from jaxsd.evaluation import fid
+from jaxsd.evaluation.metrics import registry
+from jaxsd.hub import WeightsUnavailableError
+
+
+@registry.register_metric("fid_inception")
+class InceptionFID(registry.Metric):
+
+  def __init__(self):
+    self.net = None
+    self._references = {}  # image size -> statistics
+
+  def prepare(self, ctx):
+    from jaxsd.evaluation import inception  # pylint: disable=g-import-not-at-top
+    try:
+      self.net = inception.load_fid_inception(
+          ctx.eval_config.inception_weights or None, cache_dir=ctx.cache_dir)
+    except WeightsUnavailableError as e:
+      raise WeightsUnavailableError(
+          f"no FID Inception weights ({e}); set eval.inception_weights to "
+          f"{inception.FID_WEIGHTS_FILE}") from e
+    self.reference(ctx, ctx.config.data.image_size)
+
+  def reference(self, ctx, image_size: int) -> fid.Statistics:
+    """(mu [2048], sigma) of eval.inception_reference_samples MNIST test
+    images at image_size x image_size."""
+    if image_size not in self._references:
+      n = ctx.eval_config.inception_reference_samples
+      # Unpadded MNIST keeps the cache name it has always had.
+      extra = f"n{n}" if image_size == 28 else f"n{n}-{image_size}px"
+
+      def compute():
+        images = input_pipeline.preprocess_images(ctx.mnist("test")[0][:n],
+                                                  image_size)
+        return fid.feature_statistics(self.net(images))
+      self._references[image_size] = fid.cached_statistics(
+          os.path.join(ctx.cache_dir, "fid_stats"),
+          fid.reference_statistics_name(self.net.identity, "mnist-test",
+                                        extra), compute)
+    return self._references[image_size]
+
+  def __call__(self, images, prompts, ctx):
+    if images.shape[1] != images.shape[2]:
+      raise ValueError(f"fid_inception needs square images, got "
+                       f"{images.shape}")
+    mu, sigma = self.reference(ctx, images.shape[1])
+    return {"fid_inception": fid.frechet_distance(
+        *fid.feature_statistics(self.net(images)), mu, sigma)}

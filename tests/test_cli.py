@@ -1,0 +1,51 @@
+"""The commands: their modules import together; each prints its --help."""
+import importlib
+import sys
+
+from absl import flags
+import pytest
+
+COMMANDS = {  # module: (console script, flags it must list)
+    "jaxsd.main": ("jaxsd-train", ["--config", "--workdir"]),
+    "jaxsd.sample": ("jaxsd-sample", ["--workdir", "--prompt", "--sampler"]),
+    "jaxsd.evaluate": ("jaxsd-evaluate", ["--workdir", "--all_checkpoints"]),
+    "jaxsd.plot_runs": ("jaxsd-plot-runs", ["--workdir", "--metrics"]),
+}
+
+
+def test_all_commands_import_together_without_defining_flags():
+  modules = [importlib.import_module(name) for name in COMMANDS]
+  by_module = flags.FLAGS.flags_by_module_dict()
+  # Their flags come with run(), not with import.
+  assert not any(by_module.get(name) for name in COMMANDS)
+  from jaxsd import evaluate, sample  # pylint: disable=g-import-not-at-top
+  assert callable(sample.generate_for_prompts) and callable(sample.read_prompts)
+  assert callable(evaluate.evaluate_checkpoints)
+  assert callable(evaluate.write_tables)
+  assert all(callable(m.run) for m in modules)
+
+
+@pytest.fixture
+def fresh_flags():
+  """Removes the flags a test's run() defined, so the next can define its."""
+  before = set(flags.FLAGS)
+  yield
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)
+
+
+@pytest.mark.parametrize("module_name", sorted(COMMANDS))
+def test_help_lists_the_commands_flags_and_exits_0(module_name, fresh_flags,
+                                                   monkeypatch, capsys):
+  del fresh_flags
+  script, names = COMMANDS[module_name]
+  module = importlib.import_module(module_name)
+  # As a console script starts it: sys.argv[0] is the script, not the module.
+  monkeypatch.setattr(sys, "argv", [f"/venv/bin/{script}", "--help"])
+  with pytest.raises(SystemExit) as exit_info:
+    module.run()
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith(module.__doc__)
+  for name in names:
+    assert f"{name}:" in out or f"--[no]{name[2:]}:" in out, (name, out)
