@@ -5,7 +5,7 @@ Issue 6's speed targets are set at this architecture (../shared/NOTES.md,
 block, cross-attention at 14x14 and 7x7 (and in the mid block),
 cross-attention dim 64, a 2-layer CLIP text encoder over 77 tokens, epsilon
 prediction, batch 64. NOTES does not name the attention levels; these give
-PyTorch the ~60 images/s it reports (benchmarks/README.md). It trains, but
+PyTorch the speed it reports (benchmarks/README.md). It trains, but
 configs/mnist.py is the recipe that learns MNIST fast.
 
 Run: python benchmarks/bench_train.py --config=configs/mnist_reference.py

@@ -27,6 +27,21 @@ def _help_asked(argv) -> str:
   return ""
 
 
+def define_sampler_flags():
+  """The sampling flags jaxsd.sample and jaxsd.evaluate share; each
+  defaults to the run's own `sampling` setting."""
+  flags.DEFINE_string("sampler", None, "ddpm | ddim | dpmpp_2m "
+                      "(default: the run's sampling.sampler).")
+  flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's).")
+  flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance "
+                     "scale; 1 = no guidance (default: the run's).")
+  flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only there "
+                    "(fractions of the diffusion time; default: the run's).")
+  flags.DEFINE_integer("seed", 0, "Random seed: same seed, prompts and "
+                       "checkpoint give the same images.")
+  flags.DEFINE_bool("use_ema", True, "EMA parameters (--nouse_ema: raw ones).")
+
+
 def run(main: Callable, define_flags: Callable[[], None]):
   """Defines a command's flags, then runs `main(argv)` under absl.
 

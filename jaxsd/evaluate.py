@@ -30,14 +30,8 @@ def _define_flags():
                        "run's eval.num_samples).")
   flags.DEFINE_list("metrics", None, "Metrics (default: the run's "
                     "eval.metrics).")
-  flags.DEFINE_string("sampler", None, "Sampler (default: the run's).")
-  flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's).")
-  flags.DEFINE_float("guidance_scale", None, "CFG scale (default: the "
-                     "run's).")
-  flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only there "
-                    "(fractions of the diffusion time; default: the run's).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_bool("use_ema", True, "EMA parameters (--nouse_ema: raw).")
+  cli.define_sampler_flags()
+  flags.adopt_module_key_flags(cli)  # --help lists them as this command's
   flags.DEFINE_bool("mlflow", True, "Log to the run's MLflow run.")
   flags.mark_flags_as_required(["workdir"])
 

@@ -80,7 +80,6 @@ class MlflowWriter(interface.MetricWriter):
       with open(run_file + ".tmp", "w") as f:
         f.write(self.run_id)
       os.replace(run_file + ".tmp", run_file)
-    self._mlflow = mlflow
     logging.info("MLflow run %s at %s", self.run_id, uri)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):

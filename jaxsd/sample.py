@@ -25,19 +25,11 @@ def _define_flags():
                             "An empty prompt samples unconditionally.")
   flags.DEFINE_string("prompts_file", None, "A file with one prompt a line.")
   flags.DEFINE_integer("num_samples", 16, "Images per prompt.")
-  flags.DEFINE_string("sampler", None, "ddpm | ddim | dpmpp_2m "
-                      "(default: the run's sampling.sampler).")
-  flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's).")
-  flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance "
-                     "scale; 1 = no guidance (default: the run's).")
-  flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only there "
-                    "(fractions of the diffusion time; default: the run's).")
+  cli.define_sampler_flags()
+  flags.adopt_module_key_flags(cli)  # --help lists them as this command's
   flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
-  flags.DEFINE_integer("seed", 0, "Random seed: same seed, prompts and "
-                       "checkpoint give the same images.")
   flags.DEFINE_string("out", "samples.png", "PNG grid to write.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  flags.DEFINE_bool("use_ema", True, "EMA parameters (--nouse_ema: raw ones).")
   flags.DEFINE_bool("save_individual", False, "Also write each image as "
                     "OUT_DIR/<out stem>_<prompt>_<i>.png.")
   flags.DEFINE_integer("chunk_size", None, "Images per jitted call "

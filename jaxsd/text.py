@@ -73,10 +73,12 @@ class TextEncoder:
     import transformers  # pylint: disable=g-import-not-at-top
     self.max_length = text_config.max_length
     if text_config.pretrained:
-      model = _from_pretrained(transformers.FlaxCLIPTextModel,
-                               text_config.pretrained, "text encoder",
-                               "text.pretrained")
-      self._pretrained_params = model.params
+      # _do_init=False: the saved weights without a random (op-by-op,
+      # slow) initialisation first.
+      model, params = _from_pretrained(transformers.FlaxCLIPTextModel,
+                                       text_config.pretrained, "text encoder",
+                                       "text.pretrained", _do_init=False)
+      self._pretrained_params = params
     else:
       model = transformers.FlaxCLIPTextModel(
           text_encoder_config(text_config, vocab_size), _do_init=False)

@@ -113,8 +113,8 @@ def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], rng, *,
 def _loop_unroll():
   """`unroll` for scans whose body takes gradients of convolutions.
 
-  XLA:CPU runs a convolution's weight gradient inside a while loop ~17x
-  slower than outside one (benchmarks/README.md); a fully unrolled scan is
+  XLA:CPU runs a convolution's weight gradient inside a while loop many
+  times slower than outside one (benchmarks/README.md); a fully unrolled scan is
   straight-line code and runs at full speed, at the cost of compile time
   growing with the trip count. Accelerators keep the rolled loop.
   """

@@ -14,9 +14,9 @@ import sys
 from absl import logging
 
 # XLA:CPU in jaxlib 0.10 lowers convolutions to YNNPACK by default. Its older
-# Eigen convolutions run the MNIST UNet's 3x3 convolutions, forward and both
-# gradients, 1.5-1.8x faster on AVX-512 (and the whole train step 1.3x):
-# benchmarks/README.md. YNNPACK keeps the matmuls, where it is the faster one.
+# Eigen convolutions run the MNIST UNet's 3x3 convolutions faster, forward
+# and both gradients (figures: benchmarks/README.md, "XLA:CPU
+# convolutions"). YNNPACK keeps the matmuls, where it is the faster one.
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 FAST_CPU_FLAGS = (f"{YNN_FUSION_FLAG}=-individual_convolution",)
 OPT_OUT_ENV = "JAXSD_XLA_DEFAULTS"

@@ -5,6 +5,7 @@ between the recipe markers), its model must build and its real train step
 run; every config must validate and build.
 """
 import ast
+import functools
 import importlib
 import os
 import re
@@ -18,7 +19,7 @@ from jaxsd import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "mnist_results.md")
-CONFIGS = ("mnist", "mnist_gpu", "tiny")
+CONFIGS = ("mnist", "mnist_gpu", "mnist_reference", "tiny")
 
 
 def _config(name):
@@ -65,39 +66,73 @@ def test_mnist_config_is_the_documented_recipe():
     assert actual == value, f"configs/mnist.py {key}={actual!r}, docs {value!r}"
 
 
+@functools.lru_cache(maxsize=None)
+def _setup(name) -> build.TrainSetup:
+  """The config's TrainSetup (state shapes and shardings, no compile),
+  built once; tests only read it."""
+  return build.TrainSetup(_config(name))
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_validates_and_builds(name):
-  config = _config(name)
-  config_checks.validate(config)
-  comps = build.build_components(config)
-  shapes = jax.eval_shape(comps.init_params, jax.random.key(0))
-  assert build.param_count(shapes["unet"]) > 10_000
+  config_checks.validate(_config(name))
+  assert build.param_count(_setup(name).abstract_state.params["unet"]) > 10_000
 
 
 def test_gpu_config_is_larger_than_cpu_config():
-  count = lambda name: build.param_count(jax.eval_shape(
-      build.build_components(_config(name)).init_params, jax.random.key(0)))
+  count = lambda name: build.param_count(_setup(name).abstract_state.params)
   assert count("mnist_gpu") > 5 * count("mnist")
 
 
-def test_mnist_model_trains_with_the_real_step():
+# Tracing the larger configs' steps takes seconds each.
+@pytest.mark.parametrize("name", [
+    "mnist", "tiny", pytest.param("mnist_gpu", marks=pytest.mark.slow),
+    pytest.param("mnist_reference", marks=pytest.mark.slow)])
+def test_config_traces_its_train_step(name):
+  """The config's real step (build.TrainSetup) traces: shapes, dtypes and
+  shardings fit together (jax.eval_shape, no compile)."""
+  setup = _setup(name)
+  k, b = setup.steps_per_call, setup.config.training.batch_size
+  lead = (k, b) if k > 1 else (b,)
+  comps = setup.components
+  batch = {"image": jax.ShapeDtypeStruct(lead + comps.image_shape,
+                                         np.float32),
+           "input_ids": jax.ShapeDtypeStruct(
+               lead + comps.uncond_ids.shape[1:], np.int32)}
+  state, metrics = jax.eval_shape(setup.step_fn(), setup.abstract_state,
+                                  batch, jax.random.key(0))
+  assert state.step.shape == () and metrics["loss"].shape == lead[:-1]
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: x.shape, tree)
+  assert shapes(state.params) == shapes(setup.abstract_state.params)
+
+
+# Compiling the MNIST step takes most of a minute on 2 CPU cores.
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["jaxsd", "diffusers"])
+def test_mnist_model_trains_with_the_real_step(implementation):
   """The MNIST architecture and loss, at a small batch: the real jitted
-  update keeps the loss finite and moves the weights."""
+  update (build.TrainSetup, as training builds it) keeps the loss finite and
+  moves the weights, for each UNet implementation."""
   config = _config("mnist")
   config.training.batch_size = 4
+  config.model.implementation = implementation
+  if implementation == "diffusers":
+    config.model.pooled_text_embedding = ""  # a jaxsd UNet feature
   setup = build.TrainSetup(config)
   comps = setup.components
   state = setup.create_train_state(jax.random.key(0))
   before = np.asarray(state.params["unet"]["conv_in"]["kernel"])
   step = setup.make_train_step(donate=False)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32),
-           "input_ids": np.repeat(comps.uncond_ids, 4, axis=0)}
+  batch = setup.global_batch({
+      "image": rng.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32),
+      "input_ids": np.repeat(comps.uncond_ids, 4, axis=0)})
   for i in range(2):  # the warm-up's learning rate is 0 at step 0
     state, metrics = step(state, batch, jax.random.key(i))
     assert np.isfinite(float(metrics["loss"]))
   assert int(state.step) == 2
   after = np.asarray(state.params["unet"]["conv_in"]["kernel"])
   assert not np.array_equal(before, after)
-  # The pooled text path the recipe relies on is in the model.
-  assert "text_embedding" in state.params["unet"]
+  if implementation == "jaxsd":
+    # The pooled text path the recipe relies on is in the model.
+    assert "text_embedding" in state.params["unet"]

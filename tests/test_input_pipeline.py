@@ -180,6 +180,7 @@ def test_mnist_dir_missing_files(tiny_config, tmp_path):
 
 
 @pytest.mark.mnist
+@pytest.mark.slow  # builds tfds's mnist from the four files
 def test_load_mnist_offline_from_files(tiny_config):
   images, labels = input_pipeline.load_mnist(tiny_config().data, "test")
   assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8

@@ -54,7 +54,8 @@ def _grouped(x: jnp.ndarray, groups: int) -> jnp.ndarray:
 
 def _group_mean(v: jnp.ndarray) -> jnp.ndarray:
   """Mean over everything but batch and group, one axis at a time: XLA:CPU
-  reduces (S, C/G) together up to 16x slower than S alone."""
+  reduces (S, C/G) together many times slower than S alone
+  (benchmarks/README.md, "GroupNorm")."""
   m = jnp.mean(v, axis=1, keepdims=True)
   return jnp.mean(m, axis=3, keepdims=True) if v.ndim == 4 else m
 
@@ -309,12 +310,9 @@ def _attention_block(batch: int, num_queries: int, num_keys: int,
   return samples, queries
 
 
-# Measured on 2 AMD EPYC cores (1 MiB L2 each, 32 MiB L3) with the MNIST
-# UNet at batch 64 (benchmarks/bench_unet.py): 2-8 MiB blocks are within
-# noise of each other; the unblocked [B, N, T, S] scores are ~3x slower.
-# Forward+backward at batch 64, 8 heads: 196x196 tokens 43 vs 130 ms,
-# 196 queries x 77 text tokens 22 vs 58 ms; at 49x49 and 49x77 blocking is
-# within 15% either way, so shorter attention stays one XLA op.
+# Blocks of a few MiB keep a block's scores in cache, which pays from about
+# 96x96 scores up; shorter attention gains nothing from blocking and stays
+# one XLA op (figures: benchmarks/README.md, "Attention on CPU").
 _CPU_BLOCK_BYTES = 4 * 2**20
 _CPU_BLOCKED_MIN_SCORES = 96 * 96
 
