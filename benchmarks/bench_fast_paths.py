@@ -18,9 +18,9 @@ Paths ("with" / "without"):
   donation        train step jitted with donate_argnums=(0,) / without;
                   step time and peak memory.
   steps_per_call  training.steps_per_call 4 / 1.
-  prefetch        a host loop over the real MNIST pipeline
-                  (input_pipeline.CaptionedImages) feeding the step, with
-                  input_pipeline.Prefetcher / building each batch in line.
+  prefetch        a host loop over the config's data (jaxsd.data's loader)
+                  feeding the step, with data.workers=1 (a worker process
+                  builds batches ahead) / 0 (a thread of this process).
   compile_cache   compile time with a warm persistent XLA cache / with an
                   empty one (jaxsd.train.enable_compilation_cache,
                   JAXSD_COMPILATION_CACHE), each in a fresh process.
@@ -146,38 +146,48 @@ def _timed_loop(step, state, key, get_batch, position: int, calls: int,
 
 
 def _prefetch_child(config):
-  """Both prefetch variants in one process, alternating windows."""
+  """Both variants in one process, alternating windows: the real loader
+  (jaxsd.data) feeding the step with data.workers=1 (batches built in a
+  worker process, ahead of the step) or 0 (in this process's thread)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import build, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(config)
   state = setup.create_train_state(jax.random.key(0))
   step = setup.make_train_step()
   k = setup.steps_per_call
-  data, _ = train.load_training_data(config, setup.components.tokenizer)
+  source = data_pipeline.make_source(config)
+  loaders = {}
+  for variant, workers in (("with", 1), ("without", 0)):
+    config.data.workers = workers
+    loaders[variant] = data_pipeline.make_loader(
+        config, setup.components.tokenizer, source)
 
-  def next_batch(position):  # as jaxsd.train's
-    return setup.global_batch(input_pipeline.model_inputs(data, position, k))
+  def getter(loader):
+    def next_batch(position):  # as jaxsd.train's (the loader keeps count)
+      del position
+      return setup.global_batch(data_pipeline.next_model_batch(loader, k))
+    return next_batch
 
-  batch_seconds = []  # host cost of one batch, what prefetching can hide
+  batch_seconds = []  # host cost of one batch, what a worker can hide
   for position in range(3):
     start = time.perf_counter()
-    jax.block_until_ready(next_batch(position * k))
+    jax.block_until_ready(setup.global_batch(
+        loaders["without"].batch_at(position)["image"]))
     batch_seconds.append(time.perf_counter() - start)
   key = jax.random.key(1)
-  _, state, position = _timed_loop(step, state, key, next_batch, 0, 1, k)
+  _, state, position = _timed_loop(step, state, key,
+                                   getter(loaders["without"]), 0, 1, k)
   calls = max(1, FLAGS.steps // k)
   times = {"with": [], "without": []}
   for r in range(FLAGS.repeats):
     for variant in (("with", "without") if r % 2 == 0
                     else ("without", "with")):
-      prefetcher = (input_pipeline.Prefetcher(next_batch, stride=k)
-                    if variant == "with" else None)
       seconds, state, position = _timed_loop(
-          step, state, key, prefetcher.get if prefetcher else next_batch,
-          position, calls, k)
-      if prefetcher:
-        prefetcher.close()
+          step, state, key, getter(loaders[variant]), position, calls, k)
       times[variant].append(seconds / (calls * k))
+  for loader in loaders.values():
+    loader.close()
   out = {}
   for variant, ts in times.items():
     med = statistics.median(ts)
@@ -185,8 +195,9 @@ def _prefetch_child(config):
                     "seconds_per_step_median": med,
                     "seconds_per_step_windows": ts}
   out["host_batch_seconds"] = statistics.median(batch_seconds)
-  out["note"] = ("host loop over input_pipeline.CaptionedImages (MNIST "
-                 "train); both variants in one process, windows alternating")
+  out["note"] = ("host loop over the config's data through jaxsd.data's "
+                 "loader, data.workers 1 vs 0; both in one process, windows "
+                 "alternating")
   return out
 
 

@@ -12,7 +12,6 @@ def get_config():
 
   # --- Data ---------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = "mnist"  # tensorflow-datasets name
   # Machine-dependent fields are "" here: jaxsd.environment.resolve fills
   # them from the environment when a run starts, and config.json keeps the
   # resolved values.
@@ -25,6 +24,20 @@ def get_config():
   data.image_size = 28  # 32 pads 28x28 MNIST with background to 32x32
   data.random_flip = False  # horizontal flips; wrong for digits
   data.shuffle = True
+  # Where the captioned images come from (jaxsd/data/sources.py): mnist |
+  # tfds | imagefolder | webdataset | coco | huggingface.
+  data.source = "mnist"
+  data.name = ""  # tfds name or Hugging Face dataset id
+  data.split = "train"
+  data.path = ""  # imagefolder / coco image folder / webdataset shards / HF folder
+  data.captions_file = ""  # coco: captions_train2017.json
+  data.caption_key = ""  # tfds / HF / webdataset json: the caption field
+  data.image_key = ""  # HF: the image column ("" = "image")
+  data.coco_captions = "random"  # random: one per image per epoch | all
+  data.num_channels = 3  # 3: RGB, 1: grayscale
+  data.crop = "center"  # center | random
+  data.workers = 0  # decoding worker processes (0: in the training process)
+  data.shuffle_buffer = 1000  # streamed sources: examples shuffled together
 
   # --- Text encoder (transformers FlaxCLIPTextModel) ----------------------
   config.text = text = ml_collections.ConfigDict()
@@ -104,7 +117,6 @@ def get_config():
   training.checkpoint_every = 2000
   training.keep_checkpoints = 3
   training.steps_per_call = 1  # train steps fused into one jitted call
-  training.prefetch = True  # build the next batch while the step runs
 
   # --- Sampling (periodic grids and jaxsd.sample) -------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -119,18 +131,24 @@ def get_config():
   sampling.use_ema = True
   sampling.samples_per_prompt = 2  # per prompt in the periodic grid
   sampling.chunk_size = 64  # images per jitted sampling call (bounds memory)
+  # () = the first distinct captions of the training data.
   sampling.prompts = tuple(f"a photograph of the number {d}" for d in range(10))
 
   # --- Evaluation (every training.eval_every steps and jaxsd.evaluate) -------
   config.eval = ev = ml_collections.ConfigDict()
   ev.metrics = ("prompt_accuracy", "fid_mnist", "diversity", "fid_inception",
                 "clip_score")
-  ev.num_samples = 1000  # generated images (prompts cycle over the digits)
+  ev.num_samples = 1000  # generated images (prompts cycle over eval prompts)
+  # Evaluation prompts: this file's lines; else MNIST's ten digit captions;
+  # else the captions of eval.reference_split, in order.
+  ev.prompts_file = ""
+  # The held-out split whose real images are the FID reference.
+  ev.reference_split = "test"
   ev.num_clip_samples = 500  # of those, scored by CLIP
   ev.chunk_size = 250  # images per jitted sampling call during evaluation
   ev.cache_dir = ""  # classifier, reference statistics ("" = $JAXSD_CACHE or ~/.cache/jaxsd)
   ev.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
-  ev.inception_reference_samples = 10000  # MNIST test images for Inception stats
+  ev.inception_reference_samples = 10000  # real images for Inception stats
   ev.clip_model = "openai/clip-vit-base-patch32"  # hub id or local folder
 
   # --- Logging ------------------------------------------------------------

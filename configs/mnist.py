@@ -11,6 +11,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.image_size = 28
+  config.data.num_channels = 1
 
   config.text.max_length = 8  # "a photograph of the number 7" + BOS/EOS
   config.text.hidden_size = 64

@@ -1,5 +1,7 @@
 """Config validation: bad values fail at start-up with the key and the fix."""
 from jaxsd import models
+from jaxsd.data import sources
+from jaxsd.data import transforms
 from jaxsd import train_step
 from jaxsd.diffusion import losses
 from jaxsd.diffusion import schedules
@@ -24,6 +26,17 @@ def validate(config):
     value = _get(config, key)
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{key}={value!r} must be a positive integer.")
+  if config.data.source not in sources.source_names():
+    raise ValueError(f"data.source={config.data.source!r}; choose one of "
+                     f"{sources.source_names()}.")
+  if config.data.crop not in transforms.CROPS:
+    raise ValueError(f"data.crop={config.data.crop!r}; choose one of "
+                     f"{transforms.CROPS}.")
+  if config.data.num_channels != config.model.in_channels:
+    raise ValueError(
+        f"data.num_channels={config.data.num_channels} but "
+        f"model.in_channels={config.model.in_channels}: a pixel-space UNet "
+        "denoises the images themselves; set both to 1 (grey) or 3 (RGB).")
   if config.diffusion.schedule not in schedules.schedule_names():
     raise ValueError(f"diffusion.schedule={config.diffusion.schedule!r}; "
                      f"choose one of {schedules.schedule_names()}.")

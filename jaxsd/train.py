@@ -22,7 +22,7 @@ from jaxsd import config_checks
 from jaxsd import environment
 from jaxsd import generate
 from jaxsd import images as images_lib
-from jaxsd import input_pipeline
+from jaxsd.data import pipeline as data_pipeline
 from jaxsd import metric_logging
 from jaxsd import parallel
 from jaxsd import train_state as ts
@@ -84,29 +84,47 @@ def eval_key(config, step: int):
 
 
 def load_training_data(config, tokenizer):
-  """(this process's batches, dataset statistics) of the config's data."""
-  train_images, train_labels = input_pipeline.load_mnist(config.data, "train")
-  stats = input_pipeline.dataset_statistics(train_images, train_labels)
+  """(source, this process's loader) of the config's training data."""
+  source = data_pipeline.make_source(config)
+  loader = data_pipeline.make_loader(
+      config, tokenizer, source, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  return source, loader
+
+
+def show_data(config, source, loader, step: int, writer):
+  """Logs the data's statistics and a captioned grid of a few training
+  examples (process 0), so a run shows what the model sees."""
+  stats = data_pipeline.statistics(source, loader)
   logging.info("Train data: %s", json.dumps(stats))
-  data = input_pipeline.training_data(
-      config, tokenizer, train_images, train_labels,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  return data, stats
+  if jax.process_index() != 0:
+    return
+  writer.write_scalars(step, {f"data/{k}": v for k, v in stats.items()})
+  images, captions = data_pipeline.preview(config, source)
+  grid = images_lib.captioned_grid(images, captions, ncols=len(captions))
+  writer.write_images(step, {"data/examples": np.asarray(grid)[None] / 255.0})
 
 
-def restore_or_create_state(setup: build.TrainSetup, mngr, rng):
-  """(state, step, data position, training seconds so far): the latest
-  checkpoint's, or a fresh state at step 0."""
+def grid_prompts(config, source, count: int = 8):
+  """The periodic grid's prompts: sampling.prompts, else the first distinct
+  captions of the training data."""
+  return (list(config.sampling.prompts)
+          or data_pipeline.first_captions(source, count))
+
+
+def restore_or_create_state(setup: build.TrainSetup, mngr, rng, loader):
+  """(state, step, training seconds so far): the latest checkpoint's, with
+  the loader put where that run was, or a fresh state at step 0."""
   if mngr.latest_step() is None:
-    return setup.create_train_state(rng), 0, 0, 0.0
+    return setup.create_train_state(rng), 0, 0.0
   state, meta, step = setup.restore_train_state(mngr)
-  position = int(meta["data_position"])
-  logging.info("Resumed from checkpoint at step %d (data position %d).", step,
-               position)
-  return state, step, position, float(meta.get("train_seconds", 0.0))
+  data_pipeline.restore_state(loader, meta)
+  logging.info("Resumed from checkpoint at step %d (data: %s).", step,
+               json.dumps(loader.statistics()))
+  return state, step, float(meta.get("train_seconds", 0.0))
 
 
-def log_parameter_counts(config, state, step: int, stats, writer):
+def log_parameter_counts(config, state, step: int, writer):
   n_total = build.param_count(state.params)
   n_trainable = build.param_count(
       state.params if config.text.trainable else state.params["unet"])
@@ -114,9 +132,8 @@ def log_parameter_counts(config, state, step: int, stats, writer):
                n_total, build.param_count(state.params["unet"]),
                build.param_count(state.params["text"]), n_trainable)
   if jax.process_index() == 0:
-    writer.write_scalars(step, {
-        **{f"data/{k}": v for k, v in stats.items()},
-        "model/params_total": n_total, "model/params_trainable": n_trainable})
+    writer.write_scalars(step, {"model/params_total": n_total,
+                                "model/params_trainable": n_trainable})
 
 
 class _Preemption:
@@ -158,7 +175,6 @@ class LoopState:
   """What the chores see after a call of the step."""
   step: int
   state: Any
-  data_position: int
   last: bool  # the final step of the run
   preempted: bool
   # (step, {name: value}) of every step since the last chore ran.
@@ -212,42 +228,46 @@ class LogProgress(Chore):
 
 
 class SaveCheckpoint(Chore):
-  """The state and the data position; also when preempted."""
+  """The state and the loader's position; also when preempted."""
 
-  def __init__(self, config, mngr, progress: metric_logging.Progress):
+  def __init__(self, config, mngr, loader, progress: metric_logging.Progress):
     super().__init__(config.training.checkpoint_every)
-    self.config, self.mngr, self.progress = config, mngr, progress
+    self.config, self.mngr, self.loader = config, mngr, loader
+    self.progress = progress
 
   def due(self, loop: LoopState) -> bool:
     return super().due(loop) or loop.preempted
 
   def __call__(self, loop: LoopState):
     checkpoint.save(self.mngr, loop.step, loop.state, {
-        "step": loop.step, "data_position": loop.data_position,
+        "step": loop.step, **data_pipeline.checkpoint_state(self.loader),
         "train_seconds": self.progress.train_seconds,
         "rng_seed": self.config.training.seed,
         "config": self.config.to_dict()})
 
 
 class WriteSampleGrid(Chore):
-  """A captioned grid of the configured prompts (written by process 0)."""
+  """A captioned grid of `prompts` (written by process 0)."""
 
-  def __init__(self, config, generator: generate.Generator, keys: RunKeys,
-               workdir: str, writer, progress: metric_logging.Progress):
+  def __init__(self, config, prompts, generator: generate.Generator,
+               keys: RunKeys, workdir: str, writer,
+               progress: metric_logging.Progress):
     super().__init__(config.training.eval_every)
     self.config, self.generator, self.keys = config, generator, keys
+    self.prompts = list(prompts)
     self.workdir, self.writer, self.progress = workdir, writer, progress
 
   def __call__(self, loop: LoopState):
     with self.progress.excluded():  # not training time
       s = self.config.sampling
-      prompts = [p for p in s.prompts for _ in range(s.samples_per_prompt)]
+      prompts = [p for p in self.prompts for _ in range(s.samples_per_prompt)]
       params = loop.sampling_params(self.config, self.generator.mesh)
       images = self.generator(params, prompts,
                               jax.random.fold_in(self.keys.sample, loop.step))
       if jax.process_index() != 0:
         return
-      ncols = s.samples_per_prompt if len(s.prompts) > 10 else len(s.prompts)
+      ncols = (s.samples_per_prompt if len(self.prompts) > 10
+               else len(self.prompts))
       grid = images_lib.captioned_grid(images, prompts, ncols=ncols)
       path = os.path.join(self.workdir, "samples",
                           f"step_{loop.step:08d}.png")
@@ -282,16 +302,17 @@ class Evaluate(Chore):
           f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k))
 
 
-def prepare_evaluator(config):
-  """The config's evaluator with its networks loaded (on process 0, the one
-  that computes metrics), or None when eval.metrics is empty."""
-  if not config.eval.metrics:
-    return None
-  evaluator = evaluator_lib.Evaluator(config)
-  if jax.process_index() == 0:
-    with metric_logging.timed("eval setup (classifier, reference statistics)"):
+def make_evaluator(config):
+  """The config's evaluator (its metrics checked against the data), or None
+  when eval.metrics is empty. Nothing is loaded yet."""
+  return evaluator_lib.Evaluator(config) if config.eval.metrics else None
+
+
+def prepare_evaluator(evaluator):
+  """Loads the evaluator's networks on process 0, the one that scores."""
+  if evaluator is not None and jax.process_index() == 0:
+    with metric_logging.timed("eval setup (networks, reference statistics)"):
       evaluator.prepare()
-  return evaluator
 
 
 def _check_finite(fetched: List[Tuple[int, Dict[str, Any]]]):
@@ -321,6 +342,7 @@ def train_and_evaluate(config, workdir: str):
   """Trains config's model in workdir, resuming from its latest checkpoint."""
   config = environment.resolve(config)
   config_checks.validate(config)
+  evaluator = make_evaluator(config)
   start_runtime(config)
   os.makedirs(workdir, exist_ok=True)
   tcfg = config.training
@@ -333,28 +355,27 @@ def train_and_evaluate(config, workdir: str):
   if jax.process_index() == 0:
     writer.write_hparams(config.to_dict())
 
-  data, stats = load_training_data(config, setup.components.tokenizer)
+  source, loader = load_training_data(config, setup.components.tokenizer)
   keys = RunKeys.from_seed(tcfg.seed)
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints)
-  state, start_step, data_position, train_seconds = restore_or_create_state(
-      setup, mngr, keys.init)
-  log_parameter_counts(config, state, start_step, stats, writer)
+  state, start_step, train_seconds = restore_or_create_state(
+      setup, mngr, keys.init, loader)
+  show_data(config, source, loader, start_step, writer)
+  log_parameter_counts(config, state, start_step, writer)
   train_step = setup.make_train_step()
-  evaluator = prepare_evaluator(config)
+  prepare_evaluator(evaluator)
 
   k = setup.steps_per_call
-  def next_batch(position):
-    return setup.global_batch(input_pipeline.model_inputs(data, position, k))
-  prefetcher = (input_pipeline.Prefetcher(next_batch, stride=k)
-                if tcfg.prefetch else None)
-  get_batch = prefetcher.get if prefetcher else next_batch
+  def next_batch():
+    return setup.global_batch(data_pipeline.next_model_batch(loader, k))
 
   progress = metric_logging.Progress(start_step, tcfg.num_steps, train_seconds)
   generator = generate.Generator.from_config(setup.components, setup.mesh,
                                              config.sampling)
   chores = [LogProgress(config, writer, progress),
-            SaveCheckpoint(config, mngr, progress),
-            WriteSampleGrid(config, generator, keys, workdir, writer, progress)]
+            SaveCheckpoint(config, mngr, loader, progress),
+            WriteSampleGrid(config, grid_prompts(config, source), generator,
+                            keys, workdir, writer, progress)]
   if evaluator is not None:
     chores.append(Evaluate(config, evaluator, generator, keys, writer,
                            progress))
@@ -365,12 +386,10 @@ def train_and_evaluate(config, workdir: str):
   logging.info("Training from step %d to %d.", start_step, tcfg.num_steps)
   try:
     while step < tcfg.num_steps:
-      state, metrics = train_step(state, get_batch(data_position), keys.train)
+      state, metrics = train_step(state, next_batch(), keys.train)
       pending.append((step + 1, metrics))
       step += k
-      data_position += k
-      loop = LoopState(step=step, state=state, data_position=data_position,
-                       last=step >= tcfg.num_steps,
+      loop = LoopState(step=step, state=state, last=step >= tcfg.num_steps,
                        preempted=preemption.reached(step))
       due = [chore for chore in chores if chore.due(loop)]
       if due:
@@ -387,8 +406,7 @@ def train_and_evaluate(config, workdir: str):
     status = "FAILED"
     raise
   finally:
-    if prefetcher:
-      prefetcher.close()
+    loader.close()
     preemption.restore()
     mngr.wait_until_finished()
     mngr.close()

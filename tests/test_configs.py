@@ -19,7 +19,8 @@ from jaxsd import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "mnist_results.md")
-CONFIGS = ("mnist", "mnist_gpu", "mnist_reference", "tiny")
+CONFIGS = ("mnist", "mnist_gpu", "mnist_reference", "tiny", "imagefolder",
+           "cifar10")
 
 
 def _config(name):
@@ -86,8 +87,9 @@ def test_gpu_config_is_larger_than_cpu_config():
 
 # Tracing the larger configs' steps takes seconds each.
 @pytest.mark.parametrize("name", [
-    "mnist", "tiny", pytest.param("mnist_gpu", marks=pytest.mark.slow),
-    pytest.param("mnist_reference", marks=pytest.mark.slow)])
+    "mnist", "tiny"] + [pytest.param(name, marks=pytest.mark.slow) for name in
+                        ("mnist_gpu", "mnist_reference", "imagefolder",
+                         "cifar10")])
 def test_config_traces_its_train_step(name):
   """The config's real step (build.TrainSetup) traces: shapes, dtypes and
   shardings fit together (jax.eval_shape, no compile)."""
@@ -106,14 +108,16 @@ def test_config_traces_its_train_step(name):
   assert shapes(state.params) == shapes(setup.abstract_state.params)
 
 
-# Compiling the MNIST step takes most of a minute on 2 CPU cores.
+# Compiling a real step takes most of a minute on 2 CPU cores.
 @pytest.mark.slow
-@pytest.mark.parametrize("implementation", ["jaxsd", "diffusers"])
-def test_mnist_model_trains_with_the_real_step(implementation):
-  """The MNIST architecture and loss, at a small batch: the real jitted
+@pytest.mark.parametrize("name,implementation", [
+    ("mnist", "jaxsd"), ("mnist", "diffusers"), ("imagefolder", "jaxsd"),
+    ("cifar10", "jaxsd")])
+def test_config_trains_with_the_real_step(name, implementation):
+  """The config's architecture and loss, at a small batch: the real jitted
   update (build.TrainSetup, as training builds it) keeps the loss finite and
-  moves the weights, for each UNet implementation."""
-  config = _config("mnist")
+  moves the weights (MNIST: for each UNet implementation)."""
+  config = _config(name)
   config.training.batch_size = 4
   config.model.implementation = implementation
   if implementation == "diffusers":
@@ -125,7 +129,7 @@ def test_mnist_model_trains_with_the_real_step(implementation):
   step = setup.make_train_step(donate=False)
   rng = np.random.default_rng(0)
   batch = setup.global_batch({
-      "image": rng.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32),
+      "image": rng.uniform(-1, 1, (4,) + comps.image_shape).astype(np.float32),
       "input_ids": np.repeat(comps.uncond_ids, 4, axis=0)})
   for i in range(2):  # the warm-up's learning rate is 0 at step 0
     state, metrics = step(state, batch, jax.random.key(i))
@@ -133,6 +137,6 @@ def test_mnist_model_trains_with_the_real_step(implementation):
   assert int(state.step) == 2
   after = np.asarray(state.params["unet"]["conv_in"]["kernel"])
   assert not np.array_equal(before, after)
-  if implementation == "jaxsd":
+  if name == "mnist" and implementation == "jaxsd":
     # The pooled text path the recipe relies on is in the model.
     assert "text_embedding" in state.params["unet"]

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsd import input_pipeline
 from jaxsd import metric_logging
 from jaxsd import plot_runs
 from jaxsd import train
+from jaxsd.data import pipeline as data_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -123,15 +123,15 @@ def test_plot_runs_draws_eval_metrics_against_training_minutes(
 @pytest.mark.mnist
 def test_nonfinite_loss_stops_without_checkpoint(tiny_config, tmp_path,
                                                  monkeypatch):
-  original = input_pipeline.CaptionedImages.batch
+  original = data_pipeline.next_model_batch
 
-  def poisoned(self, position):
-    batch = original(self, position)
-    if position == 2:  # the batch of step 3
+  def poisoned(loader, steps=1):
+    batch = original(loader, steps)
+    if loader.position == 3:  # the batch of step 3
       batch["image"] = batch["image"] * np.nan
     return batch
 
-  monkeypatch.setattr(input_pipeline.CaptionedImages, "batch", poisoned)
+  monkeypatch.setattr(data_pipeline, "next_model_batch", poisoned)
   config = _config(tiny_config, checkpoint_every=1, log_every=1)
   with pytest.raises(train.NonFiniteLossError, match="at step 3"):
     train.train_and_evaluate(config, str(tmp_path))

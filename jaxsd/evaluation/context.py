@@ -7,13 +7,14 @@ them ask. Metric-specific networks (Inception, CLIP) stay in their metrics.
 """
 import os
 import time
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 
 from jaxsd import environment
 from jaxsd import input_pipeline
+from jaxsd.data import pipeline as data_pipeline
 from jaxsd.evaluation import classifier as classifier_lib
 from jaxsd.evaluation import prompt_metrics
 
@@ -46,6 +47,8 @@ class EvalContext:
     self._outputs = None
     self._digits_of = None
     self._digits = None
+    self._reference_source = None
+    self._prompts = None
 
   # --- Kept for the evaluator's lifetime -------------------------------------
   def mnist(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -73,6 +76,46 @@ class EvalContext:
       self._real_diversity = np.asarray(
           prompt_metrics.diversity(features, labels)["per_digit"])
     return self._real_diversity
+
+  def reference_source(self):
+    """The held-out split (eval.reference_split) of the run's data."""
+    if self._reference_source is None:
+      self._reference_source = data_pipeline.make_source(
+          self.config, self.eval_config.reference_split or None)
+    return self._reference_source
+
+  def reference_name(self) -> str:
+    """Names the reference data in cached statistics: "mnist-test" for
+    MNIST, else source, dataset and split."""
+    data = self.config.data
+    split = self.eval_config.reference_split or data.split
+    if data.source == "mnist":
+      return f"mnist-{split}"
+    what = data.name or os.path.basename(os.path.normpath(data.path)) or "data"
+    return f"{data.source}-{what}-{split}".replace("/", "_")
+
+  def real_images(self, count: int, image_size: int) -> np.ndarray:
+    """The reference split's first `count` images, float32 [n, S, S, C] in
+    [-1, 1], transformed as training images are (centre crop, no flip)."""
+    return data_pipeline.preview(self.config, self.reference_source(), count,
+                                 image_size)[0]
+
+  def prompts(self, count: int) -> List[str]:
+    """`count` evaluation prompts: eval.prompts_file's lines, else MNIST's
+    ten digit captions, else the reference split's captions, cycled."""
+    if self._prompts is None:
+      if self.eval_config.prompts_file:
+        with open(self.eval_config.prompts_file) as f:
+          self._prompts = [line.rstrip("\n") for line in f if line.strip()]
+      elif self.config.data.source == "mnist":
+        self._prompts = [self.config.data.caption_template.format(label=d)
+                         for d in range(prompt_metrics.NUM_DIGITS)]
+      else:
+        self._prompts = data_pipeline.first_captions(self.reference_source(),
+                                                     count)
+      if not self._prompts:
+        raise ValueError("No evaluation prompts: set eval.prompts_file.")
+    return [self._prompts[i % len(self._prompts)] for i in range(count)]
 
   # --- Kept for one sample set -----------------------------------------------
   def classifier_outputs(self, images: np.ndarray

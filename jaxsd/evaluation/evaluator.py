@@ -16,7 +16,7 @@ unavailable (weights missing offline) is skipped with one log line and logs
 nothing.
 """
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 from absl import logging
 import jax
@@ -29,12 +29,6 @@ from jaxsd.hub import WeightsUnavailableError
 metric_names = metrics_lib.metric_names
 
 
-def eval_prompts(template: str, num_samples: int) -> List[str]:
-  """num_samples captions cycling over the ten digits (equal counts when
-  num_samples is a multiple of 10)."""
-  return [template.format(label=i % 10) for i in range(num_samples)]
-
-
 class Evaluator:
   """Loads the judging networks once; evaluates sample sets on demand."""
 
@@ -45,10 +39,18 @@ class Evaluator:
     if unknown:
       raise ValueError(f"eval.metrics has unknown {sorted(unknown)}; known: "
                        f"{metric_names()}.")
-    self.context = EvalContext(config)
-    self.cache_dir = self.context.cache_dir
     self._metrics = {name: metrics_lib.get_metric(name)
                      for name in self.eval_config.metrics}
+    source = config.data.source
+    wrong = [name for name, metric in self._metrics.items()
+             if metric.data_sources and source not in metric.data_sources]
+    if wrong:
+      raise ValueError(
+          f"eval.metrics {wrong} judge {self._metrics[wrong[0]].data_sources} "
+          f"data only, not data.source={source!r}; remove them from "
+          "eval.metrics (fid_inception and clip_score judge any images).")
+    self.context = EvalContext(config)
+    self.cache_dir = self.context.cache_dir
     self._prepared = set()
     self._skipped: Dict[str, str] = {}
 
@@ -130,8 +132,7 @@ def evaluate_params(evaluator: Evaluator, generate_fn: Callable, params, rng
   metrics, which take no collective step, and the others return None.
   """
   start = time.perf_counter()
-  prompts = eval_prompts(evaluator.config.data.caption_template,
-                         evaluator.eval_config.num_samples)
+  prompts = evaluator.context.prompts(evaluator.eval_config.num_samples)
   images = generate_fn(params, prompts, rng)
   sampling = time.perf_counter() - start
   if jax.process_index() != 0:

@@ -14,6 +14,7 @@ from jaxsd.evaluation.metrics import registry
 
 @registry.register_metric("diversity")
 class Diversity(registry.Metric):
+  data_sources = ("mnist",)  # judged by the MNIST classifier
 
   def prepare(self, ctx):
     ctx.real_diversity()

@@ -1,13 +1,13 @@
 """fid_inception: the standard FID (pytorch-fid's Inception-v3 weights).
 
 Comparable with published FIDs. Samples go in at their own size (the network
-resizes to 299x299); the reference is MNIST test padded with background to
-the same size, as the data pipeline pads training images, so padding does not
-count as a difference. Skipped when the weights are missing offline.
+resizes to 299x299); the reference is the real images of the held-out split
+(eval.reference_split) transformed as training images are (MNIST padded with
+background), so the transform does not count as a difference. Skipped when
+the weights are missing offline.
 """
 import os
 
-from jaxsd import input_pipeline
 from jaxsd.evaluation import fid
 from jaxsd.evaluation.metrics import registry
 from jaxsd.hub import WeightsUnavailableError
@@ -32,21 +32,22 @@ class InceptionFID(registry.Metric):
     self.reference(ctx, ctx.config.data.image_size)
 
   def reference(self, ctx, image_size: int) -> fid.Statistics:
-    """(mu [2048], sigma) of eval.inception_reference_samples MNIST test
-    images at image_size x image_size."""
+    """(mu [2048], sigma) of the first eval.inception_reference_samples
+    images of the held-out split (eval.reference_split) at image_size x
+    image_size, cached per dataset and size."""
     if image_size not in self._references:
       n = ctx.eval_config.inception_reference_samples
+      name = ctx.reference_name()
       # Unpadded MNIST keeps the cache name it has always had.
-      extra = f"n{n}" if image_size == 28 else f"n{n}-{image_size}px"
+      extra = (f"n{n}" if image_size == 28 and name.startswith("mnist-")
+               else f"n{n}-{image_size}px")
 
       def compute():
-        images = input_pipeline.preprocess_images(ctx.mnist("test")[0][:n],
-                                                  image_size)
-        return fid.feature_statistics(self.net(images))
+        return fid.feature_statistics(self.net(ctx.real_images(n, image_size)))
       self._references[image_size] = fid.cached_statistics(
           os.path.join(ctx.cache_dir, "fid_stats"),
-          fid.reference_statistics_name(self.net.identity, "mnist-test",
-                                        extra), compute)
+          fid.reference_statistics_name(self.net.identity, name, extra),
+          compute)
     return self._references[image_size]
 
   def __call__(self, images, prompts, ctx):

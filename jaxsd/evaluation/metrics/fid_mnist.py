@@ -13,6 +13,7 @@ from jaxsd.evaluation.metrics import registry
 
 @registry.register_metric("fid_mnist")
 class MnistFID(registry.Metric):
+  data_sources = ("mnist",)  # judged by the MNIST classifier
 
   def __init__(self):
     self._reference = None

@@ -10,6 +10,7 @@ from jaxsd.evaluation.metrics import registry
 
 @registry.register_metric("prompt_accuracy")
 class PromptAccuracy(registry.Metric):
+  data_sources = ("mnist",)  # judged by the MNIST classifier
 
   def prepare(self, ctx):
     ctx.classifier()

@@ -41,6 +41,8 @@ class Metric:
   (jaxsd/evaluation/context.py) every method receives, not here.
   """
   name: str = ""  # set by register_metric
+  # The data sources (data.source) the metric can judge; () = any.
+  data_sources: Sequence[str] = ()
 
   def prepare(self, ctx) -> None:
     """Loads what the metric needs (networks, reference statistics) ahead of

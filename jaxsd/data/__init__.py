@@ -1,0 +1,1 @@
+"""Data: sources of captioned images, their transforms, and the resumable loader."""

@@ -1,0 +1,151 @@
+"""A config's training data: its source, its loader, and what a run shows.
+
+Training, benchmarks and tests build data through these, so the batches a
+benchmark times are the ones a run trains on.
+"""
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import numpy as np
+
+from jaxsd import text as text_lib
+from jaxsd.data import loader as loader_lib
+from jaxsd.data import sources
+from jaxsd.data import transforms
+
+PREVIEW_EXAMPLES = 8  # training examples shown at the start of a run
+
+
+def make_source(config, split: Optional[str] = None):
+  return sources.make_source(config.data, split)
+
+
+def make_loader(config, tokenizer, source=None, process_index: int = 0,
+                process_count: int = 1):
+  """This process's loader of the config's training batches.
+
+  MNIST's 28x28 digits are padded, not upscaled, to a larger image_size.
+  """
+  data = config.data
+  source = source if source is not None else make_source(config)
+
+  def tokenize(captions: List[str]) -> np.ndarray:
+    return text_lib.tokenize(tokenizer, captions, config.text.max_length)
+  return loader_lib.make_loader(
+      source, global_batch_size=config.training.batch_size,
+      image_size=data.image_size, tokenize_fn=tokenize,
+      seed=config.training.seed, shuffle=data.shuffle,
+      num_channels=data.num_channels, crop=data.crop,
+      random_flip=data.random_flip, pad_small=data.source == "mnist",
+      workers=data.workers, shuffle_buffer=data.shuffle_buffer,
+      process_index=process_index, process_count=process_count)
+
+
+def next_model_batch(loader, steps: int = 1) -> Dict[str, np.ndarray]:
+  """The next batch; with steps > 1 the next `steps` batches stacked on a
+  leading axis (one call of training.steps_per_call steps)."""
+  if steps == 1:
+    return loader.next_batch()
+  parts = [loader.next_batch() for _ in range(steps)]
+  return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+
+
+# --- Loader state in checkpoints ------------------------------------------------
+
+
+def per_process_state(loader) -> bool:
+  """Whether each process's loader has a state of its own (streamed
+  sources); a random-access loader's state is the same on every process."""
+  return isinstance(loader, loader_lib.StreamLoader)
+
+
+def checkpoint_state(loader) -> Dict[str, Any]:
+  """What a checkpoint's metadata keeps of the loader (a collective in
+  multi-process runs of streamed sources: every process must call it)."""
+  if not per_process_state(loader):
+    return {"data_state": loader.get_state()}
+  return {"data_states": _allgather_json(loader.get_state())}
+
+
+def restore_state(loader, meta: Dict[str, Any]) -> None:
+  """Puts the loader where the checkpoint's run was."""
+  if "data_states" in meta:
+    states = meta["data_states"]
+    if len(states) != jax.process_count():
+      raise ValueError(
+          f"The checkpoint's streamed data position was saved by "
+          f"{len(states)} processes; resume with the same number "
+          f"({jax.process_count()} now).")
+    loader.set_state(states[jax.process_index()])
+  elif "data_state" in meta:
+    loader.set_state(meta["data_state"])
+  else:  # checkpoints written before the loader kept a state
+    loader.set_state({**loader.get_state(),
+                      "position": int(meta["data_position"])})
+
+
+def _allgather_json(obj) -> List[Any]:
+  """Every process's `obj` (JSON-serialisable), in process order."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  length = int(np.max(multihost_utils.process_allgather(
+      np.asarray([len(data)], np.int32))))
+  padded = np.zeros(length, np.uint8)
+  padded[:len(data)] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in gathered]
+
+
+# --- What a run shows of its data -------------------------------------------------
+
+
+def statistics(source, loader) -> Dict[str, float]:
+  """Numeric facts of the data for `data/*` scalars (examples or shards,
+  caption lengths, batches per epoch)."""
+  facts = {**source.statistics(), **loader.statistics()}
+  return {k: float(v) for k, v in facts.items()
+          if isinstance(v, (int, float, np.integer, np.floating))
+          and not isinstance(v, bool)}
+
+
+def preview(config, source, count: int = PREVIEW_EXAMPLES,
+            image_size: Optional[int] = None
+            ) -> Tuple[np.ndarray, List[str]]:
+  """The first `count` decodable examples as the model sees them (centre
+  crop, no flip): images float32 [n, S, S, C] in [-1, 1] (S = image_size,
+  default data.image_size) and their captions. Also the real images of
+  FID references."""
+  data = config.data
+  transform = transforms.ImageTransform(
+      image_size=image_size or data.image_size,
+      num_channels=data.num_channels, pad_small=data.source == "mnist")
+  examples = (iter(source) if isinstance(source, sources.StreamSource)
+              else (source.example(i, 0) for i in range(len(source))))
+  images, captions = [], []
+  for example in examples:
+    image = transform(example["image"], example.get("key", ""))
+    if image is not None:
+      images.append(image)
+      captions.append(example["caption"])
+    if len(images) == count:
+      break
+  return np.stack(images), captions
+
+
+def first_captions(source, count: int, scan: int = 10_000) -> List[str]:
+  """Up to `count` distinct captions among the source's first `scan`
+  examples, in order: prompts for data without configured ones."""
+  if isinstance(source, sources.StreamSource):
+    captions = (example["caption"] for example in iter(source))
+  else:
+    captions = (source.caption(i) for i in range(len(source)))
+  out: List[str] = []
+  for i, caption in enumerate(captions):
+    if caption not in out:
+      out.append(caption)
+    if len(out) == count or i + 1 >= scan:
+      break
+  return out
