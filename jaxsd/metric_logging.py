@@ -206,6 +206,7 @@ class Progress:
     self._last_step, self._last_time = start_step, time.time()
     self._train_seconds = train_seconds
     self._excluded = 0.0  # seconds excluded since the last update
+    self._data_wait = 0.0  # seconds waiting for batches since the last update
 
   @contextlib.contextmanager
   def excluded(self):
@@ -221,14 +222,21 @@ class Progress:
     return self._train_seconds + max(
         time.time() - self._last_time - self._excluded, 0.0)
 
+  def add_data_wait(self, seconds: float):
+    """Time the loop waited for the loader's next batch."""
+    self._data_wait += seconds
+
   def update(self, step: int) -> Dict[str, float]:
     now = time.time()
     seconds = max(now - self._last_time - self._excluded, 1e-9)
     rate = (step - self._last_step) / seconds
     self._train_seconds += seconds
     self._last_step, self._last_time, self._excluded = step, now, 0.0
+    data_wait, self._data_wait = self._data_wait, 0.0
     eta = (self.num_steps - step) / rate if rate > 0 else float("inf")
     return {"system/steps_per_second": rate,
+            # Share of training time the loop waited for the next batch.
+            "system/data_wait_percent": 100.0 * min(data_wait / seconds, 1.0),
             "system/progress_percent": 100.0 * step / self.num_steps,
             "system/eta_seconds": eta,
             "system/train_seconds": self._train_seconds}

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 from typing import Any, Dict, List, Tuple
 
 from absl import logging
@@ -386,7 +387,10 @@ def train_and_evaluate(config, workdir: str):
   logging.info("Training from step %d to %d.", start_step, tcfg.num_steps)
   try:
     while step < tcfg.num_steps:
-      state, metrics = train_step(state, next_batch(), keys.train)
+      wait_start = time.perf_counter()
+      batch = next_batch()
+      progress.add_data_wait(time.perf_counter() - wait_start)
+      state, metrics = train_step(state, batch, keys.train)
       pending.append((step + 1, metrics))
       step += k
       loop = LoopState(step=step, state=state, last=step >= tcfg.num_steps,

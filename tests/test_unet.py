@@ -142,6 +142,7 @@ def test_gradients_flow():
     assert jnp.any(g != 0), jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow  # two more compiles of the UNet; bf16 is for GPUs
 def test_bfloat16_compute_stays_close_to_float32():
   model, their_params = diffusers_setup("MIXED")
   params = unet_lib.convert_diffusers_params(their_params)
