@@ -231,4 +231,4 @@ def test_a_registered_metric_needs_no_evaluator_change(tiny_config, tmp_path):
     with pytest.raises(ValueError, match="already registered"):
       registry.register_metric("mean_brightness")(MeanBrightness)
   finally:
-    registry._METRICS.pop("mean_brightness")  # pylint: disable=protected-access
+    registry._METRICS.unregister("mean_brightness")  # pylint: disable=protected-access

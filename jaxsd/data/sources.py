@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from jaxsd import registry
 from jaxsd.data import transforms
 
 Example = Dict[str, Any]  # {"image": bytes | uint8 [H, W, C], "caption", "key"}
@@ -50,7 +51,7 @@ Example = Dict[str, Any]  # {"image": bytes | uint8 [H, W, C], "caption", "key"}
 CAPTION_SAMPLE = 1000  # examples whose captions statistics() measures
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
-_SOURCES: Dict[str, type] = {}
+_SOURCES = registry.Registry("data source", "data.source")
 
 
 def register_source(name: str):
@@ -59,19 +60,14 @@ def register_source(name: str):
   The class must define `from_config(cls, data_config, split) -> source`.
   """
   def wrap(cls):
-    if name in _SOURCES:
-      raise ValueError(f"Data source {name!r} is already registered.")
     if not callable(getattr(cls, "from_config", None)):
       raise TypeError(f"{cls.__name__} needs a from_config(data_config, "
                       "split) classmethod to be registered as a data source.")
-    cls.name = name
-    _SOURCES[name] = cls
-    return cls
+    return _SOURCES.register(name)(cls)
   return wrap
 
 
-def source_names() -> List[str]:
-  return sorted(_SOURCES)
+source_names = _SOURCES.names
 
 
 def make_source(data_config, split: Optional[str] = None):
@@ -80,12 +76,9 @@ def make_source(data_config, split: Optional[str] = None):
   Raises:
     ValueError: a config field is wrong; the message names it and the fix.
   """
-  name = config_field(data_config, "source") or "mnist"
-  if name not in _SOURCES:
-    raise ValueError(f"data.source={name!r} is not a data source; choose "
-                     f"one of {source_names()}.")
+  cls = _SOURCES.get(config_field(data_config, "source") or "mnist")
   split = split or config_field(data_config, "split") or "train"
-  return _SOURCES[name].from_config(data_config, split)
+  return cls.from_config(data_config, split)
 
 
 def decode_image(image, key: str = "") -> Optional[np.ndarray]:

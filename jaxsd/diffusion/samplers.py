@@ -13,12 +13,13 @@ returning its x0 prediction there. That jump is first order, so few steps
 smooth out detail finer than the noise level of the last timestep (sigma ~0.1
 for 20 of 1000 cosine steps).
 """
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsd import registry
 from jaxsd.diffusion.schedules import NoiseSchedule
 
 # denoise_fn(x_t [B, ...], t [B] int32, context [B, L, D]) -> output [B, ...].
@@ -26,29 +27,16 @@ DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-_SAMPLERS: Dict[str, type] = {}
+_SAMPLERS = registry.Registry("sampler", "sampling.sampler")
 
 
-def register_sampler(name: str):
-  """Class decorator adding a `Sampler` subclass to the registry as `name`."""
-  def wrap(cls):
-    if name in _SAMPLERS:
-      raise ValueError(f"Sampler {name!r} is already registered.")
-    _SAMPLERS[name] = cls
-    return cls
-  return wrap
-
-
-def sampler_names():
-  return sorted(_SAMPLERS)
+register_sampler = _SAMPLERS.register  # class decorator
+sampler_names = _SAMPLERS.names
 
 
 def get_sampler(name: str) -> "Sampler":
   """Returns an instance of the sampler registered as `name`."""
-  if name not in _SAMPLERS:
-    raise ValueError(f"Unknown sampler {name!r}; choose one of "
-                     f"{sampler_names()} (config sampling.sampler).")
-  return _SAMPLERS[name]()
+  return _SAMPLERS.get(name)()
 
 
 class Sampler:

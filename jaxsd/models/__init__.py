@@ -7,23 +7,17 @@ the reference and the oracle of the equivalence tests).
 `init(rng, image_shape, context_shape) -> params` and
 `apply(params, x [B, H, W, C], t [B], context [B, L, D]) -> [B, H, W, C]`.
 """
-from typing import Callable, Dict, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 
-_IMPLEMENTATIONS: Dict[str, Callable] = {}
+from jaxsd import registry
 
-
-def register_unet(name: str):
-  def wrap(cls):
-    _IMPLEMENTATIONS[name] = cls
-    return cls
-  return wrap
-
-
-def unet_implementations():
-  return sorted(_IMPLEMENTATIONS)
+_IMPLEMENTATIONS = registry.Registry("UNet implementation",
+                                     "model.implementation")
+register_unet = _IMPLEMENTATIONS.register  # class decorator
+unet_implementations = _IMPLEMENTATIONS.names
 
 
 def compute_dtype(name: str):
@@ -136,8 +130,5 @@ class JaxsdUNet:
 
 
 def build_unet(model_config, cross_attention_dim: int):
-  name = model_config.implementation
-  if name not in _IMPLEMENTATIONS:
-    raise ValueError(f"model.implementation={name!r}; choose one of "
-                     f"{unet_implementations()}.")
-  return _IMPLEMENTATIONS[name](model_config, cross_attention_dim)
+  cls = _IMPLEMENTATIONS.get(model_config.implementation)
+  return cls(model_config, cross_attention_dim)

@@ -7,30 +7,16 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-_METRICS: Dict[str, type] = {}
+from jaxsd import registry as jaxsd_registry
 
-
-def register_metric(name: str):
-  """Class decorator adding a `Metric` subclass to the registry as `name`."""
-  def wrap(cls):
-    if name in _METRICS:
-      raise ValueError(f"Metric {name!r} is already registered.")
-    cls.name = name
-    _METRICS[name] = cls
-    return cls
-  return wrap
-
-
-def metric_names():
-  return sorted(_METRICS)
+_METRICS = jaxsd_registry.Registry("metric", "eval.metrics")
+register_metric = _METRICS.register  # class decorator; sets cls.name
+metric_names = _METRICS.names
 
 
 def get_metric(name: str) -> "Metric":
   """A new instance of the metric registered as `name`."""
-  if name not in _METRICS:
-    raise ValueError(f"Unknown metric {name!r}; choose from {metric_names()} "
-                     "(config eval.metrics).")
-  return _METRICS[name]()
+  return _METRICS.get(name)()
 
 
 class Metric:
