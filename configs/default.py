@@ -38,6 +38,9 @@ def get_config():
   data.crop = "center"  # center | random
   data.workers = 0  # decoding worker processes (0: in the training process)
   data.shuffle_buffer = 1000  # streamed sources: examples shuffled together
+  # Undecodable images are skipped (data/skipped); past this share of the
+  # images read, the run stops naming them.
+  data.max_skipped_fraction = 0.01
 
   # --- Text encoder (transformers FlaxCLIPTextModel) ----------------------
   config.text = text = ml_collections.ConfigDict()

@@ -206,15 +206,18 @@ class Chore:
 
 
 class LogProgress(Chore):
-  """train/* and system/* scalars, and one console line (process 0)."""
+  """train/*, system/* and data/skipped scalars, one console line (process
+  0); stops the run when too many images did not decode (every process)."""
 
-  def __init__(self, config, writer, progress: metric_logging.Progress):
+  def __init__(self, config, writer, loader, progress: metric_logging.Progress):
     super().__init__(config.training.log_every)
-    self.writer, self.progress = writer, progress
+    self.writer, self.loader, self.progress = writer, loader, progress
+    self.max_skipped = config.data.max_skipped_fraction
     self.lr_fn = ts.learning_rate_schedule(config.optim,
                                            config.training.num_steps)
 
   def __call__(self, loop: LoopState):
+    data_pipeline.check_skipped(self.loader, self.max_skipped)
     if jax.process_index() != 0:
       return
     scalars = {
@@ -223,6 +226,7 @@ class LogProgress(Chore):
         "train/learning_rate": float(self.lr_fn(loop.step - 1)),
         "system/memory_gb": metric_logging.memory_gb(),
         "system/peak_memory_gb": metric_logging.peak_memory_gb(),
+        "data/skipped": self.loader.statistics()["skipped"],
         **self.progress.update(loop.step)}
     self.writer.write_scalars(loop.step, scalars)
     logging.info(self.progress.line(loop.step, scalars))
@@ -373,7 +377,7 @@ def train_and_evaluate(config, workdir: str):
   progress = metric_logging.Progress(start_step, tcfg.num_steps, train_seconds)
   generator = generate.Generator.from_config(setup.components, setup.mesh,
                                              config.sampling)
-  chores = [LogProgress(config, writer, progress),
+  chores = [LogProgress(config, writer, loader, progress),
             SaveCheckpoint(config, mngr, loader, progress),
             WriteSampleGrid(config, grid_prompts(config, source), generator,
                             keys, workdir, writer, progress)]
@@ -406,7 +410,7 @@ def train_and_evaluate(config, workdir: str):
         logging.warning("Stopped at step %d after preemption; the next start "
                         "resumes here.", step)
         break
-  except NonFiniteLossError:
+  except (NonFiniteLossError, data_pipeline.TooManySkippedImagesError):
     status = "FAILED"
     raise
   finally:

@@ -404,3 +404,23 @@ def test_stream_reads_shards_lazily():
   # The buffer (8) plus the batches in flight: never the whole shard.
   assert source.pulled <= 8 + (loader_lib.PREFETCH_BATCHES + 2) * 4
   loader.close()
+
+
+class _Counts:
+  """A loader stand-in with given skip statistics."""
+
+  def __init__(self, skipped, read):
+    self.stats = {"skipped": skipped, "skipped_fraction": skipped / read,
+                  "skipped_keys": [f"bad_{i}.jpg" for i in range(skipped)]}
+
+  def statistics(self):
+    return self.stats
+
+
+def test_too_many_skipped_images_stop_the_run_naming_them():
+  from jaxsd.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.check_skipped(_Counts(0, 100), 0.01)
+  pipeline.check_skipped(_Counts(1, 100), 0.01)  # at the limit: goes on
+  with pytest.raises(pipeline.TooManySkippedImagesError,
+                     match=r"2 images .*bad_0\.jpg.*max_skipped_fraction"):
+    pipeline.check_skipped(_Counts(2, 100), 0.01)

@@ -259,6 +259,32 @@ def test_two_process_cli_evaluates_periodically(tmp_path):
                                  rtol=1e-3, atol=1e-4, err_msg=name)
 
 
+_GATHER = """
+import json, sys
+from jaxsd import parallel
+parallel.maybe_initialize_distributed("on")
+import jax
+from jaxsd.data import pipeline
+k = jax.process_index()
+states = pipeline._allgather_json({"process": k, "buffer": [[k, 7]] * (3 + 5 * k)})
+with open(sys.argv[1] + f"/{k}.json", "w") as f:
+  json.dump(states, f)
+"""
+
+
+@pytest.mark.slow
+def test_streamed_loader_states_gather_from_every_process(tmp_path):
+  """A checkpoint of a streamed source keeps every process's loader state:
+  two processes (gloo) gather JSON states of different lengths in order."""
+  _run_processes([sys.executable, "-c", _GATHER, str(tmp_path)],
+                 str(tmp_path / "logs"), processes=2, timeout=300)
+  for k in (0, 1):
+    with open(tmp_path / f"{k}.json") as f:
+      states = json.load(f)
+    assert [s["process"] for s in states] == [0, 1]
+    assert [len(s["buffer"]) for s in states] == [3, 8]
+
+
 def test_state_shardings_split_largest_divisible_axis():
   mesh = parallel.make_mesh()  # this process's devices; model axis 1
   assert mesh.axis_names == (parallel.DATA_AXIS, parallel.MODEL_AXIS)

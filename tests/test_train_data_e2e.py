@@ -16,6 +16,7 @@ from PIL import Image
 
 from jaxsd import metric_logging
 from jaxsd import train
+from jaxsd.data import pipeline as data_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +125,26 @@ def test_trains_checkpoints_and_resumes_exactly(source, tiny_config, tmp_path,
   assert int(resumed.step) == 4
   for a, b in zip(_leaves(resumed), _leaves(whole)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_undecodable_images_are_counted_then_stop_the_run(tiny_config,
+                                                          tmp_path):
+  path = _imagefolder(str(tmp_path / "images"))
+  for i in (3, 11):  # 2 of 24 images truncated
+    with open(os.path.join(path, f"{i:03d}.png"), "r+b") as f:
+      f.truncate(40)
+  config = _config(tiny_config, "imagefolder", path)
+  config.data.max_skipped_fraction = 0.5
+  train.train_and_evaluate(config, str(tmp_path / "tolerated"))
+  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+  client = MlflowClient(
+      tracking_uri=metric_logging.tracking_uri(tmp_path / "tolerated"))
+  (run,) = client.search_runs(
+      [client.get_experiment_by_name("jaxsd").experiment_id])
+  assert run.data.metrics["data/skipped"] >= 1
+
+  config = _config(tiny_config, "imagefolder", path)
+  config.data.max_skipped_fraction = 0.01
+  with pytest.raises(data_pipeline.TooManySkippedImagesError,
+                     match=r"(003|011)\.png"):
+    train.train_and_evaluate(config, str(tmp_path / "stopped"))

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from jaxsd import parallel
 from jaxsd import text as text_lib
 from jaxsd.data import loader as loader_lib
 from jaxsd.data import sources
@@ -49,6 +50,27 @@ def next_model_batch(loader, steps: int = 1) -> Dict[str, np.ndarray]:
     return loader.next_batch()
   parts = [loader.next_batch() for _ in range(steps)]
   return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+
+
+class TooManySkippedImagesError(RuntimeError):
+  pass
+
+
+def check_skipped(loader, max_fraction: float) -> None:
+  """Raises on every process once more than `max_fraction` of the images
+  one process read did not decode, naming the first of them (a collective
+  in multi-process runs: every process must call it)."""
+  stats = loader.statistics()
+  too_many = bool(stats["skipped"]) and stats["skipped_fraction"] > max_fraction
+  if not parallel.any_process(too_many):
+    return
+  raise TooManySkippedImagesError(
+      (f"{stats['skipped']} images ({100 * stats['skipped_fraction']:.1f}% "
+       f"of those read) did not decode" if too_many else
+       "Another process's images did not decode (its log names them)")
+      + f", more than data.max_skipped_fraction={max_fraction}; the first: "
+      f"{stats['skipped_keys']}. Fix or remove the files, or raise "
+      "data.max_skipped_fraction.")
 
 
 # --- Loader state in checkpoints ------------------------------------------------
