@@ -232,3 +232,38 @@ def test_a_registered_metric_needs_no_evaluator_change(tiny_config, tmp_path):
       registry.register_metric("mean_brightness")(MeanBrightness)
   finally:
     registry._METRICS.unregister("mean_brightness")  # pylint: disable=protected-access
+
+
+def _captioned_folder(path, count=5):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(path)
+  with open(os.path.join(path, "metadata.jsonl"), "w") as f:
+    for i in range(count):
+      Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(
+          os.path.join(path, f"{i}.png"))
+      f.write(json.dumps({"file_name": f"{i}.png",
+                          "text": f"picture {i}"}) + "\n")
+  return path
+
+
+def test_evaluation_beyond_mnist_uses_the_datas_prompts_and_images(
+    tiny_config, tmp_path):
+  config = tiny_config()
+  config.data.source = "imagefolder"
+  config.data.path = _captioned_folder(str(tmp_path / "images"))
+  config.data.num_channels = 3
+  # The MNIST classifier's metrics cannot judge these images.
+  with pytest.raises(ValueError, match=r"prompt_accuracy.*data.source="):
+    evaluator_lib.Evaluator(config)
+  config.eval.metrics = ("fid_inception",)
+  ctx = evaluator_lib.Evaluator(config).context
+  assert ctx.prompts(7) == [f"picture {i % 5}" for i in range(7)]
+  images = ctx.real_images(3, 16)
+  assert images.shape == (3, 16, 16, 3)
+  np.testing.assert_allclose(images[1], 40 / 127.5 - 1, atol=1e-6)
+  assert ctx.reference_name() == "imagefolder-images-test"
+  prompts_file = tmp_path / "prompts.txt"
+  prompts_file.write_text("a cat\n\na dog\n")
+  config.eval.prompts_file = str(prompts_file)
+  assert evaluator_lib.Evaluator(config).context.prompts(3) == [
+      "a cat", "a dog", "a cat"]
