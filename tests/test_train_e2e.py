@@ -62,8 +62,14 @@ def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
   for key in ("train/learning_rate", "train/grad_norm",
               "system/steps_per_second", "system/memory_gb",
               "system/eta_seconds", "system/train_seconds",
-              "model/params_trainable", "data/count_7"):
+              "system/data_wait_percent", "model/params_trainable",
+              "data/batches_per_epoch", "data/skipped"):
     assert key in run.data.metrics, key
+  # What the run logged of its data: MNIST train, batches of 8.
+  assert run.data.metrics["data/examples"] == 60000
+  assert run.data.metrics["data/batches_per_epoch"] == 7500
+  assert "data/examples" in [a.path for a in client.list_artifacts(
+      run.info.run_id, "data")]
   artifacts = [a.path for a in client.list_artifacts(run.info.run_id,
                                                      "samples")]
   assert artifacts == ["samples/step_00000004.png"]
