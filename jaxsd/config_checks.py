@@ -26,9 +26,7 @@ def validate(config):
     value = _get(config, key)
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{key}={value!r} must be a positive integer.")
-  if config.data.source not in sources.source_names():
-    raise ValueError(f"data.source={config.data.source!r}; choose one of "
-                     f"{sources.source_names()}.")
+  sources.source_class(config.data.source)  # unknown: names the choices
   if config.data.crop not in transforms.CROPS:
     raise ValueError(f"data.crop={config.data.crop!r}; choose one of "
                      f"{transforms.CROPS}.")
@@ -58,9 +56,7 @@ def validate(config):
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ValueError(f"optim.ema_decay={config.optim.ema_decay} must be in "
                      "[0, 1).")
-  if config.model.implementation not in models.unet_implementations():
-    raise ValueError(f"model.implementation={config.model.implementation!r};"
-                     f" choose one of {models.unet_implementations()}.")
+  models.unet_class(config.model.implementation)  # unknown: names the choices
   models.compute_dtype(config.model.dtype)
   n_blocks = len(config.model.block_out_channels)
   for key in ("down_block_types", "up_block_types"):

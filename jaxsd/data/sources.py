@@ -68,6 +68,7 @@ def register_source(name: str):
 
 
 source_names = _SOURCES.names
+source_class = _SOURCES.get  # ValueError naming data.source and the choices
 
 
 def make_source(data_config, split: Optional[str] = None):
@@ -76,7 +77,7 @@ def make_source(data_config, split: Optional[str] = None):
   Raises:
     ValueError: a config field is wrong; the message names it and the fix.
   """
-  cls = _SOURCES.get(config_field(data_config, "source") or "mnist")
+  cls = source_class(config_field(data_config, "source") or "mnist")
   split = split or config_field(data_config, "split") or "train"
   return cls.from_config(data_config, split)
 

@@ -18,6 +18,7 @@ _IMPLEMENTATIONS = registry.Registry("UNet implementation",
                                      "model.implementation")
 register_unet = _IMPLEMENTATIONS.register  # class decorator
 unet_implementations = _IMPLEMENTATIONS.names
+unet_class = _IMPLEMENTATIONS.get  # ValueError naming model.implementation
 
 
 def compute_dtype(name: str):
@@ -130,5 +131,5 @@ class JaxsdUNet:
 
 
 def build_unet(model_config, cross_attention_dim: int):
-  cls = _IMPLEMENTATIONS.get(model_config.implementation)
+  cls = unet_class(model_config.implementation)
   return cls(model_config, cross_attention_dim)
