@@ -11,8 +11,11 @@ webdataset shards, then prints one JSON object:
   worker count, the median of `repeats` passes over all examples after a
   warm-up batch (decode, resize, crop, flip, scale, tokenise);
 - `stream_memory`: peak RSS of a child process streaming the webdataset
-  source through the loader with `shards` and with 10x as many shards of the
-  same size (bounded memory: the two within 10%);
+  source through the loader twice over, with `shards` and with 10x as many
+  shards of the same size (bounded memory: the two within 10%), with
+  data.shuffle_buffer=--stream_buffer (the window of raw examples a reader
+  holds, the memory to budget: shuffle_buffer x the mean example size, per
+  worker);
 - with --train_steps=N: `data_wait_percent` of a configs/imagefolder.py run
   of N steps on the image folder (system/data_wait_percent, the share of
   training time the loop waited for the next batch; the first log interval,
@@ -41,6 +44,9 @@ flags.DEFINE_integer("repeats", 3, "Timed passes (median reported).")
 flags.DEFINE_integer("shards", 4, "Webdataset shards (memory test: x1, x10).")
 flags.DEFINE_integer("train_steps", 0, "Steps of an imagefolder training run "
                      "for data_wait_percent (0: skip).")
+flags.DEFINE_integer("stream_buffer", 100, "data.shuffle_buffer of the memory "
+                     "test (below the smaller run's examples, so both hold a "
+                     "full window).")
 flags.DEFINE_string("child_stream", None, "Internal: stream these shards and "
                     "print the peak RSS.")
 FLAGS = flags.FLAGS
@@ -126,6 +132,7 @@ def stream_child(pattern: str):
   from jaxsd import text  # pylint: disable=g-import-not-at-top
   from jaxsd.data import pipeline  # pylint: disable=g-import-not-at-top
   config = _config("webdataset", pattern, 64, 0)
+  config.data.shuffle_buffer = FLAGS.stream_buffer
   tokenizer = text.load_tokenizer(config.text.tokenizer)
   loader = pipeline.make_loader(config, tokenizer)
   batches = 2 * FLAGS.examples // FLAGS.batch
@@ -133,19 +140,23 @@ def stream_child(pattern: str):
     loader.next_batch()
   loader.close()
   print(json.dumps({"peak_rss_mb": resource.getrusage(
-      resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": batches}))
+      resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": batches,
+                    "shuffle_buffer": FLAGS.stream_buffer}))
 
 
 def stream_memory(root: str):
-  """Peak RSS streaming `shards` and 10x as many shards of the same size."""
+  """Peak RSS streaming `shards` and 10x as many shards of the same size,
+  each twice over (so the larger run reads 10x more data)."""
   photos = [_photo(i) for i in range(FLAGS.examples)]
   out = {}
   for factor in (1, 10):
     folder = os.path.join(root, f"memory_x{factor}")
     pattern = write_shards(folder, photos * factor, FLAGS.shards * factor)
     cmd = [sys.executable, os.path.abspath(__file__),
-           f"--child_stream={pattern}", f"--examples={FLAGS.examples}",
-           f"--batch={FLAGS.batch}"]
+           f"--child_stream={pattern}",
+           f"--examples={FLAGS.examples * factor}",
+           f"--batch={FLAGS.batch}",
+           f"--stream_buffer={FLAGS.stream_buffer}"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                             check=True)
     out[f"shards_{FLAGS.shards * factor}"] = json.loads(

@@ -38,6 +38,7 @@ def get_config():
   data.crop = "center"  # center | random
   data.workers = 0  # decoding worker processes (0: in the training process)
   data.shuffle_buffer = 1000  # streamed sources: examples shuffled together
+  data.cycle_length = 4  # streamed sources: shards read at once, interleaved
   # Undecodable images are skipped (data/skipped); past this share of the
   # images read, the run stops naming them.
   data.max_skipped_fraction = 0.01

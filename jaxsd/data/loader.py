@@ -18,27 +18,27 @@ one after the batch in the epoch's order, process k trying positions
 candidates per process, no coordination); the replacement therefore also
 appears in its own place in the epoch.
 
-Stream sources (`shards`, `read_shard(shard)`) are read shard by shard: epoch
-e's shard order is `default_rng([seed, e]).permutation(len(shards))`, process
-k reads `order[k::process_count]` in that order, through a shuffle buffer of
-`shuffle_buffer` examples: output n of the epoch is the buffer slot
-`default_rng([seed, e, k, n]).integers(len(buffer))`, swapped with the last
-and replaced by the next example read. Epochs follow each other without a
-break (a batch may span two). An image that does not decode is skipped and
-the next output taken. Memory: the open shard's iterator, the buffer of raw
-(undecoded) examples and a few prefetched batches; never a whole shard.
+Stream sources (`shards`, `read_shard(shard)`) go through Grain too
+(stream.py): epoch e's shard order is `default_rng([seed, e]).permutation(
+len(shards))`, process k reads `order[k::process_count]`, `cycle_length`
+shards at a time interleaved example by example (InterleaveIterDataset),
+through a window shuffle of `shuffle_buffer` examples
+(WindowShuffleIterDataset); with `workers` >= 1 each worker reads the slice
+`[w::workers]` of those shards and batches are taken from the workers in
+turn. Epochs follow each other without a break (a batch may span two). An
+image that does not decode is skipped and the next example taken. The
+state is Grain's iterator state (per process). Memory: the open shards' next
+examples and a window of raw (undecoded) examples per reader; never a whole
+shard.
 
 Captions are tokenised in the main process, batch by batch (tokenizers are
 not always picklable). Transform randomness (random crop, flip) is drawn
 from (seed, epoch, example index) (transforms.example_rng).
 """
-import concurrent.futures
-import multiprocessing
-import queue
-import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List
 
 from absl import flags
+from absl import logging
 import numpy as np
 
 from jaxsd.data import transforms
@@ -53,7 +53,8 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
                 shuffle: bool = True, num_channels: int = 3,
                 crop: str = "center", random_flip: bool = False,
                 pad_small: bool = False, workers: int = 0,
-                shuffle_buffer: int = 1000, process_index: int = 0,
+                shuffle_buffer: int = 1000, cycle_length: int = 4,
+               process_index: int = 0,
                 process_count: int = 1):
   """A loader of this process's batches of `source`.
 
@@ -69,6 +70,7 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
       instead of upscaling them (MNIST 28x28 at S = 32).
     workers: decoding processes (0: decode in this process, in a thread).
     shuffle_buffer: examples shuffled together (stream sources only).
+    cycle_length: shards read at once, interleaved (stream sources only).
   """
   transform = transforms.ImageTransform(
       image_size=image_size, num_channels=num_channels, crop=crop,
@@ -87,20 +89,13 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
                 workers=workers, process_index=process_index,
                 process_count=process_count)
   if hasattr(source, "read_shard") and hasattr(source, "shards"):
-    return StreamLoader(source, shuffle_buffer=shuffle_buffer, **common)
+    return StreamLoader(source, shuffle_buffer=shuffle_buffer,
+                        cycle_length=cycle_length, **common)
   if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
     return RandomAccessLoader(source, **common)
   raise TypeError(f"{type(source).__name__} is neither a random-access source "
                   "(__len__, __getitem__) nor a stream source (shards, "
                   "read_shard).")
-
-
-def _caption(example, key) -> str:
-  caption = example.get("caption")
-  if not isinstance(caption, str):
-    raise TypeError(f"Example {key!r} has caption {caption!r}; every example "
-                    "needs a str caption.")
-  return caption
 
 
 class _LoaderBase:
@@ -234,7 +229,7 @@ class BatchAt:
         failed.append(slot)
         image = caption = None
       else:
-        caption = _caption(example, key)
+        caption = transforms.caption_of(example, key)
       images.append(image)
       captions.append(caption)
     base = (i + 1) * self.global_batch_size + self.process_index
@@ -251,7 +246,7 @@ class BatchAt:
         t += 1
         image, example, key = self._prepare(index, epoch)
         if image is not None:
-          images[slot], captions[slot] = image, _caption(example, key)
+          images[slot], captions[slot] = image, transforms.caption_of(example, key)
           break
         skipped.append(key)
     return {"image": np.stack(images), "caption": captions,
@@ -346,180 +341,35 @@ class RandomAccessLoader(_LoaderBase):
 
 
 # ----------------------------------------------------------------------------
-# Stream sources: shards, a shuffle buffer, a background thread.
+# Stream sources: Grain's interleave of shards, a window shuffle, workers.
 # ----------------------------------------------------------------------------
 
 
-class ShuffledStream:
-  """This process's raw examples of a stream source, epoch after epoch.
-
-  `next()` returns (example, epoch, n), n counting the epoch's outputs.
-  `state()` is exact and small: the epoch, n, the shard being read (its
-  place in this process's shard list of the epoch) and how many of its
-  examples were read, and where each buffered example came from (shard
-  place, offset). Restoring re-reads, without decoding, only the shards the
-  buffer holds examples of, up to the last one needed; typically the
-  current shard and the one before it, never the whole epoch.
-  """
-
-  def __init__(self, source, *, seed, shuffle, buffer_size, process_index,
-               process_count, state=None):
-    self.source, self.seed, self.shuffle = source, seed, shuffle
-    self.buffer_size = buffer_size if shuffle else 1
-    self.process_index, self.process_count = process_index, process_count
-    self.num_shards = len(source.shards)
-    state = state or {"epoch": 0, "emitted": 0, "cursor": 0, "offset": 0,
-                      "buffer": []}
-    self._epoch = int(state["epoch"])
-    self._emitted = int(state["emitted"])
-    self._cursor, self._offset = int(state["cursor"]), int(state["offset"])
-    self._shards = self.shards_of(self._epoch)
-    self._reader: Optional[Iterator] = None
-    self._buffer: List = []  # [((cursor, offset), example)]
-    self._restore([tuple(m) for m in state["buffer"]])
-
-  def shards_of(self, epoch: int) -> List[str]:
-    """This process's shards of `epoch`, in reading order."""
-    if self.shuffle:
-      order = np.random.default_rng([self.seed, epoch]).permutation(
-          self.num_shards)
-    else:
-      order = np.arange(self.num_shards)
-    shards = self.source.shards
-    return [shards[j] for j in order[self.process_index::self.process_count]]
-
-  def _restore(self, metas):
-    need: Dict[int, set] = {}
-    for c, o in metas:
-      need.setdefault(c, set()).add(o)
-    found = {}
-
-    def read(c, count, keep_open):
-      reader = iter(self.source.read_shard(self._shards[c]))
-      for o in range(count):
-        try:
-          example = next(reader)
-        except StopIteration:
-          raise RuntimeError(
-              f"Shard {self._shards[c]!r} has {o} examples, fewer than the "
-              "saved data position says; the data changed since the "
-              "checkpoint (restore it, or start a new workdir).") from None
-        if o in need.get(c, ()):
-          found[(c, o)] = example
-      if keep_open:
-        self._reader = reader
-      elif hasattr(reader, "close"):
-        reader.close()
-
-    for c in sorted(need):
-      if c != self._cursor:
-        read(c, max(need[c]) + 1, keep_open=False)
-    if self._offset:
-      read(self._cursor, self._offset, keep_open=True)
-    self._buffer = [((c, o), found[(c, o)]) for c, o in metas]
-
-  def _fill(self):
-    while len(self._buffer) < self.buffer_size and self._cursor < len(
-        self._shards):
-      if self._reader is None:
-        self._reader = iter(self.source.read_shard(self._shards[self._cursor]))
-        self._offset = 0
-      try:
-        example = next(self._reader)
-      except StopIteration:
-        self._reader = None
-        self._cursor, self._offset = self._cursor + 1, 0
-        continue
-      self._buffer.append(((self._cursor, self._offset), example))
-      self._offset += 1
-
-  def next(self):
-    self._fill()
-    if not self._buffer:  # the epoch is over
-      if self._emitted == 0:
-        raise RuntimeError(
-            f"Process {self.process_index}'s shards of epoch {self._epoch} "
-            f"({self._shards}) hold no examples.")
-      self._epoch += 1
-      self._emitted, self._cursor, self._offset = 0, 0, 0
-      self._shards = self.shards_of(self._epoch)
-      self._fill()
-    if len(self._buffer) == 1:
-      j = 0
-    else:
-      j = int(np.random.default_rng(
-          [self.seed, self._epoch, self.process_index, self._emitted]
-      ).integers(len(self._buffer)))
-    _, example = self._buffer[j]
-    self._buffer[j] = self._buffer[-1]
-    self._buffer.pop()
-    self._emitted += 1
-    return example, self._epoch, self._emitted - 1
-
-  def state(self) -> Dict[str, Any]:
-    return {"epoch": self._epoch, "emitted": self._emitted,
-            "cursor": self._cursor, "offset": self._offset,
-            "buffer": [list(meta) for meta, _ in self._buffer]}
-
-
-class _Failure:
-
-  def __init__(self, error):
-    self.error = error
-
-
-class _Background:
-  """Runs an iterator in a daemon thread, `depth` items ahead."""
-
-  def __init__(self, items: Iterator, depth: int):
-    self._queue: queue.Queue = queue.Queue(depth)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, args=(items,),
-                                    daemon=True, name="jaxsd-stream")
-    self._thread.start()
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def _run(self, items):
-    try:
-      for item in items:
-        if not self._put(item):
-          return
-    except BaseException as e:  # pylint: disable=broad-except
-      self._put(_Failure(e))  # raised in the consumer
-
-  def get(self):
-    item = self._queue.get()
-    if isinstance(item, _Failure):
-      raise item.error
-    return item
-
-  def close(self):
-    self._stop.set()
-    self._thread.join(timeout=30)
-
-
 class StreamLoader(_LoaderBase):
-  """Batches of a stream source (webdataset shards): a ShuffledStream read,
-  decoded (in `workers` spawned processes, or in the thread) and batched in a
-  background thread, PREFETCH_BATCHES ahead.
+  """Batches of a stream source (webdataset shards) through Grain.
 
-  State: this process's ShuffledStream state after the last delivered batch
-  (epoch, outputs n of the epoch, shard place and offset, the buffer's
-  example places) plus checks and skip counts. It is per process: each
-  process saves and restores its own.
+  Process k's epoch e is the shards `shard_order(e)[k::process_count]`,
+  read `cycle_length` at a time and interleaved (Grain's
+  InterleaveIterDataset), window-shuffled `shuffle_buffer` examples at a
+  time (WindowShuffleIterDataset), decoded and batched; epochs follow each
+  other without a break (a batch may span two). With `workers` >= 1, Grain's
+  mp_prefetch runs that pipeline in each worker process over the slice
+  `[w::workers]` of every epoch's shards and takes batches from the workers
+  in turn, so the order depends on the worker count (0 and 1 give the same
+  batches); with 0 a thread runs it. Unshuffled, shards are read one at a
+  time in sorted order, examples in file order.
+
+  State: Grain's iterator state (each worker's epoch, its open shards and
+  their offsets, the window's start and place) after the last delivered
+  batch, plus checks and skip counts. It is per process: each process saves
+  and restores its own; a restore re-reads, undecoded, the window being
+  shuffled and the open shards up to their offsets. Memory per reader: the
+  open shards' next examples and one window of raw (undecoded) examples.
   """
 
-  kind = "stream"
+  kind = "stream/grain"
 
-  def __init__(self, source, *, shuffle_buffer, **kwargs):
+  def __init__(self, source, *, shuffle_buffer, cycle_length, **kwargs):
     super().__init__(**kwargs)
     self.source = source
     self.num_shards = len(source.shards)
@@ -531,86 +381,82 @@ class StreamLoader(_LoaderBase):
           "files), or run fewer processes.")
     if shuffle_buffer < 1:
       raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 1.")
-    self.shuffle_buffer = shuffle_buffer
-    self._stream_state: Optional[Dict[str, Any]] = None  # None: the start
-    self._background: Optional[_Background] = None
-    self._pool = None
+    if cycle_length < 1:
+      raise ValueError(f"cycle_length={cycle_length} must be >= 1.")
+    per_process = self.num_shards // self.process_count
+    if self.workers > per_process:
+      logging.warning(
+          "data.workers=%d: the %d shards give each of the %d processes "
+          "only %d; each worker reads whole shards, so %d workers are used.",
+          self.workers, self.num_shards, self.process_count, per_process,
+          per_process)
+      self.workers = per_process
+    self.shuffle_buffer, self.cycle_length = shuffle_buffer, cycle_length
+    from jaxsd.data import stream  # pylint: disable=g-import-not-at-top
+    self._stream_lib = stream  # imports grain (2 s): only streamed runs
+    self.spec = stream.StreamSpec(
+        source=source, transform=self.transform, seed=self.seed,
+        shuffle=self.shuffle, cycle_length=cycle_length,
+        window=shuffle_buffer, local_batch_size=self.local_batch_size,
+        process_index=self.process_index, process_count=self.process_count)
+    self._grain_state = None  # None: the start
+    self._epoch = 0
+    self._iterator = None
 
-  def _decode(self, items):
-    """[(example, epoch, n)] -> [float32 image or None], in order."""
-    keys = [str(ex.get("key", f"{epoch}:{n}")) for ex, epoch, n in items]
-    rngs = [transforms.example_rng(
-        self.seed, epoch, n * self.process_count + self.process_index)
-            if self.transform.needs_rng else None for _, epoch, n in items]
-    images = [ex["image"] for ex, _, _ in items]
-    if self._pool is None:
-      return list(map(self.transform, images, keys, rngs)), keys
-    return list(self._pool.map(self.transform, images, keys, rngs)), keys
-
-  def _produce(self, stream: ShuffledStream):
-    """Yields (element, stream state after it), endlessly."""
-    b = self.local_batch_size
-    while True:
-      images, captions, skipped = [], [], []
-      while len(images) < b:
-        items = [stream.next() for _ in range(b - len(images))]
-        decoded, keys = self._decode(items)
-        for (example, _, _), image, key in zip(items, decoded, keys):
-          if image is None:
-            skipped.append(key)
-          else:
-            images.append(image)
-            captions.append(_caption(example, key))
-      yield ({"image": np.stack(images), "caption": captions,
-              "skipped": skipped}, stream.state())
+  def shards_of(self, epoch: int) -> List[str]:
+    """This process's shards of `epoch`, in reading order."""
+    return [self.source.shards[j] for j in self._stream_lib.shard_order(
+        self.num_shards, seed=self.seed, shuffle=self.shuffle, epoch=epoch,
+        process_index=self.process_index, process_count=self.process_count)]
 
   def _start(self):
-    if self.workers and self._pool is None:
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          self.workers, mp_context=multiprocessing.get_context("spawn"))
-    stream = ShuffledStream(
-        self.source, seed=self.seed, shuffle=self.shuffle,
-        buffer_size=self.shuffle_buffer, process_index=self.process_index,
-        process_count=self.process_count, state=self._stream_state)
-    self._background = _Background(self._produce(stream), PREFETCH_BATCHES)
+    import grain  # pylint: disable=g-import-not-at-top
+    ds = self._stream_lib.StreamBatches(self.spec)
+    if self.workers == 0:
+      ds = grain.experimental.ThreadPrefetchIterDataset(
+          ds, prefetch_buffer_size=PREFETCH_BATCHES)
+    else:
+      if not flags.FLAGS.is_parsed():  # see RandomAccessLoader._start
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.workers, per_worker_buffer_size=PREFETCH_BATCHES))
+    self._iterator = iter(ds)
+    if self._grain_state is not None:
+      self._iterator.set_state(self._grain_state)
 
   def next_batch(self) -> Dict[str, np.ndarray]:
-    if self._background is None:
+    if self._iterator is None:
       self._start()
-    element, self._stream_state = self._background.get()
+    element = next(self._iterator)
+    self._grain_state = self._iterator.get_state()
+    self._epoch = int(element["epoch"])
     return self._deliver(element)
 
   def _fields(self):
     return {"seed": self.seed, "shuffle": self.shuffle,
             "shuffle_buffer": self.shuffle_buffer,
+            "cycle_length": self.cycle_length, "workers": self.workers,
             "global_batch_size": self.global_batch_size,
             "process_index": self.process_index,
             "process_count": self.process_count, "shards": self.num_shards}
 
   def get_state(self) -> Dict[str, Any]:
-    stream = self._stream_state or {"epoch": 0, "emitted": 0, "cursor": 0,
-                                    "offset": 0, "buffer": []}
-    return {"kind": self.kind, **stream, **self._fields(),
-            **self._skip_state()}
+    return {"kind": self.kind, "grain": self._grain_state,
+            "epoch": self._epoch, **self._fields(), **self._skip_state()}
 
   def set_state(self, state: Dict[str, Any]):
     self._check_state(state, self._fields())
-    self._stop_background()
-    self._stream_state = {k: state[k] for k in
-                          ("epoch", "emitted", "cursor", "offset", "buffer")}
+    self.close()
+    self._grain_state = state["grain"]
+    self._epoch = int(state["epoch"])
 
   def statistics(self) -> Dict[str, Any]:
-    epoch = (self._stream_state or {}).get("epoch", 0)
     return {**super().statistics(), "shards": self.num_shards,
-            "epoch": epoch}
-
-  def _stop_background(self):
-    if self._background is not None:
-      self._background.close()
-      self._background = None
+            "epoch": self._epoch}
 
   def close(self):
-    self._stop_background()
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
+    if self._iterator is not None:
+      close = getattr(self._iterator, "close", None)
+      if close is not None:
+        close()
+      self._iterator = None

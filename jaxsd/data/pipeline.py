@@ -40,7 +40,7 @@ def make_loader(config, tokenizer, source=None, process_index: int = 0,
       num_channels=data.num_channels, crop=data.crop,
       random_flip=data.random_flip, pad_small=data.source == "mnist",
       workers=data.workers, shuffle_buffer=data.shuffle_buffer,
-      process_index=process_index, process_count=process_count)
+      cycle_length=data.cycle_length, process_index=process_index, process_count=process_count)
 
 
 def next_model_batch(loader, steps: int = 1) -> Dict[str, np.ndarray]:

@@ -22,6 +22,15 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError,
                   Image.DecompressionBombError)
 
 
+def caption_of(example, key) -> str:
+  """The example's caption, which must be a str."""
+  caption = example.get("caption")
+  if not isinstance(caption, str):
+    raise TypeError(f"Example {key!r} has caption {caption!r}; every example "
+                    "needs a str caption.")
+  return caption
+
+
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   """The Generator of one example's random transforms."""
   return np.random.default_rng([seed, epoch, index])
