@@ -84,6 +84,40 @@ def get_config():
   model.norm_num_groups = 32
   model.use_linear_projection = False
   model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 master weights
+  # Latent diffusion: the frozen autoencoder whose latents the UNet denoises
+  # (model.in_channels / out_channels = its latent_channels). A diffusers
+  # `vae/` folder, a Stable Diffusion pipeline folder (its `vae/`), or a
+  # jaxsd autoencoder workdir (python -m jaxsd.train_autoencoder). "" = pixel
+  # space.
+  model.autoencoder = ""
+
+  # --- Autoencoder (python -m jaxsd.train_autoencoder) ----------------------
+  # A KL autoencoder with diffusers' AutoencoderKL architecture
+  # (jaxsd/models/autoencoder.py); it trains on `data` with `training`,
+  # `optim` and `logging` as the diffusion trainer does. Its in/out channels
+  # are data.num_channels.
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.block_out_channels = (64, 128)  # downsampling 2^(len - 1)
+  ae.layers_per_block = 1
+  ae.latent_channels = 4
+  ae.norm_num_groups = 32
+  ae.mid_block_add_attention = True
+  ae.use_quant_conv = True
+  ae.use_post_quant_conv = True
+  # Diffusion runs on (z - shift_factor) * scaling_factor. 0 = measured when
+  # checkpointing: 1 / std of the posterior means of training images (as
+  # Stable Diffusion's 0.18215 was).
+  ae.scaling_factor = 0.0
+  ae.shift_factor = 0.0
+  ae.reconstruction_loss = "l1"  # l1 | mse (per pixel, mean)
+  ae.kl_weight = 1e-6  # times the KL summed over latent elements, batch mean
+  # Patch discriminator (hinge GAN loss, as SD's autoencoders) from this
+  # step on; < 0 = never.
+  ae.disc_start = -1
+  ae.disc_weight = 0.5
+  ae.disc_channels = 64
+  ae.disc_layers = 3
+  ae.eval_images = 256  # held-out images for eval/psnr and eval/rfid
 
   # --- Diffusion ----------------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()

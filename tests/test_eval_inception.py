@@ -17,7 +17,7 @@ from torch import nn
 
 from jaxsd import hub
 from jaxsd.evaluation import inception
-from jaxsd.evaluation import torch_checkpoint
+from jaxsd.models import torch_checkpoint
 
 
 # --- PyTorch reference: torchvision Inception3 layers + pytorch-fid patches --

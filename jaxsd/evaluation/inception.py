@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import environment
-from jaxsd.evaluation import torch_checkpoint
+from jaxsd.models import torch_checkpoint
 from jaxsd.hub import WeightsUnavailableError, download
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
