@@ -42,6 +42,10 @@ def get_config():
   # Undecodable images are skipped (data/skipped); past this share of the
   # images read, the run stops naming them.
   data.max_skipped_fraction = 0.01
+  # Latent runs: a latent cache (python -m jaxsd.cache) of this data, read
+  # for training instead of encoding the images every step. "" = encode on
+  # the fly.
+  data.latent_cache = ""
 
   # --- Text encoder (transformers FlaxCLIPTextModel) ----------------------
   config.text = text = ml_collections.ConfigDict()

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxsd import checkpoint
 from jaxsd import environment
+from jaxsd import latent
 from jaxsd import models
 from jaxsd import parallel
 from jaxsd import text as text_lib
@@ -37,11 +38,35 @@ class Components:
   unet: Any
   schedule: schedules.NoiseSchedule
   uncond_ids: np.ndarray  # [1, L] token ids of the empty prompt
+  # Latent diffusion (model.autoencoder): the frozen autoencoder; None in
+  # pixel space.
+  autoencoder: Optional[latent.FrozenAutoencoder] = None
 
   @property
   def image_shape(self):
+    """The shape the UNet denoises: the image's, or its latents'."""
     c = self.config
+    if self.autoencoder is not None:
+      return self.autoencoder.latent_shape(c.data.image_size)
     return (c.data.image_size, c.data.image_size, c.model.in_channels)
+
+  @property
+  def pixel_shape(self):
+    """The shape of the images the model makes."""
+    c = self.config
+    return (c.data.image_size, c.data.image_size, c.data.num_channels)
+
+  @property
+  def autoencoder_params(self):
+    """The frozen autoencoder's parameters (None in pixel space): passed
+    to jitted code as an argument, never closed over as constants."""
+    return None if self.autoencoder is None else self.autoencoder.params
+
+  def decode(self, autoencoder_params, x):
+    """What a sampler made -> images in [-1, 1]."""
+    if self.autoencoder is None:
+      return x
+    return self.autoencoder.decode(autoencoder_params, x)
 
   def init_params(self, rng):
     """{"unet": ..., "text": ...}, freshly initialised or pretrained."""
@@ -71,8 +96,13 @@ def build_components(config) -> Components:
   schedule = schedules.make_schedule(config.diffusion.schedule,
                                      config.diffusion.num_timesteps)
   uncond = text_lib.empty_prompt_ids(tokenizer, config.text.max_length)
+  autoencoder = None
+  if config.model.autoencoder:
+    autoencoder = latent.load(config.model.autoencoder)
+    latent.check_run_config(autoencoder, config)
   return Components(config=config, tokenizer=tokenizer, text_encoder=encoder,
-                    unet=unet, schedule=schedule, uncond_ids=uncond)
+                    unet=unet, schedule=schedule, uncond_ids=uncond,
+                    autoencoder=autoencoder)
 
 
 def param_count(params) -> int:
@@ -113,6 +143,14 @@ class TrainSetup:
     self.batch_sharding = (parallel.batch_sharding(self.mesh)
                            if self.steps_per_call == 1
                            else parallel.stacked_batch_sharding(self.mesh))
+    self._encode = None
+    self.autoencoder_params = None
+    if self.components.autoencoder is not None:
+      self.autoencoder_params = jax.device_put(
+          self.components.autoencoder_params,
+          parallel.replicated(self.mesh))
+      self._encode = jax.jit(encode_images(self.components.autoencoder),
+                             out_shardings=self.batch_sharding)
 
   def _init_state(self, rng) -> ts.TrainState:
     return ts.create(self.components.init_params(rng), self.tx)
@@ -134,7 +172,11 @@ class TrainSetup:
     return step_lib.make_step_fn(
         unet_apply=c.unet.apply, text_apply=c.text_encoder,
         schedule=c.schedule, uncond_ids=c.uncond_ids, config=self.config,
-        tx=self.tx, steps_per_call=self.steps_per_call)
+        tx=self.tx, steps_per_call=self.steps_per_call,
+        latent_scale=(c.autoencoder.config.scaling_factor
+                      if c.autoencoder else 1.0),
+        latent_shift=(c.autoencoder.config.shift_factor
+                      if c.autoencoder else 0.0))
 
   def make_train_step(self, donate: bool = True):
     """The jitted step: state sharded as `state_shardings`, batch as
@@ -148,8 +190,26 @@ class TrainSetup:
         donate_argnums=(0,) if donate else ())
 
   def global_batch(self, local_batch):
-    """This process's share of a batch -> the step's global, sharded batch."""
-    return parallel.global_batch(local_batch, self.batch_sharding)
+    """This process's share of a batch -> the step's global, sharded batch.
+
+    In latent runs the images are replaced by their posterior under the
+    frozen autoencoder (`latent_mean`, `latent_logvar`), which the step
+    samples; a latent cache's batches already hold them.
+    """
+    batch = parallel.global_batch(local_batch, self.batch_sharding)
+    if self._encode is not None and "image" in batch:
+      batch = self._encode(self.autoencoder_params, batch)
+    return batch
+
+
+def encode_images(autoencoder: latent.FrozenAutoencoder):
+  """(autoencoder params, batch) -> the batch with "image" replaced by its
+  posterior's "latent_mean" and "latent_logvar" (unjitted)."""
+  def encode(params, batch):
+    batch = dict(batch)
+    mean, logvar = autoencoder.encode(params, batch.pop("image"))
+    return {**batch, "latent_mean": mean, "latent_logvar": logvar}
+  return encode
 
 
 CONFIG_FILE = "config.json"

@@ -30,7 +30,8 @@ def validate(config):
   if config.data.crop not in transforms.CROPS:
     raise ValueError(f"data.crop={config.data.crop!r}; choose one of "
                      f"{transforms.CROPS}.")
-  if config.data.num_channels != config.model.in_channels:
+  if (not config.model.autoencoder
+      and config.data.num_channels != config.model.in_channels):
     raise ValueError(
         f"data.num_channels={config.data.num_channels} but "
         f"model.in_channels={config.model.in_channels}: a pixel-space UNet "

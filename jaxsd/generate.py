@@ -50,22 +50,31 @@ class Generator:
                            clip_x0=clip_x0,
                            guidance_interval=guidance_interval)
     self._jitted = jax.jit(
-        fn, in_shardings=(self._replicated, self._sharding, self._replicated),
+        fn, in_shardings=(self._replicated, self._sharding, self._replicated,
+                          self._replicated),
         out_shardings=self._sharding)
+    # Latent runs: the frozen autoencoder's parameters, an argument of the
+    # jitted call (placed once), which decodes the sampled latents.
+    self._autoencoder_params = (
+        None if components.autoencoder is None else
+        jax.device_put(components.autoencoder_params, self._replicated))
 
-  def _generate(self, params, input_ids, rng, *, sampler, num_steps,
-                guidance_scale, eta, clip_x0, guidance_interval):
+  def _generate(self, params, input_ids, rng, autoencoder_params, *, sampler,
+                num_steps, guidance_scale, eta, clip_x0, guidance_interval):
     c = self.components
     cond = c.encode(params, input_ids)
     uncond = c.encode(params, jnp.asarray(c.uncond_ids))
     shape = (input_ids.shape[0],) + c.image_shape
-    return samplers.sample(
+    x = samplers.sample(
         c.denoise_fn(params), c.schedule, rng, shape, cond, uncond,
         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
         prediction_type=c.config.diffusion.prediction_type, eta=eta,
         # Images live in [-1, 1]: clipping the x0 estimate keeps an epsilon
         # model's near-pure-noise steps (ab ~ 1e-9 under cosine) bounded.
-        clip_x0=clip_x0, guidance_interval=guidance_interval)
+        # Latents are not bounded so: no clipping there.
+        clip_x0=clip_x0 and c.autoencoder is None,
+        guidance_interval=guidance_interval)
+    return c.decode(autoencoder_params, x)
 
   @classmethod
   def from_config(cls, components: Components, mesh, sampling_config, *,
@@ -113,8 +122,9 @@ class Generator:
       if pad:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
       chunk = parallel.shard_replicated_host_array(chunk, self._sharding)
-      images = self._jitted(params, chunk, jax.random.fold_in(rng, i))
+      images = self._jitted(params, chunk, jax.random.fold_in(rng, i),
+                            self._autoencoder_params)
       out.append(np.asarray(multihost_utils.process_allgather(
           images, tiled=True))[:size - pad])
     return np.concatenate(out, 0) if out else np.zeros((0,) + tuple(
-        self.components.image_shape), np.float32)
+        self.components.pixel_shape), np.float32)

@@ -84,11 +84,17 @@ def eval_key(config, step: int):
   return jax.random.fold_in(RunKeys.from_seed(config.training.seed).eval, step)
 
 
-def load_training_data(config, tokenizer):
-  """(source, this process's loader) of the config's training data."""
+def load_training_data(config, components: build.Components):
+  """(source, this process's loader) of the config's training data; with
+  data.latent_cache the loader reads the cache (checked against the data
+  and the autoencoder), the source stays the images' (previews, prompts)."""
   source = data_pipeline.make_source(config)
+  read = source
+  if config.data.latent_cache:
+    read = data_pipeline.make_latent_cache_source(config, source,
+                                                  components.autoencoder)
   loader = data_pipeline.make_loader(
-      config, tokenizer, source, process_index=jax.process_index(),
+      config, components.tokenizer, read, process_index=jax.process_index(),
       process_count=jax.process_count())
   return source, loader
 
@@ -360,7 +366,7 @@ def train_and_evaluate(config, workdir: str):
   if jax.process_index() == 0:
     writer.write_hparams(config.to_dict())
 
-  source, loader = load_training_data(config, setup.components.tokenizer)
+  source, loader = load_training_data(config, setup.components)
   keys = RunKeys.from_seed(tcfg.seed)
   mngr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints)
   state, start_step, train_seconds = restore_or_create_state(

@@ -35,13 +35,26 @@ def sample_timesteps(rng, b: int, num_timesteps: int,
 
 def add_noise_inputs(batch, rng, *, num_timesteps: int, cfg_dropout: float,
                      timestep_sampling: str = "uniform",
-                     logit_mean: float = 0.0, logit_std: float = 1.0):
+                     logit_mean: float = 0.0, logit_std: float = 1.0,
+                     latent_scale: float = 1.0, latent_shift: float = 0.0):
   """Draws the step's randomness for the whole global batch.
 
   Adds noise [B, H, W, C], t int32 [B] and drop bool [B] (train on the empty
   prompt). Drawn before any micro-batching, so gradient accumulation and the
   device count do not change which noise an example gets.
+
+  A latent batch (latent_mean, latent_logvar: the autoencoder's posterior,
+  encoded on the fly or read from a latent cache) becomes "image" here: a
+  posterior draw mean + std * N(0, 1), to the diffusion space
+  (z - shift) * scale, as Stable Diffusion trains.
   """
+  if "latent_mean" in batch:  # (pixel runs keep their keys as they were)
+    rng, rng_posterior = jax.random.split(rng)
+    batch = dict(batch)
+    mean, logvar = batch.pop("latent_mean"), batch.pop("latent_logvar")
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(
+        rng_posterior, mean.shape, mean.dtype)
+    batch["image"] = (z - latent_shift) * latent_scale
   x0 = batch["image"]
   b = x0.shape[0]
   rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
@@ -132,7 +145,8 @@ def multi_step(state, batches, rng, *, step_fn: Callable):
 
 
 def make_step_fn(*, unet_apply, text_apply, schedule, uncond_ids, config, tx,
-                 steps_per_call: int = 1):
+                 steps_per_call: int = 1, latent_scale: float = 1.0,
+                 latent_shift: float = 0.0):
   """The step as a function of (state, batch, rng), ready for jax.jit."""
   loss = functools.partial(
       loss_fn, unet_apply=unet_apply, text_apply=text_apply, schedule=schedule,
@@ -145,7 +159,8 @@ def make_step_fn(*, unet_apply, text_apply, schedule, uncond_ids, config, tx,
       cfg_dropout=config.diffusion.cfg_dropout,
       timestep_sampling=config.diffusion.timestep_sampling,
       logit_mean=config.diffusion.logit_mean,
-      logit_std=config.diffusion.logit_std)
+      logit_std=config.diffusion.logit_std, latent_scale=latent_scale,
+      latent_shift=latent_shift)
   step = functools.partial(train_step, loss=loss, noise_inputs=noise_inputs,
                            tx=tx,
                            ema_decay=config.optim.ema_decay,

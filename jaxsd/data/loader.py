@@ -98,6 +98,13 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
                   "read_shard).")
 
 
+def _arrays(element) -> Dict[str, np.ndarray]:
+  """A built batch's model inputs: "image", or a latent cache's
+  "latent_mean" and "latent_logvar"."""
+  return {k: v for k, v in element.items()
+          if k in ("image", "latent_mean", "latent_logvar")}
+
+
 class _LoaderBase:
   """Tokenisation, skip counting and statistics shared by both loaders."""
 
@@ -124,7 +131,7 @@ class _LoaderBase:
     if ids.ndim != 2 or len(ids) != self.local_batch_size:
       raise ValueError(f"tokenize_fn returned shape {ids.shape} for "
                        f"{self.local_batch_size} captions; expected [b, L].")
-    return {"image": element["image"], "input_ids": ids.astype(np.int32)}
+    return {**_arrays(element), "input_ids": ids.astype(np.int32)}
 
   def _skip_state(self) -> Dict[str, Any]:
     return {"batches": self._batches, "skipped": self._skipped,
@@ -218,8 +225,20 @@ class BatchAt:
            if self.transform.needs_rng else None)
     return self.transform(example["image"], key, rng), example, key
 
+  def _latents(self, position: int) -> Dict[str, Any]:
+    """A latent cache's batch: stored posteriors, nothing to decode."""
+    epoch = position // self.batches_per_epoch
+    examples = [self.source.example(int(i), epoch)
+                for i in self.indices(position)]
+    return {"latent_mean": np.stack([e["latent_mean"] for e in examples]),
+            "latent_logvar": np.stack([e["latent_logvar"] for e in examples]),
+            "caption": [transforms.caption_of(e, e.get("key", ""))
+                        for e in examples], "skipped": []}
+
   def __call__(self, position: int) -> Dict[str, Any]:
     position = int(position)
+    if getattr(self.source, "provides_latents", False):
+      return self._latents(position)
     epoch, i = divmod(position, self.batches_per_epoch)
     images, captions, skipped, failed = [], [], [], []
     for slot, index in enumerate(self.indices(position)):
@@ -304,7 +323,7 @@ class RandomAccessLoader(_LoaderBase):
     next_batch gives there; does not move the loader)."""
     element = self.batch_at(position)
     ids = np.asarray(self._tokenize_fn(list(element["caption"])), np.int32)
-    return {"image": element["image"], "input_ids": ids}
+    return {**_arrays(element), "input_ids": ids}
 
   def next_batch(self) -> Dict[str, np.ndarray]:
     if self._iterator is None:

@@ -22,6 +22,28 @@ def make_source(config, split: Optional[str] = None):
   return sources.make_source(config.data, split)
 
 
+def make_latent_cache_source(config, image_source, autoencoder):
+  """The latent cache of data.latent_cache, checked: written from this data
+  (same fields, same number of examples) by this autoencoder."""
+  from jaxsd.data import latent_cache  # pylint: disable=g-import-not-at-top
+  directory = config.data.latent_cache
+  if autoencoder is None:
+    raise ValueError(
+        f"data.latent_cache={directory!r} holds autoencoder latents, but "
+        "model.autoencoder is empty (a pixel-space run); set "
+        "model.autoencoder to the autoencoder the cache was written with.")
+  cache = latent_cache.LatentCacheSource(directory)
+  latent_cache.check_matches(cache.info, config.data,
+                             autoencoder.fingerprint(), directory)
+  if (not isinstance(image_source, sources.StreamSource)
+      and len(image_source) != len(cache)):
+    raise ValueError(
+        f"The latent cache {directory} holds {len(cache)} examples but the "
+        f"data has {len(image_source)}; the data changed since it was "
+        "written: write it again (python -m jaxsd.cache).")
+  return cache
+
+
 def make_loader(config, tokenizer, source=None, process_index: int = 0,
                 process_count: int = 1):
   """This process's loader of the config's training batches.

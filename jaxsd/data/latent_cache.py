@@ -1,0 +1,170 @@
+"""A latent cache: a dataset's autoencoder posteriors, encoded once.
+
+Written by `python -m jaxsd.cache --config=... --out=DIR`; a run reads it
+with `data.latent_cache=DIR` instead of decoding and encoding images every
+step. Layout of DIR:
+
+    cache.json            what it holds (written last: its presence means
+                          the cache is complete), see `CacheInfo`
+    NNNNN.mean.npy        float32 [n, h, w, c] posterior means of shard N
+    NNNNN.logvar.npy      float32 [n, h, w, c] posterior log-variances
+    NNNNN.captions.json   the n captions and keys
+
+Example i of the cache is example i of the data source it was made from
+(same order, same count), so the loader's shuffled order over the cache is
+the order it would have over the images, and a cached run trains on the
+same examples, batch for batch, as one that encodes on the fly. It keeps
+(mean, logvar), not one sample: the train step still draws from the
+posterior.
+"""
+import bisect
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List
+
+import numpy as np
+
+from jaxsd.data import sources
+
+FORMAT = "jaxsd-latent-cache/1"
+INFO_FILE = "cache.json"
+# The data fields that decide which images, in which order and how they
+# were transformed: a cache is only valid for a run with the same ones.
+DATA_FIELDS = ("source", "name", "split", "path", "captions_file",
+               "caption_key", "image_key", "coco_captions", "num_channels",
+               "image_size", "crop", "caption_template")
+
+
+@dataclasses.dataclass
+class CacheInfo:
+  examples: int
+  shards: List[Dict[str, Any]]  # [{"name": "00000", "examples": n}]
+  latent_shape: List[int]
+  autoencoder: str  # the path it was encoded with
+  autoencoder_fingerprint: str  # latent.FrozenAutoencoder.fingerprint()
+  data: Dict[str, Any]  # the DATA_FIELDS of the config it was made from
+  format: str = FORMAT
+
+  def save(self, directory: str):
+    path = os.path.join(directory, INFO_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump(dataclasses.asdict(self), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+  @classmethod
+  def load(cls, directory: str) -> "CacheInfo":
+    path = os.path.join(directory, INFO_FILE)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"data.latent_cache={directory!r} is not a (complete) latent cache: "
+          f"{INFO_FILE} is missing. Write one with `python -m jaxsd.cache "
+          f"--config=... --out={directory}`.")
+    with open(path) as f:
+      info = json.load(f)
+    if info.get("format") != FORMAT:
+      raise ValueError(f"{path} has format {info.get('format')!r}; this jaxsd "
+                       f"reads {FORMAT!r}: write the cache again.")
+    return cls(**info)
+
+
+def data_fields(data_config) -> Dict[str, Any]:
+  return {k: data_config.get(k) for k in DATA_FIELDS}
+
+
+def write_shard(directory: str, name: str, mean: np.ndarray,
+                logvar: np.ndarray, captions: List[str], keys: List[str]):
+  """One shard's files, each written to a temporary name and renamed."""
+  def put(suffix, write):
+    path = os.path.join(directory, f"{name}.{suffix}")
+    with open(path + ".tmp", "wb") as f:
+      write(f)
+    os.replace(path + ".tmp", path)
+  put("mean.npy", lambda f: np.save(f, mean.astype(np.float32)))
+  put("logvar.npy", lambda f: np.save(f, logvar.astype(np.float32)))
+  put("captions.json", lambda f: f.write(json.dumps(
+      {"captions": captions, "keys": keys}).encode()))
+
+
+@sources.register_source("latent_cache")
+class LatentCacheSource(sources.RandomAccessSource):
+  """The examples of a latent cache: {"latent_mean", "latent_logvar",
+  "caption", "key"}, memory-mapped (picklable: the arrays open lazily)."""
+
+  provides_latents = True  # the loader stacks them instead of decoding
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.info = CacheInfo.load(directory)
+    self._starts = np.cumsum([0] + [s["examples"] for s in self.info.shards])
+    self._captions = None
+    self._arrays: Dict[str, np.ndarray] = {}
+
+  @classmethod
+  def from_config(cls, data_config, split: str) -> "LatentCacheSource":
+    del split
+    return cls(data_config.latent_cache)
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_arrays"], state["_captions"] = {}, None
+    return state
+
+  def __len__(self) -> int:
+    return self.info.examples
+
+  def _locate(self, index: int):
+    index = self._check_index(index)
+    s = bisect.bisect_right(self._starts, index) - 1
+    return self.info.shards[s]["name"], index - int(self._starts[s])
+
+  def _array(self, name: str, kind: str) -> np.ndarray:
+    key = f"{name}.{kind}"
+    if key not in self._arrays:
+      self._arrays[key] = np.load(os.path.join(self.directory, key + ".npy"),
+                                  mmap_mode="r")
+    return self._arrays[key]
+
+  def _caption_table(self):
+    if self._captions is None:
+      table = {}
+      for shard in self.info.shards:
+        with open(os.path.join(self.directory,
+                               f"{shard['name']}.captions.json")) as f:
+          table[shard["name"]] = json.load(f)
+      self._captions = table
+    return self._captions
+
+  def caption(self, index: int) -> str:
+    name, offset = self._locate(index)
+    return self._caption_table()[name]["captions"][offset]
+
+  def __getitem__(self, index: int) -> sources.Example:
+    name, offset = self._locate(index)
+    table = self._caption_table()[name]
+    return {"latent_mean": np.array(self._array(name, "mean")[offset]),
+            "latent_logvar": np.array(self._array(name, "logvar")[offset]),
+            "caption": table["captions"][offset],
+            "key": table["keys"][offset]}
+
+
+def check_matches(info: CacheInfo, data_config, fingerprint: str,
+                  directory: str):
+  """A run may read the cache only with the data and autoencoder it was
+  written from; the error lists what differs."""
+  want = data_fields(data_config)
+  diff = {k: (info.data.get(k), want[k]) for k in DATA_FIELDS
+          if info.data.get(k) != want[k]}
+  if diff:
+    raise ValueError(
+        f"The latent cache {directory} was written from other data: "
+        + ", ".join(f"data.{k} was {a!r}, is {b!r}" for k, (a, b) in
+                    diff.items())
+        + ". Write a cache for this data (python -m jaxsd.cache) or drop "
+        "data.latent_cache.")
+  if info.autoencoder_fingerprint != fingerprint:
+    raise ValueError(
+        f"The latent cache {directory} was encoded by the autoencoder "
+        f"{info.autoencoder!r} (fingerprint {info.autoencoder_fingerprint}), "
+        f"not by this run's model.autoencoder (fingerprint {fingerprint}); "
+        "write the cache again with this autoencoder.")
