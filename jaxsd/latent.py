@@ -15,7 +15,7 @@ paths train on the same numbers.
 import dataclasses
 import hashlib
 import os
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ class FrozenAutoencoder:
   module: ae_lib.AutoencoderKL
   config: ae_lib.AutoencoderConfig
   params: Any
+  _fingerprint: Optional[str] = dataclasses.field(default=None, repr=False)
 
   def encode(self, params, images) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """images [..., H, W, C] in [-1, 1] -> posterior (mean, logvar) of the
@@ -54,10 +55,12 @@ class FrozenAutoencoder:
   def fingerprint(self) -> str:
     """A digest of the architecture and every parameter: a latent cache
     records it, and a run reading the cache must have the same one."""
-    h = hashlib.sha256(repr(self.config).encode())
-    for leaf in jax.tree_util.tree_leaves(self.params):
-      h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-    return h.hexdigest()[:16]
+    if self._fingerprint is None:
+      h = hashlib.sha256(repr(self.config).encode())
+      for leaf in jax.tree_util.tree_leaves(self.params):
+        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+      self._fingerprint = h.hexdigest()[:16]
+    return self._fingerprint
 
 
 def load(path: str) -> FrozenAutoencoder:

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
@@ -119,12 +119,33 @@ def grid_prompts(config, source, count: int = 8):
           or data_pipeline.first_captions(source, count))
 
 
+def run_meta(components: build.Components) -> Dict[str, Any]:
+  """What every checkpoint records of the run beyond its state: in latent
+  runs the frozen autoencoder's fingerprint (an autoencoder workdir that
+  trained on since would decode the latents differently)."""
+  if components.autoencoder is None:
+    return {}
+  return {"autoencoder_fingerprint": components.autoencoder.fingerprint()}
+
+
+def check_run_meta(meta: Dict[str, Any], expected: Dict[str, Any], step: int):
+  for key, value in expected.items():
+    if key in meta and meta[key] != value:
+      raise ValueError(
+          f"The checkpoint of step {step} was trained with another "
+          f"model.autoencoder ({key} {meta[key]}, now {value}): the "
+          "autoencoder changed since this run started. Point "
+          "model.autoencoder at the one it trained with, or start a new "
+          "--workdir.")
+
+
 def restore_or_create_state(setup: build.TrainSetup, mngr, rng, loader):
   """(state, step, training seconds so far): the latest checkpoint's, with
   the loader put where that run was, or a fresh state at step 0."""
   if mngr.latest_step() is None:
     return setup.create_train_state(rng), 0, 0.0
   state, meta, step = setup.restore_train_state(mngr)
+  check_run_meta(meta, run_meta(setup.components), step)
   data_pipeline.restore_state(loader, meta)
   logging.info("Resumed from checkpoint at step %d (data: %s).", step,
                json.dumps(loader.statistics()))
@@ -241,10 +262,12 @@ class LogProgress(Chore):
 class SaveCheckpoint(Chore):
   """The state and the loader's position; also when preempted."""
 
-  def __init__(self, config, mngr, loader, progress: metric_logging.Progress):
+  def __init__(self, config, mngr, loader, progress: metric_logging.Progress,
+               extra_meta: Optional[Dict[str, Any]] = None):
     super().__init__(config.training.checkpoint_every)
     self.config, self.mngr, self.loader = config, mngr, loader
     self.progress = progress
+    self.extra_meta = dict(extra_meta or {})
 
   def due(self, loop: LoopState) -> bool:
     return super().due(loop) or loop.preempted
@@ -254,7 +277,7 @@ class SaveCheckpoint(Chore):
         "step": loop.step, **data_pipeline.checkpoint_state(self.loader),
         "train_seconds": self.progress.train_seconds,
         "rng_seed": self.config.training.seed,
-        "config": self.config.to_dict()})
+        "config": self.config.to_dict(), **self.extra_meta})
 
 
 class WriteSampleGrid(Chore):
@@ -384,7 +407,8 @@ def train_and_evaluate(config, workdir: str):
   generator = generate.Generator.from_config(setup.components, setup.mesh,
                                              config.sampling)
   chores = [LogProgress(config, writer, loader, progress),
-            SaveCheckpoint(config, mngr, loader, progress),
+            SaveCheckpoint(config, mngr, loader, progress,
+                           run_meta(setup.components)),
             WriteSampleGrid(config, grid_prompts(config, source), generator,
                             keys, workdir, writer, progress)]
   if evaluator is not None:

@@ -242,3 +242,33 @@ def test_tiny_latent_run_trains_resumes_samples_and_evaluates(
   results = evaluate.evaluate_checkpoints(str(tmp_path / "whole"),
                                           num_samples=20)
   assert np.isfinite(results[-1]["prompt_accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_a_jaxsd_autoencoder_run_is_an_autoencoder(tiny_config, tmp_path):
+  """model.autoencoder=WORKDIR of python -m jaxsd.train_autoencoder: its
+  architecture and measured scaling factor; a diffusion workdir is not."""
+  from jaxsd import autoencoder_training, train_autoencoder  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  a = config.autoencoder
+  a.block_out_channels, a.norm_num_groups, a.latent_channels = (8, 16), 4, 4
+  a.eval_images = 8
+  config.training.num_steps = config.training.checkpoint_every = 2
+  config.eval.metrics = ()
+  workdir = str(tmp_path / "ae")
+  train_autoencoder.train_autoencoder(config, workdir)
+  frozen = latent.load(workdir)
+  want, params, _ = autoencoder_training.load_run(workdir)
+  assert frozen.config == want and frozen.config.scaling_factor > 0
+  assert frozen.config.block_out_channels == (8, 16)
+  comps = build.build_components(_latent_config(tiny_config, workdir))
+  assert comps.image_shape == (14, 14, 4)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)).astype(
+      np.float32)
+  mean, _ = frozen.encode(frozen.params, x)
+  direct = frozen.module.apply({"params": params}, x,
+                               method=frozen.module.encode)[0]
+  np.testing.assert_allclose(mean, direct, atol=1e-6)
+  with pytest.raises(ValueError, match="neither a diffusers"):
+    latent.load(str(tmp_path))  # a folder holding a run, not a run

@@ -86,11 +86,16 @@ def write_shard(directory: str, name: str, mean: np.ndarray,
       {"captions": captions, "keys": keys}).encode()))
 
 
-@sources.register_source("latent_cache")
 class LatentCacheSource(sources.RandomAccessSource):
   """The examples of a latent cache: {"latent_mean", "latent_logvar",
-  "caption", "key"}, memory-mapped (picklable: the arrays open lazily)."""
+  "caption", "key"}, memory-mapped (picklable: the arrays open lazily).
 
+  Not a `data.source` of the registry: a run names its images' source as
+  usual (evaluation, previews and prompts read the images) and the cache
+  with data.latent_cache, which only the training loader reads.
+  """
+
+  name = "latent_cache"
   provides_latents = True  # the loader stacks them instead of decoding
 
   def __init__(self, directory: str):
@@ -99,11 +104,6 @@ class LatentCacheSource(sources.RandomAccessSource):
     self._starts = np.cumsum([0] + [s["examples"] for s in self.info.shards])
     self._captions = None
     self._arrays: Dict[str, np.ndarray] = {}
-
-  @classmethod
-  def from_config(cls, data_config, split: str) -> "LatentCacheSource":
-    del split
-    return cls(data_config.latent_cache)
 
   def __getstate__(self):
     state = dict(self.__dict__)

@@ -261,4 +261,3 @@ from jaxsd.data import source_imagefolder  # noqa: E402,F401
 from jaxsd.data import source_coco  # noqa: E402,F401
 from jaxsd.data import source_webdataset  # noqa: E402,F401
 from jaxsd.data import source_huggingface  # noqa: E402,F401
-from jaxsd.data import latent_cache  # noqa: E402,F401

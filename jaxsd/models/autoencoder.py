@@ -361,8 +361,9 @@ def convert_diffusers_weights(state_dict: Dict[str, np.ndarray],
       AutoencoderKL(config), jax.random.key(0), 8 * config.downsample_factor))
   flat_want = _flatten(expected)
   flat_got = _flatten(tree)
-  missing = sorted(set(flat_want) - set(flat_got))
-  extra = sorted(set(flat_got) - set(flat_want))
+  # Messages name the PyTorch keys and shapes: those are what the reader has.
+  missing = sorted(_torch_key(p) for p in set(flat_want) - set(flat_got))
+  extra = sorted(_torch_key(p) for p in set(flat_got) - set(flat_want))
   if missing or extra:
     raise ValueError(
         f"The weights of {source} do not fit the AutoencoderKL its config "
@@ -370,29 +371,46 @@ def convert_diffusers_weights(state_dict: Dict[str, np.ndarray],
         f", unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}.")
   for name, want in flat_want.items():
     if flat_got[name].shape != want.shape:
-      raise ValueError(f"{source}: {'/'.join(name)} has shape "
-                       f"{flat_got[name].shape}, the config needs "
-                       f"{want.shape}.")
+      raise ValueError(
+          f"{source}: {_torch_key(name)} has shape "
+          f"{_torch_shape(name, flat_got[name].shape)}, the config needs "
+          f"{_torch_shape(name, want.shape)}.")
   return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+def _torch_key(path: Tuple[str, ...]) -> str:
+  """A Flax param path -> its diffusers PyTorch key: ("encoder",
+  "down_blocks_0_resnets_1", "conv1", "kernel") -> "encoder.down_blocks.0.
+  resnets.1.conv1.weight"; to_out_0 -> to_out.0."""
+  *module, leaf = path
+  names = [re.sub(r"_(\d+)(_|$)",
+                  lambda m: "." + m.group(1) + ("." if m.group(2) else ""),
+                  name) for name in module]
+  return ".".join(names + ["weight" if leaf in ("kernel", "scale") else leaf])
+
+
+def _torch_shape(path: Tuple[str, ...], shape) -> Tuple[int, ...]:
+  """A Flax param's shape in PyTorch's layout (conv [O, I, kh, kw], linear
+  [O, I])."""
+  shape = tuple(shape)
+  if path[-1] != "kernel":
+    return shape
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape[::-1]
 
 
 def to_diffusers_weights(params) -> Dict[str, np.ndarray]:
   """AutoencoderKL params -> diffusers' PyTorch state dict (export)."""
   out = {}
   for path, value in _flatten(params).items():
-    value = np.asarray(value, np.float32)
-    *module, leaf = path
-    # down_blocks_0_resnets_1 -> down_blocks.0.resnets.1, to_out_0 -> to_out.0
-    names = [re.sub(r"_(\d+)(_|$)",
-                    lambda m: "." + m.group(1) + ("." if m.group(2) else ""),
-                    name) for name in module]
-    if leaf == "kernel":
+    # A copy: np.asarray of a jax array is a read-only view, which
+    # torch.from_numpy warns about and must not write to.
+    value = np.array(value, np.float32)
+    if path[-1] == "kernel":
       value = (np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4
                else value.T)
-      leaf = "weight"
-    elif leaf == "scale":
-      leaf = "weight"
-    out[".".join(names + [leaf])] = np.ascontiguousarray(value)
+    out[_torch_key(path)] = np.ascontiguousarray(value)
   return out
 
 

@@ -162,17 +162,30 @@ def _load_zip(path: str) -> Any:
   return obj
 
 
+class _PlainUnpickler(pickle.Unpickler):
+  """Plain values only (the legacy stream's framing: its magic number,
+  protocol, sys info and storage keys): any global is refused, so a file
+  that names a callable there cannot run it."""
+
+  def find_class(self, module, name):
+    raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def _plain_load(f) -> Any:
+  return _PlainUnpickler(f).load()
+
+
 def _load_legacy(path: str) -> Any:
   with open(path, "rb") as f:
-    if pickle.load(f) != _LEGACY_MAGIC:
+    if _plain_load(f) != _LEGACY_MAGIC:
       raise ValueError(f"{path}: not a torch file (bad magic number)")
-    if pickle.load(f) != _LEGACY_PROTOCOL:
+    if _plain_load(f) != _LEGACY_PROTOCOL:
       raise ValueError(f"{path}: unsupported legacy torch protocol")
-    sys_info = pickle.load(f)
+    sys_info = _plain_load(f)
     little = sys_info.get("little_endian", True)
     storages: Dict[str, _Storage] = {}
     obj = _Unpickler(f, storages).load()
-    keys = pickle.load(f)
+    keys = _plain_load(f)
     order = "<" if little else ">"
     for key in keys:
       storage = storages[str(key)]
