@@ -10,6 +10,9 @@ COMMANDS = {  # module: (console script, flags it must list)
     "jaxsd.sample": ("jaxsd-sample", ["--workdir", "--prompt", "--sampler"]),
     "jaxsd.evaluate": ("jaxsd-evaluate", ["--workdir", "--all_checkpoints"]),
     "jaxsd.plot_runs": ("jaxsd-plot-runs", ["--workdir", "--metrics"]),
+    "jaxsd.train_autoencoder": ("jaxsd-train-autoencoder",
+                                ["--config", "--workdir"]),
+    "jaxsd.cache": ("jaxsd-cache", ["--config", "--out", "--batch_size"]),
 }
 
 

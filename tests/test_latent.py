@@ -272,3 +272,28 @@ def test_a_jaxsd_autoencoder_run_is_an_autoencoder(tiny_config, tmp_path):
   np.testing.assert_allclose(mean, direct, atol=1e-6)
   with pytest.raises(ValueError, match="neither a diffusers"):
     latent.load(str(tmp_path))  # a folder holding a run, not a run
+
+
+def test_mnist_latent_config_validates_and_traces_its_step(tmp_path):
+  """configs/mnist_latent.py: the autoencoder run's config is accepted by
+  the autoencoder trainer, and the diffusion config, over an autoencoder of
+  that architecture, traces its latent train step (no compile)."""
+  from configs import mnist_latent  # pylint: disable=g-import-not-at-top
+  from jaxsd import autoencoder_training, config_checks, environment  # pylint: disable=g-import-not-at-top
+  ae_run = environment.resolve(mnist_latent.get_config("autoencoder"))
+  autoencoder_training.check_config(ae_run)
+  arch = autoencoder_training.autoencoder_config(ae_run, scaling_factor=0.8)
+  config = environment.resolve(mnist_latent.get_config())
+  config.model.autoencoder = write_vae(str(tmp_path / "vae"), arch)
+  config_checks.validate(config)
+  setup = build.TrainSetup(config)
+  b = config.training.batch_size
+  latents = jax.ShapeDtypeStruct((b, 8, 8, 4), np.float32)
+  batch = {"latent_mean": latents, "latent_logvar": latents,
+           "input_ids": jax.ShapeDtypeStruct(
+               (b,) + setup.components.uncond_ids.shape[1:], np.int32)}
+  state, metrics = jax.eval_shape(setup.step_fn(), setup.abstract_state,
+                                  batch, jax.random.key(0))
+  assert metrics["loss"].shape == () and state.step.shape == ()
+  with pytest.raises(ValueError, match="choose"):
+    mnist_latent.get_config("pixels")
