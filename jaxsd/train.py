@@ -6,6 +6,7 @@ preemption, sample grids and evaluation. `train_and_evaluate` reads as the
 sequence of a run; the periodic chores are small `Chore`s called after the
 steps they are due at.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -369,6 +370,38 @@ def _fetch_metrics(pending_device) -> List[Tuple[int, Dict[str, float]]]:
   return out
 
 
+class RunStatus:
+  """The status MLflow records when a run ends; the loop sets KILLED when
+  it stops for a preemption."""
+
+  def __init__(self):
+    self.value = "FINISHED"
+
+
+@contextlib.contextmanager
+def closing_run(loader, preemption, mngr, writer, mlflow_writer):
+  """Closes what a run opened, whatever ends it, and records its status:
+  FAILED on any error, KILLED on Ctrl-C (shared by jaxsd.train_autoencoder).
+  """
+  status = RunStatus()
+  try:
+    yield status
+  except KeyboardInterrupt:
+    status.value = "KILLED"
+    raise
+  except Exception:
+    status.value = "FAILED"
+    raise
+  finally:
+    loader.close()
+    preemption.restore()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+    if mlflow_writer is not None:
+      mlflow_writer.close(status.value)
+
+
 # --- The run --------------------------------------------------------------------
 
 
@@ -417,9 +450,8 @@ def train_and_evaluate(config, workdir: str):
   preemption = _Preemption(sync_every=tcfg.log_every)
   pending = []  # (first step, device metrics) not yet fetched
   step = start_step
-  status = "FINISHED"
   logging.info("Training from step %d to %d.", start_step, tcfg.num_steps)
-  try:
+  with closing_run(loader, preemption, mngr, writer, mlflow_writer) as status:
     while step < tcfg.num_steps:
       wait_start = time.perf_counter()
       batch = next_batch()
@@ -436,19 +468,8 @@ def train_and_evaluate(config, workdir: str):
         for chore in due:
           chore(loop)
       if loop.preempted and not loop.last:
-        status = "KILLED"
+        status.value = "KILLED"
         logging.warning("Stopped at step %d after preemption; the next start "
                         "resumes here.", step)
         break
-  except (NonFiniteLossError, data_pipeline.TooManySkippedImagesError):
-    status = "FAILED"
-    raise
-  finally:
-    loader.close()
-    preemption.restore()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.flush()
-    if mlflow_writer is not None:
-      mlflow_writer.close(status)
   return state

@@ -261,10 +261,10 @@ def train_autoencoder(config, workdir: str):
   preemption = train._Preemption(sync_every=tcfg.log_every)  # pylint: disable=protected-access
   pending = []  # (step, device metrics) not yet fetched
   step = start_step
-  status = "FINISHED"
   logging.info("Training the autoencoder from step %d to %d.", start_step,
                tcfg.num_steps)
-  try:
+  with train.closing_run(loader, preemption, mngr, writer,
+                         mlflow_writer) as status:
     while step < tcfg.num_steps:
       wait_start = time.perf_counter()
       batch = setup.global_batch(loader.next_batch())
@@ -282,24 +282,10 @@ def train_autoencoder(config, workdir: str):
         for chore in due:
           chore(loop)
       if loop.preempted and not loop.last:
-        status = "KILLED"
+        status.value = "KILLED"
         logging.warning("Stopped at step %d after preemption; the next start "
                         "resumes here.", step)
         break
-  except KeyboardInterrupt:
-    status = "KILLED"
-    raise
-  except Exception:
-    status = "FAILED"
-    raise
-  finally:
-    loader.close()
-    preemption.restore()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.flush()
-    if mlflow_writer is not None:
-      mlflow_writer.close(status)
   return state
 
 
