@@ -439,12 +439,8 @@ def load_run(workdir: str, step: Optional[int] = None
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         jax.eval_shape(lambda rng: ae_lib.init_params(
             model, rng, config.sample_size), jax.random.key(0)))
-    item = {"params": {"autoencoder": abstract}}
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=item,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
+    out = checkpoint.restore_partial(
+        mngr, step, {"params": {"autoencoder": abstract}})
   finally:
     mngr.close()
-  return config, out["state"]["params"]["autoencoder"], step
+  return config, out["params"]["autoencoder"], step

@@ -69,12 +69,17 @@ def restore_params(workdir: str, abstract_params: Any,
           f"No checkpoint for step {step} in {mngr.directory}; available "
           f"steps: {mngr.all_steps() or 'none'}.")
     key = "ema_params" if use_ema else "params"
-    item = {key: abstract_params}
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=item,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
+    out = restore_partial(mngr, step, {key: abstract_params})
   finally:
     mngr.close()
-  return out["state"][key], step
+  return out[key], step
+
+
+def restore_partial(mngr: ocp.CheckpointManager, step: int, item: Any) -> Any:
+  """The part `item` (a nested dict of ShapeDtypeStructs, with shardings)
+  names of a checkpoint's state, read alone: nothing else is loaded."""
+  return mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)))["state"]
