@@ -12,7 +12,11 @@ Prints one JSON object with seconds per step (median of `windows` windows of
   data.latent_cache (reading the cache is not timed: the loader prefetches);
 - `pixel`: configs/mnist.py's pixel-space step (batch 32, 28x28), if
   --pixel_config is set;
-and the ratios. Without --autoencoder a random autoencoder of the config's
+and the ratios. With --frozen_text=LAYERS,HIDDEN,LENGTH (e.g. 12,768,77,
+CLIP ViT-L/14's text tower as in SD 1.x) the latent config also gets a
+frozen "pretrained" random text encoder of that size, and `text_embeddings`
+times the cached-latent step encoding the captions against reading their
+stored embeddings (a cache written with text embeddings). Without --autoencoder a random autoencoder of the config's
 `autoencoder` architecture is written to a temporary folder (speed does not
 depend on the weights).
 """
@@ -32,6 +36,9 @@ flags.DEFINE_string("config", "configs/mnist_latent.py", "A latent config.")
 flags.DEFINE_string("autoencoder", "", "model.autoencoder (default: random).")
 flags.DEFINE_string("pixel_config", "configs/mnist.py",
                     "A pixel-space config to time too ('' = skip).")
+flags.DEFINE_string("frozen_text", "",
+                    "LAYERS,HIDDEN,LENGTH of a frozen text encoder to time "
+                    "stored text embeddings with ('' = skip).")
 flags.DEFINE_integer("windows", 5, "Timed windows (median reported).")
 flags.DEFINE_integer("steps", 10, "Steps per window.")
 FLAGS = flags.FLAGS
@@ -105,6 +112,49 @@ def _latent_timings(config):
           "latent_shape": list(comps.image_shape), "batch": b}
 
 
+def _frozen_text_encoder(config, folder):
+  """config.text -> a random frozen 'pretrained' CLIP text encoder of
+  FLAGS.frozen_text's size, saved in folder."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from jaxsd import text as text_lib  # pylint: disable=g-import-not-at-top
+  layers, hidden, length = (int(v) for v in FLAGS.frozen_text.split(","))
+  t = config.text
+  t.num_layers, t.hidden_size, t.max_length = layers, hidden, length
+  t.num_heads, t.intermediate_size = max(hidden // 64, 1), 4 * hidden
+  vocab = text_lib.vocab_size(text_lib.load_tokenizer(t.tokenizer))
+  transformers.FlaxCLIPTextModel(text_lib.text_encoder_config(t, vocab),
+                                 seed=0).save_pretrained(folder)
+  t.pretrained, t.trainable = folder, False
+
+
+def _text_embedding_timings(config):
+  """The cached-latent step with a frozen text encoder: captions encoded in
+  the step vs their stored embeddings."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  setup = build.TrainSetup(config)
+  comps = setup.components
+  b = config.training.batch_size
+  rng = np.random.default_rng(0)
+  pixels = {"image": rng.uniform(-1, 1, (b,) + comps.pixel_shape).astype(
+      np.float32), "input_ids": np.tile(comps.uncond_ids[0], (b, 1))}
+  stored = jax.device_get(setup.global_batch(pixels))
+  state = setup.create_train_state(jax.random.key(0))
+  with_context = {**stored, "context": np.asarray(comps.encode(
+      state.params, stored["input_ids"]))}
+  step = setup.make_train_step(donate=False)
+  key = jax.random.key(1)
+  encode = _time(lambda: step(state, setup.global_batch(stored), key)[1],
+                 FLAGS.windows, FLAGS.steps)
+  read = _time(lambda: step(state, setup.global_batch(with_context), key)[1],
+               FLAGS.windows, FLAGS.steps)
+  return {"text_encoder": FLAGS.frozen_text, "encode_captions": encode,
+          "stored_embeddings": read,
+          "speedup": (encode["seconds_per_step_median"]
+                      / read["seconds_per_step_median"])}
+
+
 def _pixel_timing(config):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -144,6 +194,10 @@ def main(argv):
       config.model.autoencoder = (FLAGS.autoencoder
                                   or _random_autoencoder(config, tmp))
     result.update(_latent_timings(config))
+    if FLAGS.frozen_text:
+      with config.unlocked():
+        _frozen_text_encoder(config, os.path.join(tmp, "text"))
+      result["text_embeddings"] = _text_embedding_timings(config)
   fly = result["on_the_fly"]["seconds_per_step_median"]
   cached = result["cached"]["seconds_per_step_median"]
   result["cache_speedup"] = fly / cached

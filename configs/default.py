@@ -53,7 +53,9 @@ def get_config():
   # openai/clip-vit-large-patch14).
   text.tokenizer = ""
   text.max_length = 77  # tokens per caption (padded / truncated)
-  text.pretrained = ""  # hub id or path of a FlaxCLIPTextModel; "" = fresh weights
+  # A CLIP text encoder: a hub id or folder of a FlaxCLIPTextModel, or a
+  # folder (text_encoder/ or a pipeline's) of PyTorch weights; "" = fresh.
+  text.pretrained = ""
   text.trainable = True
   # Architecture of a freshly initialised encoder (ignored when pretrained).
   text.hidden_size = 512
@@ -64,7 +66,18 @@ def get_config():
   # --- UNet ---------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
   model.implementation = "jaxsd"  # "jaxsd" (models/unet.py) | "diffusers"
-  model.pretrained = ""  # diffusers UNet id/path (subfolder "unet"); "" = fresh
+  # A diffusers UNet: a local unet/ folder or a pipeline folder holding one
+  # (PyTorch weights, jaxsd/models/unet_convert.py); "" = fresh weights.
+  model.pretrained = ""
+  # A diffusers Stable Diffusion pipeline folder (model_index.json, unet/,
+  # vae/, text_encoder/, tokenizer/, scheduler/; PyTorch weights) to start
+  # from: it sets model.pretrained, model.autoencoder, the architecture,
+  # text.*, diffusion.* and the DDIM sampling settings (jaxsd/sd_pipeline.py).
+  model.pretrained_pipeline = ""
+  # Gradient checkpointing (models/unet.py UNet.remat): "blocks" keeps only
+  # each down/mid/up block's inputs for the backward pass and recomputes the
+  # rest, "transformers" only the attention blocks; "none" keeps all.
+  model.remat = "none"
   model.in_channels = 1
   model.out_channels = 1
   model.block_out_channels = (64, 128, 128)
@@ -94,6 +107,16 @@ def get_config():
   # jaxsd autoencoder workdir (python -m jaxsd.train_autoencoder). "" = pixel
   # space.
   model.autoencoder = ""
+  # LoRA (jaxsd/lora.py): rank > 0 trains low-rank adapters on the target
+  # projections only; the base weights stay frozen (base_dtype) and out of
+  # the checkpoints, which hold the adapters and a fingerprint of the base.
+  model.lora = lora = ml_collections.ConfigDict()
+  lora.rank = 0  # 0 = off (full training)
+  lora.alpha = 0.0  # scale alpha / rank; 0 = rank (scale 1)
+  lora.dropout = 0.0  # on the adapters' input
+  lora.unet_targets = ("to_q", "to_k", "to_v", "to_out_0")
+  lora.text_targets = ()  # e.g. ("q_proj", "k_proj", "v_proj", "out_proj")
+  lora.base_dtype = "float32"  # "bfloat16" halves the frozen base's memory
 
   # --- Autoencoder (python -m jaxsd.train_autoencoder) ----------------------
   # A KL autoencoder with diffusers' AutoencoderKL architecture
@@ -127,6 +150,11 @@ def get_config():
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "cosine"  # linear | scaled_linear | cosine
   diffusion.num_timesteps = 1000
+  diffusion.beta_start = 0.0  # linear / scaled_linear betas; 0 = default
+  diffusion.beta_end = 0.0
+  # Zero terminal SNR (Lin et al. 2024; diffusers' rescale_betas_zero_snr):
+  # the last timestep is pure noise. Needs v_prediction.
+  diffusion.rescale_zero_snr = False
   diffusion.prediction_type = "epsilon"  # epsilon | v_prediction
   diffusion.min_snr_gamma = 0.0  # > 0 enables min-SNR-gamma loss weighting
   diffusion.cfg_dropout = 0.1  # probability of training on the empty prompt
@@ -167,6 +195,13 @@ def get_config():
   sampling.guidance_scale = 3.0
   sampling.eta = 0.0
   sampling.clip_x0 = True  # clip the x0 estimate to [-1, 1] at every step
+  # Timesteps: "trailing" (starts at T - 1, ends at the data), or diffusers'
+  # "leading" (+ steps_offset) / "linspace" as SD's DDIMScheduler; the last
+  # step goes to alpha_cumprod 1 ("one") or alphas_cumprod[0] ("first", SD's
+  # set_alpha_to_one=False).
+  sampling.timestep_spacing = "trailing"
+  sampling.steps_offset = 0
+  sampling.final_alpha = "one"
   # Guidance only where lo <= t/T <= hi (1 = pure noise); the conditional
   # output alone elsewhere. (0, 1) = every step.
   sampling.guidance_interval = (0.0, 1.0)

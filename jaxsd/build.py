@@ -22,8 +22,10 @@ import numpy as np
 from jaxsd import checkpoint
 from jaxsd import environment
 from jaxsd import latent
+from jaxsd import lora as lora_lib
 from jaxsd import models
 from jaxsd import parallel
+from jaxsd import sd_pipeline
 from jaxsd import text as text_lib
 from jaxsd import train_state as ts
 from jaxsd import train_step as step_lib
@@ -41,6 +43,13 @@ class Components:
   # Latent diffusion (model.autoencoder): the frozen autoencoder; None in
   # pixel space.
   autoencoder: Optional[latent.FrozenAutoencoder] = None
+  # LoRA (model.lora.rank > 0): what trains are adapters on a frozen base.
+  lora: Optional[lora_lib.LoraConfig] = None
+  _text_fingerprint: Optional[str] = dataclasses.field(default=None,
+                                                       repr=False)
+  _base_fingerprint: Optional[str] = dataclasses.field(default=None,
+                                                       repr=False)
+  _base: Any = dataclasses.field(default=None, repr=False)
 
   @property
   def image_shape(self):
@@ -76,6 +85,52 @@ class Components:
     return {"unet": self.unet.init(rng_unet, self.image_shape, context_shape),
             "text": self.text_encoder.init(rng_text)}
 
+  def base_params(self):
+    """A LoRA run's frozen base {"unet", "text"} in model.lora.base_dtype:
+    the pretrained weights, or (no pretrained weights) an initialisation
+    fixed by training.seed, the same in training and inference."""
+    if self._base is None:
+      key = jax.random.fold_in(jax.random.key(self.config.training.seed),
+                               _LORA_BASE_STREAM)
+      # Not under an outer jit: pretrained weights would become constants
+      # (both inits jit what they compute themselves).
+      self._base = lora_lib.cast_base(self.init_params(key),
+                                      self.lora.base_dtype)
+    return self._base
+
+  def base_fingerprint(self) -> str:
+    """A LoRA run's base, digested (checkpoints record it)."""
+    if self._base_fingerprint is None:
+      self._base_fingerprint = latent.digest(self.base_params(),
+                                             f"lora base {self.lora.base_dtype}")
+    return self._base_fingerprint
+
+  def init_trainable(self, rng, base):
+    """What trains: {"unet", "text"} params, or in LoRA runs adapters for
+    the base's (may be abstract) targets ({} for an unadapted text
+    encoder)."""
+    if self.lora is None:
+      return self.init_params(rng)
+    rng_unet, rng_text = jax.random.split(rng)
+    l = self.lora
+    return {"unet": lora_lib.init_adapters(rng_unet, base["unet"], l.targets,
+                                           l.rank),
+            "text": (lora_lib.init_adapters(rng_text, base["text"],
+                                            l.text_targets, l.rank)
+                     if l.text_targets else {})}
+
+  def inference_params(self, trained, base=None, lora_scale: float = 1.0):
+    """The weights sampling uses: trained params as they are, or a LoRA
+    run's adapters merged into its base at lora_scale."""
+    if self.lora is None:
+      return trained
+    if base is None:
+      base = self.base_params()
+    merge = lambda name: (lora_lib.merge(base[name], trained[name],
+                                         self.lora.alpha, lora_scale)
+                          if trained[name] else base[name])
+    return {"unet": merge("unet"), "text": merge("text")}
+
   def denoise_fn(self, params):
     """(x_t [B,H,W,C], t [B], context [B,L,D]) -> model output, for samplers."""
     def fn(x_t, t, context):
@@ -85,16 +140,34 @@ class Components:
   def encode(self, params, input_ids):
     return self.text_encoder(params["text"], input_ids)
 
+  def frozen_text_fingerprint(self) -> Optional[str]:
+    """The digest of a frozen pretrained text encoder (what a latent
+    cache's text embeddings are checked by); None if the encoder trains or
+    is freshly initialised (its weights are the run's, not fixed)."""
+    text = self.config.text
+    if not text.pretrained or text.trainable:
+      return None
+    if self._text_fingerprint is None:
+      params = self.text_encoder.init(jax.random.key(0))  # no rng use
+      self._text_fingerprint = latent.text_fingerprint(params,
+                                                       text.max_length)
+    return self._text_fingerprint
+
 
 def build_components(config) -> Components:
   """The config's tokenizer, text encoder, UNet and schedule (the config is
-  resolved for this machine first: jaxsd.environment)."""
-  environment.resolve(config)
+  resolved for this machine first, jaxsd.environment, and filled from
+  model.pretrained_pipeline, jaxsd.sd_pipeline)."""
+  sd_pipeline.resolve(environment.resolve(config))
   tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
   encoder = text_lib.TextEncoder(config.text, text_lib.vocab_size(tokenizer))
   unet = models.build_unet(config.model, encoder.hidden_size)
-  schedule = schedules.make_schedule(config.diffusion.schedule,
-                                     config.diffusion.num_timesteps)
+  d = config.diffusion
+  schedule = schedules.make_schedule(d.schedule, d.num_timesteps,
+                                     beta_start=d.beta_start or None,
+                                     beta_end=d.beta_end or None,
+                                     rescale_zero_snr=d.get(
+                                         "rescale_zero_snr", False))
   uncond = text_lib.empty_prompt_ids(tokenizer, config.text.max_length)
   autoencoder = None
   if config.model.autoencoder:
@@ -102,7 +175,8 @@ def build_components(config) -> Components:
     latent.check_run_config(autoencoder, config)
   return Components(config=config, tokenizer=tokenizer, text_encoder=encoder,
                     unet=unet, schedule=schedule, uncond_ids=uncond,
-                    autoencoder=autoencoder)
+                    autoencoder=autoencoder,
+                    lora=lora_lib.from_config(config.model.get("lora")))
 
 
 def param_count(params) -> int:
@@ -110,9 +184,13 @@ def param_count(params) -> int:
 
 
 def make_optimizer(config):
-  """The config's optimiser (AdamW, warmup-cosine over training.num_steps)."""
+  """The config's optimiser (AdamW, warmup-cosine over training.num_steps);
+  in LoRA runs over the adapters (the text encoder's if it has some)."""
+  lora = lora_lib.from_config(config.model.get("lora"))
+  text_trains = (config.text.trainable if lora is None
+                 else bool(lora.text_targets))
   return ts.make_optimizer(config.optim, config.training.num_steps,
-                           config.text.trainable)
+                           text_trains)
 
 
 class TrainSetup:
@@ -134,6 +212,14 @@ class TrainSetup:
     self.mesh = mesh or parallel.make_mesh(
         parallel.model_axis_size(config.parallel))
     self.tx = make_optimizer(config)
+    # LoRA runs: the frozen base, an input of the step (replicated).
+    self.base_params = None
+    self._abstract_base = None
+    if self.components.lora is not None:
+      self._abstract_base = jax.eval_shape(self.components.init_params,
+                                           jax.random.key(0))
+      self.base_params = jax.device_put(self.components.base_params(),
+                                        parallel.replicated(self.mesh))
     abstract = jax.eval_shape(self._init_state, jax.random.key(0))
     self.state_shardings = parallel.state_shardings(
         abstract, self.mesh, config.parallel.fsdp_min_size)
@@ -153,7 +239,8 @@ class TrainSetup:
                              out_shardings=self.batch_sharding)
 
   def _init_state(self, rng) -> ts.TrainState:
-    return ts.create(self.components.init_params(rng), self.tx)
+    return ts.create(
+        self.components.init_trainable(rng, self._abstract_base), self.tx)
 
   def create_train_state(self, rng) -> ts.TrainState:
     """A fresh state (params, EMA, optimiser), initialised in its shardings."""
@@ -176,18 +263,33 @@ class TrainSetup:
         latent_scale=(c.autoencoder.config.scaling_factor
                       if c.autoencoder else 1.0),
         latent_shift=(c.autoencoder.config.shift_factor
-                      if c.autoencoder else 0.0))
+                      if c.autoencoder else 0.0),
+        lora=c.lora)
 
   def make_train_step(self, donate: bool = True):
-    """The jitted step: state sharded as `state_shardings`, batch as
-    `batch_sharding`, rng and metrics replicated; the input state's buffers
-    are donated (reused for the output) unless donate=False."""
+    """The jitted step as a function of (state, batch, rng): state sharded
+    as `state_shardings`, batch as `batch_sharding`, rng and metrics
+    replicated; the input state's buffers are donated (reused for the
+    output) unless donate=False. A LoRA run's frozen base goes in as a
+    (replicated, not donated) argument."""
     replicated = parallel.replicated(self.mesh)
-    return jax.jit(
+    jitted = jax.jit(
         self.step_fn(),
-        in_shardings=(self.state_shardings, self.batch_sharding, replicated),
+        in_shardings=(self.state_shardings, self.batch_sharding, replicated,
+                      replicated),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=(0,) if donate else ())
+    base = self.base_params
+
+    def step(state, batch, rng):
+      return jitted(state, batch, rng, base)
+    step.jitted = jitted  # (state, batch, rng, base): for .lower()
+    return step
+
+  def inference_params(self, trained, lora_scale: float = 1.0):
+    """Components.inference_params with this setup's base (placed once)."""
+    return self.components.inference_params(trained, self.base_params,
+                                            lora_scale)
 
   def global_batch(self, local_batch):
     """This process's share of a batch -> the step's global, sharded batch.
@@ -213,6 +315,7 @@ def encode_images(autoencoder: latent.FrozenAutoencoder):
 
 
 CONFIG_FILE = "config.json"
+_LORA_BASE_STREAM = 0x42415345  # fold_in tag of a random LoRA base's key
 
 
 def load_run_config(workdir: str):
@@ -228,16 +331,28 @@ def load_run_config(workdir: str):
   return environment.resolve(config, reopened=True)
 
 
-def restore_for_inference(workdir: str, mesh, step=None, use_ema=True):
+def restore_for_inference(workdir: str, mesh, step=None, use_ema=True,
+                          lora_scale: float = 1.0, merge_lora: bool = True):
   """(config, components, params, step) from a run's saved config and
-  checkpoint; params are replicated over the mesh, no optimiser state."""
+  checkpoint; params are replicated over the mesh, no optimiser state.
+
+  A LoRA run's params are its adapters merged into the base at lora_scale
+  (merge_lora=False: the adapters themselves).
+  """
   config = load_run_config(workdir)
   comps = build_components(config)
   replicated = parallel.replicated(mesh)
-  abstract = jax.eval_shape(comps.init_params, jax.random.key(0))
+  base = (jax.eval_shape(comps.init_params, jax.random.key(0))
+          if comps.lora is not None else None)
+  abstract = jax.eval_shape(lambda k: comps.init_trainable(k, base),
+                            jax.random.key(0))
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       abstract)
   params, step = checkpoint.restore_params(workdir, abstract, step=step,
                                            use_ema=use_ema)
+  if comps.lora is not None and merge_lora:
+    params = jax.device_put(comps.inference_params(params,
+                                                   lora_scale=lora_scale),
+                            replicated)
   return config, comps, params, step

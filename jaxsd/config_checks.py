@@ -1,9 +1,11 @@
 """Config validation: bad values fail at start-up with the key and the fix."""
+from jaxsd import lora
 from jaxsd import models
 from jaxsd.data import sources
 from jaxsd.data import transforms
 from jaxsd import train_step
 from jaxsd.diffusion import losses
+from jaxsd.diffusion import samplers
 from jaxsd.diffusion import schedules
 from jaxsd.models import unet
 
@@ -57,6 +59,24 @@ def validate(config):
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ValueError(f"optim.ema_decay={config.optim.ema_decay} must be in "
                      "[0, 1).")
+  s = config.sampling
+  if s.get("timestep_spacing", "trailing") not in samplers.TIMESTEP_SPACINGS:
+    raise ValueError(f"sampling.timestep_spacing={s.timestep_spacing!r}; "
+                     f"choose one of {samplers.TIMESTEP_SPACINGS}.")
+  if s.get("final_alpha", "one") not in samplers.FINAL_ALPHAS:
+    raise ValueError(f"sampling.final_alpha={s.final_alpha!r}; choose one "
+                     f"of {samplers.FINAL_ALPHAS}.")
+  if (config.diffusion.get("rescale_zero_snr", False)
+      and config.diffusion.prediction_type != "v_prediction"):
+    raise ValueError(
+        "diffusion.rescale_zero_snr=True makes the last timestep pure noise, "
+        "where an epsilon (or x0 from epsilon) prediction is undefined; set "
+        "diffusion.prediction_type='v_prediction'.")
+  lora.from_config(config.model.get("lora"))  # bad rank/alpha/dropout/dtype
+  remat = unet.remat_policy(config.model.get("remat", "none"))
+  if remat != "none" and config.model.implementation != "jaxsd":
+    raise ValueError(f"model.remat={remat!r} is a jaxsd UNet feature; set "
+                     "model.implementation='jaxsd' or model.remat='none'.")
   models.unet_class(config.model.implementation)  # unknown: names the choices
   models.compute_dtype(config.model.dtype)
   n_blocks = len(config.model.block_out_channels)

@@ -27,7 +27,9 @@ class Generator:
   def __init__(self, components: Components, mesh, *, sampler: str,
                num_steps: int, guidance_scale: float, eta: float = 0.0,
                chunk_size: int = 64, clip_x0: bool = True,
-               guidance_interval: Optional[Tuple[float, float]] = None):
+               guidance_interval: Optional[Tuple[float, float]] = None,
+               timestep_spacing: str = "trailing", steps_offset: int = 0,
+               final_alpha: str = "one"):
     samplers.get_sampler(sampler)  # fails early on an unknown name
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
@@ -41,17 +43,22 @@ class Generator:
       guidance_interval = tuple(float(v) for v in guidance_interval)
       samplers.guidance_timesteps_for(  # fails early on a bad interval
           guidance_interval, components.schedule.num_timesteps)
+    spacing = dict(timestep_spacing=timestep_spacing,
+                   steps_offset=steps_offset, final_alpha=final_alpha)
+    samplers.timesteps_for(num_steps, components.schedule.num_timesteps,
+                           timestep_spacing, steps_offset)  # fails early
     self._settings = dict(sampler=sampler, num_steps=num_steps,
                           guidance_scale=guidance_scale, eta=eta,
-                          clip_x0=clip_x0, guidance_interval=guidance_interval)
+                          clip_x0=clip_x0, guidance_interval=guidance_interval,
+                          **spacing)
     fn = functools.partial(self._generate, sampler=sampler,
                            num_steps=num_steps,
                            guidance_scale=float(guidance_scale), eta=eta,
                            clip_x0=clip_x0,
-                           guidance_interval=guidance_interval)
+                           guidance_interval=guidance_interval, **spacing)
     self._jitted = jax.jit(
         fn, in_shardings=(self._replicated, self._sharding, self._replicated,
-                          self._replicated),
+                          self._replicated, self._sharding),
         out_shardings=self._sharding)
     # Latent runs: the frozen autoencoder's parameters, an argument of the
     # jitted call (placed once), which decodes the sampled latents.
@@ -59,14 +66,18 @@ class Generator:
         None if components.autoencoder is None else
         jax.device_put(components.autoencoder_params, self._replicated))
 
-  def _generate(self, params, input_ids, rng, autoencoder_params, *, sampler,
-                num_steps, guidance_scale, eta, clip_x0, guidance_interval):
+  def _generate(self, params, input_ids, rng, autoencoder_params, noise, *,
+                sampler, num_steps, guidance_scale, eta, clip_x0,
+                guidance_interval, timestep_spacing, steps_offset,
+                final_alpha):
     c = self.components
     cond = c.encode(params, input_ids)
     uncond = c.encode(params, jnp.asarray(c.uncond_ids))
-    shape = (input_ids.shape[0],) + c.image_shape
+    start = (input_ids.shape[0],) + c.image_shape if noise is None else noise
     x = samplers.sample(
-        c.denoise_fn(params), c.schedule, rng, shape, cond, uncond,
+        c.denoise_fn(params), c.schedule, rng, start, cond, uncond,
+        timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+        final_alpha=final_alpha,
         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
         prediction_type=c.config.diffusion.prediction_type, eta=eta,
         # Images live in [-1, 1]: clipping the x0 estimate keeps an epsilon
@@ -87,7 +98,10 @@ class Generator:
                     guidance_scale=s.guidance_scale, eta=s.eta,
                     clip_x0=s.get("clip_x0", True),
                     guidance_interval=s.get("guidance_interval", None),
-                    chunk_size=chunk_size or s.chunk_size)
+                    chunk_size=chunk_size or s.chunk_size,
+                    timestep_spacing=s.get("timestep_spacing", "trailing"),
+                    steps_offset=s.get("steps_offset", 0),
+                    final_alpha=s.get("final_alpha", "one"))
     unknown = set(overrides) - set(settings)
     if unknown:
       raise TypeError(f"unknown sampling settings {sorted(unknown)}")
@@ -105,11 +119,14 @@ class Generator:
                              warn_truncation=True)
 
   def __call__(self, params, prompts: Sequence[str], rng,
-               input_ids: Optional[np.ndarray] = None) -> np.ndarray:
+               input_ids: Optional[np.ndarray] = None,
+               noise: Optional[np.ndarray] = None) -> np.ndarray:
     """Images float32 [len(prompts), H, W, C] in [-1, 1] (host numpy).
 
     Chunk i uses the key fold_in(rng, i): the same prompts, rng and chunk
-    size give the same images.
+    size give the same images. noise [len(prompts), *image_shape]: the
+    initial x_T instead of a draw (e.g. the latents another implementation
+    starts from).
     """
     ids = self.tokenize(prompts) if input_ids is None else input_ids
     n = len(ids)
@@ -122,8 +139,14 @@ class Generator:
       if pad:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
       chunk = parallel.shard_replicated_host_array(chunk, self._sharding)
+      start = None
+      if noise is not None:
+        start = np.asarray(noise[lo:lo + size], np.float32)
+        if pad:
+          start = np.concatenate([start, np.repeat(start[-1:], pad, 0)])
+        start = parallel.shard_replicated_host_array(start, self._sharding)
       images = self._jitted(params, chunk, jax.random.fold_in(rng, i),
-                            self._autoencoder_params)
+                            self._autoencoder_params, start)
       out.append(np.asarray(multihost_utils.process_allgather(
           images, tiled=True))[:size - pad])
     return np.concatenate(out, 0) if out else np.zeros((0,) + tuple(

@@ -56,11 +56,23 @@ class FrozenAutoencoder:
     """A digest of the architecture and every parameter: a latent cache
     records it, and a run reading the cache must have the same one."""
     if self._fingerprint is None:
-      h = hashlib.sha256(repr(self.config).encode())
-      for leaf in jax.tree_util.tree_leaves(self.params):
-        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-      self._fingerprint = h.hexdigest()[:16]
+      self._fingerprint = digest(self.params, repr(self.config))
     return self._fingerprint
+
+
+def digest(params, header: str) -> str:
+  """A short digest of frozen weights (every leaf, in tree order) and a
+  header describing how they are used: what caches of their outputs record
+  and check."""
+  h = hashlib.sha256(header.encode())
+  for leaf in jax.tree_util.tree_leaves(params):
+    h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def text_fingerprint(text_params, max_length: int) -> str:
+  """The digest a latent cache's text embeddings are checked by."""
+  return digest(text_params, f"text max_length={max_length}")
 
 
 def load(path: str) -> FrozenAutoencoder:

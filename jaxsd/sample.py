@@ -34,6 +34,8 @@ def _define_flags():
                     "OUT_DIR/<out stem>_<prompt>_<i>.png.")
   flags.DEFINE_integer("chunk_size", None, "Images per jitted call "
                        "(default: the run's sampling.chunk_size).")
+  flags.DEFINE_float("lora_scale", 1.0, "LoRA runs: the adapters' weight "
+                     "when merged into the base (0 = the base alone).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -57,9 +59,11 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
                          eta: Optional[float] = None,
                          guidance_interval=None,
                          step: Optional[int] = None, use_ema: bool = True,
-                         chunk_size: Optional[int] = None):
+                         chunk_size: Optional[int] = None,
+                         lora_scale: float = 1.0):
   """Images [len(prompts) * num_samples, H, W, C] in [-1, 1], prompt-major,
-  and the checkpoint step they came from."""
+  and the checkpoint step they came from. A LoRA run's adapters are merged
+  into its base at lora_scale."""
   from jaxsd import build  # pylint: disable=g-import-not-at-top
   from jaxsd import generate  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
@@ -72,7 +76,7 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
     samplers.get_sampler(sampler)  # unknown name: error before any work
   mesh = parallel.make_mesh()
   config, comps, params, step = build.restore_for_inference(
-      workdir, mesh, step=step, use_ema=use_ema)
+      workdir, mesh, step=step, use_ema=use_ema, lora_scale=lora_scale)
   generator = generate.Generator.from_config(
       comps, mesh, config.sampling, chunk_size=chunk_size, sampler=sampler,
       num_steps=steps, guidance_scale=guidance_scale, eta=eta,
@@ -99,7 +103,8 @@ def main(argv):
       sampler=FLAGS.sampler, steps=FLAGS.steps,
       guidance_scale=FLAGS.guidance_scale, eta=FLAGS.eta, step=FLAGS.step,
       guidance_interval=FLAGS.guidance_interval,
-      use_ema=FLAGS.use_ema, chunk_size=FLAGS.chunk_size)
+      use_ema=FLAGS.use_ema, chunk_size=FLAGS.chunk_size,
+      lora_scale=FLAGS.lora_scale)
   if jax.process_index() != 0:
     return
   grid = images_lib.prompt_rows_grid(images, prompts)

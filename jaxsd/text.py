@@ -1,4 +1,11 @@
-"""Text side: CLIP tokenizer and transformers' FlaxCLIPTextModel."""
+"""Text side: CLIP tokenizer and transformers' FlaxCLIPTextModel.
+
+The encoder is fresh, or pretrained (`text.pretrained`): a hub id or folder of
+Flax weights (flax_model.msgpack) through transformers, or a folder of
+PyTorch weights (a `text_encoder/` folder or an SD pipeline folder holding
+one) through jaxsd's own conversion (`jaxsd.models.clip_convert`).
+`save_text_encoder` writes the PyTorch form back.
+"""
 import os
 from typing import Sequence
 
@@ -8,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import hub
+from jaxsd.models import clip_convert
 
 
 def _from_pretrained(cls, name: str, what: str, config_key: str, **kwargs):
@@ -72,23 +80,33 @@ class TextEncoder:
   def __init__(self, text_config, vocab_size: int):
     import transformers  # pylint: disable=g-import-not-at-top
     self.max_length = text_config.max_length
-    if text_config.pretrained:
+    pretrained = text_config.pretrained
+    folder = pretrained and os.path.isdir(pretrained) and (
+        clip_convert.text_encoder_folder(pretrained) or pretrained)
+    if folder and not clip_convert.has_flax_weights(folder):
+      # PyTorch weights (a text_encoder/ or SD pipeline folder): converted
+      # by jaxsd, with no torch import and no pickled code run.
+      self.module, params, config = clip_convert.load_text_encoder(folder)
+      self._pretrained_params = params
+    elif pretrained:
       # _do_init=False: the saved weights without a random (op-by-op,
       # slow) initialisation first.
       model, params = _from_pretrained(transformers.FlaxCLIPTextModel,
-                                       text_config.pretrained, "text encoder",
+                                       folder or pretrained, "text encoder",
                                        "text.pretrained", _do_init=False)
+      self.module, config = model.module, model.config
       self._pretrained_params = params
     else:
       model = transformers.FlaxCLIPTextModel(
           text_encoder_config(text_config, vocab_size), _do_init=False)
+      self.module, config = model.module, model.config
       self._pretrained_params = None
-    if model.config.max_position_embeddings < self.max_length:
+    if config.max_position_embeddings < self.max_length:
       raise ValueError(
           f"text.max_length={self.max_length} exceeds the encoder's "
-          f"{model.config.max_position_embeddings} positions.")
-    self.module = model.module
-    self.hidden_size = model.config.hidden_size
+          f"{config.max_position_embeddings} positions.")
+    self.config = config  # transformers.CLIPTextConfig (save_text_encoder)
+    self.hidden_size = config.hidden_size
 
   def init(self, rng) -> dict:
     if self._pretrained_params is not None:
@@ -114,6 +132,13 @@ class TextEncoder:
                             jnp.ones_like(input_ids), self._positions(input_ids),
                             deterministic=True)
     return out[0]
+
+
+def save_text_encoder(config, params, folder: str):
+  """Writes the encoder as transformers' PyTorch CLIPTextModel folder
+  (config.json + model.safetensors); config is the encoder's CLIPTextConfig
+  (`TextEncoder.config`), params its {"text_model": ...} params."""
+  clip_convert.save_text_encoder(config, params, folder)
 
 
 def empty_prompt_ids(tokenizer, max_length: int) -> np.ndarray:

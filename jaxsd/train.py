@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
@@ -27,6 +27,7 @@ from jaxsd import images as images_lib
 from jaxsd.data import pipeline as data_pipeline
 from jaxsd import metric_logging
 from jaxsd import parallel
+from jaxsd import sd_pipeline
 from jaxsd import train_state as ts
 from jaxsd.evaluation import evaluator as evaluator_lib
 
@@ -92,8 +93,9 @@ def load_training_data(config, components: build.Components):
   source = data_pipeline.make_source(config)
   read = source
   if config.data.latent_cache:
-    read = data_pipeline.make_latent_cache_source(config, source,
-                                                  components.autoencoder)
+    read = data_pipeline.make_latent_cache_source(
+        config, source, components.autoencoder,
+        components.frozen_text_fingerprint())
   loader = data_pipeline.make_loader(
       config, components.tokenizer, read, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -124,20 +126,33 @@ def run_meta(components: build.Components) -> Dict[str, Any]:
   """What every checkpoint records of the run beyond its state: in latent
   runs the frozen autoencoder's fingerprint (an autoencoder workdir that
   trained on since would decode the latents differently)."""
-  if components.autoencoder is None:
-    return {}
-  return {"autoencoder_fingerprint": components.autoencoder.fingerprint()}
+  meta = {}
+  if components.autoencoder is not None:
+    meta["autoencoder_fingerprint"] = components.autoencoder.fingerprint()
+  if components.lora is not None:
+    # The adapters only mean something on the base they trained on.
+    meta["lora_base_fingerprint"] = components.base_fingerprint()
+  return meta
+
+
+# run_meta's keys: what changed, if they differ.
+_RUN_META_WHAT = {
+    "autoencoder_fingerprint": "model.autoencoder (the autoencoder changed "
+                               "since this run started)",
+    "lora_base_fingerprint": "LoRA base weights (model.pretrained_pipeline "
+                             "or model.pretrained changed since this run "
+                             "started)",
+}
 
 
 def check_run_meta(meta: Dict[str, Any], expected: Dict[str, Any], step: int):
   for key, value in expected.items():
     if key in meta and meta[key] != value:
+      what = _RUN_META_WHAT.get(key, key)
       raise ValueError(
-          f"The checkpoint of step {step} was trained with another "
-          f"model.autoencoder ({key} {meta[key]}, now {value}): the "
-          "autoencoder changed since this run started. Point "
-          "model.autoencoder at the one it trained with, or start a new "
-          "--workdir.")
+          f"The checkpoint of step {step} was trained with other {what}: "
+          f"{key} {meta[key]}, now {value}. Point the config at what it "
+          "trained with, or start a new --workdir.")
 
 
 def restore_or_create_state(setup: build.TrainSetup, mngr, rng, loader):
@@ -153,13 +168,25 @@ def restore_or_create_state(setup: build.TrainSetup, mngr, rng, loader):
   return state, step, float(meta.get("train_seconds", 0.0))
 
 
-def log_parameter_counts(config, state, step: int, writer):
-  n_total = build.param_count(state.params)
-  n_trainable = build.param_count(
-      state.params if config.text.trainable else state.params["unet"])
-  logging.info("Parameters: %d total (UNet %d, text %d), %d trainable.",
-               n_total, build.param_count(state.params["unet"]),
-               build.param_count(state.params["text"]), n_trainable)
+def log_parameter_counts(config, state, step: int, writer, base=None):
+  """Parameter counts; `base`: a LoRA run's frozen base (state.params are
+  then its adapters, all trained)."""
+  if base is not None:
+    n_trainable = build.param_count(state.params)
+    n_total = build.param_count(base) + n_trainable
+    logging.info("Parameters: %d total: a frozen base (UNet %d, text %d) and "
+                 "%d trainable LoRA adapters (UNet %d, text %d).", n_total,
+                 build.param_count(base["unet"]),
+                 build.param_count(base["text"]), n_trainable,
+                 build.param_count(state.params["unet"]),
+                 build.param_count(state.params["text"]))
+  else:
+    n_total = build.param_count(state.params)
+    n_trainable = build.param_count(
+        state.params if config.text.trainable else state.params["unet"])
+    logging.info("Parameters: %d total (UNet %d, text %d), %d trainable.",
+                 n_total, build.param_count(state.params["unet"]),
+                 build.param_count(state.params["text"]), n_trainable)
   if jax.process_index() == 0:
     writer.write_scalars(step, {"model/params_total": n_total,
                                 "model/params_trainable": n_trainable})
@@ -211,12 +238,18 @@ class LoopState:
       default_factory=list)
   _sampling_params: Any = None
 
+  # trained params -> the weights sampling uses (a LoRA run's merge).
+  to_inference: Optional[Callable[[Any], Any]] = None
+
   def sampling_params(self, config, mesh):
-    """EMA (or raw) parameters, replicated (gathered once under FSDP)."""
+    """EMA (or raw) parameters, replicated (gathered once under FSDP); a
+    LoRA run's merged into its base."""
     if self._sampling_params is None:
       params = (self.state.ema_params if config.sampling.use_ema
                 else self.state.params)
-      self._sampling_params = parallel.gather_replicated(params, mesh)
+      params = parallel.gather_replicated(params, mesh)
+      self._sampling_params = (self.to_inference(params) if self.to_inference
+                               else params)
     return self._sampling_params
 
 
@@ -407,7 +440,7 @@ def closing_run(loader, preemption, mngr, writer, mlflow_writer):
 
 def train_and_evaluate(config, workdir: str):
   """Trains config's model in workdir, resuming from its latest checkpoint."""
-  config = environment.resolve(config)
+  config = sd_pipeline.resolve(environment.resolve(config))
   config_checks.validate(config)
   evaluator = make_evaluator(config)
   start_runtime(config)
@@ -428,7 +461,7 @@ def train_and_evaluate(config, workdir: str):
   state, start_step, train_seconds = restore_or_create_state(
       setup, mngr, keys.init, loader)
   show_data(config, source, loader, start_step, writer)
-  log_parameter_counts(config, state, start_step, writer)
+  log_parameter_counts(config, state, start_step, writer, setup.base_params)
   train_step = setup.make_train_step()
   prepare_evaluator(evaluator)
 
@@ -460,7 +493,8 @@ def train_and_evaluate(config, workdir: str):
       pending.append((step + 1, metrics))
       step += k
       loop = LoopState(step=step, state=state, last=step >= tcfg.num_steps,
-                       preempted=preemption.reached(step))
+                       preempted=preemption.reached(step),
+                       to_inference=setup.inference_params)
       due = [chore for chore in chores if chore.due(loop)]
       if due:
         loop.metrics, pending = _fetch_metrics(pending), []

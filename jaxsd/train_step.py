@@ -1,17 +1,21 @@
 """The jitted training step: a pure function of (state, batch, rng)."""
 import functools
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxsd import lora as lora_lib
 from jaxsd import train_state as ts
 from jaxsd.diffusion import losses
 from jaxsd.diffusion.schedules import NoiseSchedule
 
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+# fold_in tag of the step key's LoRA-dropout stream (apart from the noise
+# inputs, so a run's noise does not depend on whether it uses LoRA).
+_DROPOUT_STREAM = 0x4C6F5241
 
 
 def sample_timesteps(rng, b: int, num_timesteps: int,
@@ -65,40 +69,75 @@ def add_noise_inputs(batch, rng, *, num_timesteps: int, cfg_dropout: float,
           "drop": jax.random.bernoulli(rng_drop, cfg_dropout, (b,))}
 
 
-def loss_fn(params, batch, *, unet_apply: Callable, text_apply: Callable,
-            schedule: NoiseSchedule, uncond_ids, prediction_type: str,
-            min_snr_gamma: float, text_trainable: bool):
+def _adapted(apply: Callable, base, adapters, lora: lora_lib.LoraConfig,
+             rng):
+  """apply(base, *args), with LoRA adapters if there are any."""
+  if not adapters:
+    return functools.partial(apply, base)
+  return functools.partial(lora_lib.apply_with_adapters, apply, base,
+                           adapters, alpha=lora.alpha, dropout=lora.dropout,
+                           rng=rng)
+
+
+def loss_fn(params, batch, rng=None, frozen=None, *, unet_apply: Callable,
+            text_apply: Callable, schedule: NoiseSchedule, uncond_ids,
+            prediction_type: str, min_snr_gamma: float, text_trainable: bool,
+            lora: Optional[lora_lib.LoraConfig] = None):
   """Denoising loss of one (micro-)batch.
 
+  params: {"unet", "text"}; in LoRA runs (lora set) the adapters, with the
+  frozen base weights in `frozen` ({"unet", "text"}) and rng the key of
+  the adapters' dropout.
+
   batch: image float32 [B, H, W, C] in [-1, 1], input_ids int32 [B, L], and
-  the noise inputs of `add_noise_inputs`.
+  the noise inputs of `add_noise_inputs`; optionally context float32
+  [B, L, D], the captions' embeddings by the frozen text encoder (a latent
+  cache's), used instead of encoding input_ids.
   """
   x0, noise, t = batch["image"], batch["noise"], batch["t"]
+  if lora is None:
+    text_params = params["text"]
+    if not text_trainable:
+      text_params = jax.lax.stop_gradient(text_params)
+    encode = functools.partial(text_apply, text_params)
+    denoise = functools.partial(unet_apply, params["unet"])
+  else:  # gradients reach the adapters alone; the base is an input
+    rng_text, rng_unet = jax.random.split(rng)
+    encode = _adapted(text_apply, frozen["text"], params["text"], lora,
+                      rng_text)
+    denoise = _adapted(unet_apply, frozen["unet"], params["unet"], lora,
+                       rng_unet)
   # Classifier-free guidance: train on the empty prompt with probability p.
-  ids = jnp.where(batch["drop"][:, None], uncond_ids, batch["input_ids"])
-  text_params = params["text"]
-  if not text_trainable:
-    text_params = jax.lax.stop_gradient(text_params)
-  context = text_apply(text_params, ids)
+  drop = batch["drop"]
+  if "context" in batch:  # stored embeddings: encode the empty prompt only
+    uncond = encode(uncond_ids).astype(batch["context"].dtype)
+    context = jnp.where(drop[:, None, None], uncond, batch["context"])
+  else:
+    ids = jnp.where(drop[:, None], uncond_ids, batch["input_ids"])
+    context = encode(ids)
   x_t = schedule.add_noise(x0, noise, t)
-  out = unet_apply(params["unet"], x_t, t, context)
+  out = denoise(x_t, t, context)
   return losses.denoising_loss(out, x0, noise, t, schedule, prediction_type,
                                min_snr_gamma)
 
 
-def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], rng, *,
-               loss: Callable, noise_inputs: Callable,
+def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], rng,
+               frozen=None, *, loss: Callable, noise_inputs: Callable,
                tx: optax.GradientTransformation, ema_decay: float,
                grad_accum_steps: int = 1):
   """One optimiser update on a global batch; returns (state, metrics).
 
   rng is the run's base key; the step's key is fold_in(rng, step), so the
   randomness of step s is the same however steps are grouped or resumed.
+  frozen: weights the step uses but does not train (a LoRA run's base),
+  passed in, never closed over.
   """
-  batch = noise_inputs(batch, jax.random.fold_in(rng, state.step))
+  step_key = jax.random.fold_in(rng, state.step)
+  batch = noise_inputs(batch, step_key)
+  dropout_key = jax.random.fold_in(step_key, _DROPOUT_STREAM)
   grad_fn = jax.value_and_grad(loss)
   if grad_accum_steps == 1:
-    loss_value, grads = grad_fn(state.params, batch)
+    loss_value, grads = grad_fn(state.params, batch, dropout_key, frozen)
   else:
     # [B, ...] -> [k, B/k, ...] with strided micro-batches, so each stays
     # spread over all devices of the batch-sharded axis.
@@ -106,9 +145,12 @@ def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], rng, *,
       x = x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps)
                     + x.shape[1:])
       return jnp.swapaxes(x, 0, 1)
-    micro = jax.tree_util.tree_map(split, batch)
-    def body(carry, mb):
-      l, g = grad_fn(state.params, mb)
+    micro = (jax.tree_util.tree_map(split, batch),
+             jnp.arange(grad_accum_steps))
+    def body(carry, micro_batch):
+      mb, i = micro_batch
+      l, g = grad_fn(state.params, mb, jax.random.fold_in(dropout_key, i),
+                     frozen)
       acc_l, acc_g = carry
       return (acc_l + l, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -134,26 +176,28 @@ def _loop_unroll():
   return True if jax.default_backend() == "cpu" else 1
 
 
-def multi_step(state, batches, rng, *, step_fn: Callable):
+def multi_step(state, batches, rng, frozen=None, *, step_fn: Callable):
   """Runs steps_per_call train steps in one call; batches have a leading axis.
 
   Returns the final state and per-step metrics stacked [steps_per_call].
   """
   def body(state, batch):
-    return step_fn(state, batch, rng)
+    return step_fn(state, batch, rng, frozen)
   return jax.lax.scan(body, state, batches, unroll=_loop_unroll())
 
 
 def make_step_fn(*, unet_apply, text_apply, schedule, uncond_ids, config, tx,
                  steps_per_call: int = 1, latent_scale: float = 1.0,
-                 latent_shift: float = 0.0):
-  """The step as a function of (state, batch, rng), ready for jax.jit."""
+                 latent_shift: float = 0.0,
+                 lora: Optional[lora_lib.LoraConfig] = None):
+  """The step as a function of (state, batch, rng[, frozen]), ready for
+  jax.jit."""
   loss = functools.partial(
       loss_fn, unet_apply=unet_apply, text_apply=text_apply, schedule=schedule,
       uncond_ids=jnp.asarray(uncond_ids),
       prediction_type=config.diffusion.prediction_type,
       min_snr_gamma=config.diffusion.min_snr_gamma,
-      text_trainable=config.text.trainable)
+      text_trainable=config.text.trainable, lora=lora)
   noise_inputs = functools.partial(
       add_noise_inputs, num_timesteps=schedule.num_timesteps,
       cfg_dropout=config.diffusion.cfg_dropout,

@@ -12,7 +12,9 @@ COMMANDS = {  # module: (console script, flags it must list)
     "jaxsd.plot_runs": ("jaxsd-plot-runs", ["--workdir", "--metrics"]),
     "jaxsd.train_autoencoder": ("jaxsd-train-autoencoder",
                                 ["--config", "--workdir"]),
-    "jaxsd.cache": ("jaxsd-cache", ["--config", "--out", "--batch_size"]),
+    "jaxsd.cache": ("jaxsd-cache", ["--config", "--out", "--batch_size",
+                                    "--text_embeddings"]),
+    "jaxsd.export": ("jaxsd-export", ["--workdir", "--out", "--merge_lora"]),
 }
 
 

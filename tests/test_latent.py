@@ -199,6 +199,105 @@ def test_cache_trains_the_same_loss_as_encoding_on_the_fly(
     cache.write_cache(flipped, str(tmp_path / "cache2"))
 
 
+def _frozen_text_encoder(config, folder, seed=0):
+  """A random FlaxCLIPTextModel of config.text's size, saved as a
+  pretrained one; config.text then names it, frozen."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from jaxsd import text as text_lib  # pylint: disable=g-import-not-at-top
+  tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
+  model = transformers.FlaxCLIPTextModel(text_lib.text_encoder_config(
+      config.text, text_lib.vocab_size(tokenizer)), seed=seed)
+  model.save_pretrained(folder)
+  config.text.pretrained, config.text.trainable = folder, False
+  return config
+
+
+def test_stored_text_embeddings_train_the_same_loss_as_token_ids(
+    tiny_config, tokenizer):
+  """loss_fn on a batch's context (the frozen encoder's output, as a cache
+  stores it) equals loss_fn on its token ids, dropped examples included."""
+  from jaxsd import text as text_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.text.trainable = False
+  comps = build.build_components(config)
+  params = comps.init_params(jax.random.key(0))
+  ids = text_lib.tokenize(tokenizer, [f"picture {i}" for i in range(4)],
+                          config.text.max_length)
+  batch = {"image": jax.random.normal(jax.random.key(1), (4,)
+                                      + comps.image_shape),
+           "input_ids": jnp.asarray(ids)}
+  batch = step_lib.add_noise_inputs(batch, jax.random.key(2),
+                                    num_timesteps=comps.schedule.num_timesteps,
+                                    cfg_dropout=0.5)
+  batch["drop"] = jnp.array([True, False, True, False])
+  loss = lambda b: step_lib.loss_fn(
+      params, b, unet_apply=comps.unet.apply, text_apply=comps.text_encoder,
+      schedule=comps.schedule, uncond_ids=jnp.asarray(comps.uncond_ids),
+      prediction_type="epsilon", min_snr_gamma=0.0, text_trainable=False)
+  context = comps.text_encoder(params["text"], batch["input_ids"])
+  stored = {**batch, "context": context}
+  np.testing.assert_allclose(loss(stored), loss(batch), rtol=1e-6)
+  # The stored context is what trains: other embeddings, another loss.
+  other = {**batch, "context": context + 1.0}
+  assert abs(float(loss(other)) - float(loss(batch))) > 1e-4
+  # Dropped examples train on the empty prompt, not on the stored context.
+  all_dropped = {**batch, "drop": jnp.ones(4, bool)}
+  np.testing.assert_allclose(loss({**all_dropped, "context": context + 1.0}),
+                             loss(all_dropped), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_cache_with_text_embeddings_trains_the_same_loss(
+    tiny_config, vae, tmp_path):
+  from jaxsd import cache  # pylint: disable=g-import-not-at-top
+  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  folder = _imagefolder(str(tmp_path / "images"))
+  config = _frozen_text_encoder(_folder_config(tiny_config, vae, folder),
+                                str(tmp_path / "text"))
+  out = str(tmp_path / "cache")
+  info = cache.write_cache(config, out, batch_size=8, shard_size=16)
+  assert info.has_text_embeddings
+  assert info.context_shape == [config.text.max_length,
+                                config.text.hidden_size]
+  # One embedding per distinct caption of a shard ("picture 0".."picture 3").
+  assert np.load(os.path.join(out, "00000.context.npy")).shape[0] == 4
+  config.data.latent_cache = out
+  setup = build.TrainSetup(config)
+  source, cache_loader = train.load_training_data(config, setup.components)
+  image_loader = pipeline.make_loader(config, setup.components.tokenizer,
+                                      source)
+  step = jax.jit(setup.step_fn())
+  for _ in range(2):
+    pixels = setup.global_batch(image_loader.next_batch())
+    stored = setup.global_batch(cache_loader.next_batch())
+    assert set(stored) == {"latent_mean", "latent_logvar", "input_ids",
+                           "context"}
+    state = setup.create_train_state(jax.random.key(0))
+    _, m_fly = step(state, pixels, jax.random.key(1))
+    state = setup.create_train_state(jax.random.key(0))
+    _, m_cache = step(state, stored, jax.random.key(1))
+    np.testing.assert_allclose(m_fly["loss"], m_cache["loss"], rtol=1e-5)
+  image_loader.close(), cache_loader.close()
+
+  # Another text encoder: refused. A trainable one: the cache's embeddings
+  # are left unread and the step encodes the captions.
+  other = _frozen_text_encoder(_folder_config(tiny_config, vae, folder),
+                               str(tmp_path / "text2"), seed=1)
+  other.data.latent_cache = out
+  comps = build.build_components(other)
+  with pytest.raises(ValueError, match="text embeddings of the text encoder"):
+    train.load_training_data(other, comps)
+  other.text.trainable = True
+  comps = build.build_components(other)
+  _, loader = train.load_training_data(other, comps)
+  assert "context" not in loader.next_batch()
+  loader.close()
+  # --text_embeddings=true without a frozen pretrained encoder: refused.
+  other.data.latent_cache = ""
+  with pytest.raises(ValueError, match="needs a frozen pretrained text"):
+    cache.write_cache(other, str(tmp_path / "cache3"), text_embeddings="true")
+
+
 @pytest.mark.slow
 @pytest.mark.mnist
 def test_tiny_latent_run_trains_resumes_samples_and_evaluates(

@@ -368,3 +368,87 @@ def test_guidance_applies_only_inside_the_interval():
   np.testing.assert_allclose(out, [[4.0] * 3, [1.0] * 3])
   everywhere = samplers.guided_denoise_fn(denoise, cond, uncond, 4.0)
   np.testing.assert_allclose(everywhere(x, jnp.asarray([500, 900])), 4.0)
+
+
+# --- diffusers' spacings and final step ----------------------------------
+
+
+@pytest.mark.parametrize("num_timesteps", [1000, 97])
+def test_timesteps_leading_and_linspace_match_diffusers(num_timesteps):
+  """"leading" (with and without SD's steps_offset=1) and "linspace" are
+  diffusers' DDIMScheduler.set_timesteps, for every step count (T = 97) or
+  a spread of them (T = 1000)."""
+  diffusers = pytest.importorskip("diffusers")
+  counts = (range(1, num_timesteps + 1) if num_timesteps < 100 else
+            list(range(1, 40)) + [97, 128, 250, 333, 499, 500, 999, 1000])
+  for spacing, offset in (("leading", 0), ("leading", 1), ("linspace", 0)):
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=num_timesteps,
+                                        timestep_spacing=spacing,
+                                        steps_offset=offset)
+    for n in counts:
+      if spacing == "leading" and (n - 1) * (num_timesteps // n) + offset >= (
+          num_timesteps):
+        continue  # diffusers would index past T - 1; jaxsd refuses it
+      scheduler.set_timesteps(n)
+      ts = samplers.timesteps_for(n, num_timesteps, spacing, offset)
+      assert ts.dtype == np.int32
+      np.testing.assert_array_equal(ts, scheduler.timesteps.numpy(),
+                                    err_msg=f"{spacing} {offset} n={n}")
+  # SD 1.x's 50 steps.
+  np.testing.assert_array_equal(
+      samplers.timesteps_for(50, 1000, "leading", 1)[[0, 1, -1]], [981, 961, 1])
+
+
+def test_bad_spacing_and_offset():
+  cosine, fn = toy()
+  args = (fn, cosine, jax.random.key(0), (2, 8), zeros_context(2))
+  with pytest.raises(ValueError, match=r"Unknown timestep spacing 'karras' "
+                     r"\(sampling.timestep_spacing\)"):
+    samplers.sample(*args, timestep_spacing="karras")
+  with pytest.raises(ValueError, match=r"steps_offset=1 applies to "
+                     r"timestep_spacing='leading' only"):
+    samplers.sample(*args, steps_offset=1)
+  with pytest.raises(ValueError, match=r"steps_offset=1 puts the leading "
+                     r"timesteps outside \[0, 999\]"):
+    samplers.timesteps_for(1000, T, "leading", 1)
+  with pytest.raises(ValueError, match="steps_offset must be an int"):
+    samplers.timesteps_for(10, T, "leading", 1.0)
+  with pytest.raises(ValueError, match=r"Unknown final_alpha 'zero' "
+                     r"\(sampling.final_alpha\)"):
+    samplers.sample(*args, final_alpha="zero")
+
+
+def test_final_alpha_first_one_step_is_a_step_to_ab0():
+  """One step with final_alpha="first": x_T -> ab[0] from the prediction at
+  T - 1, which for DDIM is sqrt(ab0) x0 + sqrt(1 - ab0) eps."""
+  cosine, fn = toy()
+  x_T = jax.random.normal(jax.random.key(0), (4, len(MU)))
+  t = jnp.full((4,), T - 1, jnp.int32)
+  x0, eps = cosine.to_x0_eps(fn(x_T, t, zeros_context(4)), x_T, t, "epsilon")
+  ab0 = cosine.alphas_cumprod[0]
+  x = samplers.sample(fn, cosine, jax.random.key(0), x_T, zeros_context(4),
+                      sampler="ddim", num_steps=1, final_alpha="first")
+  np.testing.assert_allclose(x, jnp.sqrt(ab0) * x0 + jnp.sqrt(1 - ab0) * eps,
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_final_alpha_first_lands_at_ab0(sampler, spacing):
+  """With a schedule whose ab[0] is far from 1, final_alpha="first" returns
+  samples of the data noised to ab[0] (moments sqrt(ab0) mu and
+  sqrt(ab0 sd^2 + 1 - ab0))."""
+  ab = np.cumprod(np.r_[0.6, np.full(T - 1, 0.98)]).astype(np.float32)
+  schedule = schedules.NoiseSchedule(alphas_cumprod=jnp.asarray(ab))
+  fn = gaussian_denoiser(schedule, "epsilon")
+  kwargs = dict(sampler=sampler, num_steps=200, timestep_spacing=spacing)
+  mean, std = exact_moments(fn, schedule, final_alpha="first", **kwargs)
+  np.testing.assert_allclose(mean, np.sqrt(ab[0]) * MU, atol=2e-3)
+  np.testing.assert_allclose(std, np.sqrt(ab[0] * SD**2 + 1 - ab[0]),
+                             rtol=0.02)
+  # "one" jumps from there to the data in one step: E[x0 | x at ab0] =
+  # mu + a sd^2 / var (x - a mu), whose spread is a sd^2 / sqrt(var).
+  mean, std = exact_moments(fn, schedule, final_alpha="one", **kwargs)
+  np.testing.assert_allclose(mean, MU, atol=2e-3)
+  a, var = np.sqrt(ab[0]), ab[0] * SD**2 + 1 - ab[0]
+  np.testing.assert_allclose(std, a * SD**2 / np.sqrt(var), rtol=0.02)

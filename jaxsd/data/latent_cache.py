@@ -8,7 +8,11 @@ step. Layout of DIR:
                           the cache is complete), see `CacheInfo`
     NNNNN.mean.npy        float32 [n, h, w, c] posterior means of shard N
     NNNNN.logvar.npy      float32 [n, h, w, c] posterior log-variances
-    NNNNN.captions.json   the n captions and keys
+    NNNNN.captions.json   the n captions and keys (and, with text
+                          embeddings, each example's row of the context file)
+    NNNNN.context.npy     float32 or float16 [u, L, D] the frozen text
+                          encoder's last hidden states of the shard's u
+                          distinct captions (only with text embeddings)
 
 Example i of the cache is example i of the data source it was made from
 (same order, same count), so the loader's shuffled order over the cache is
@@ -16,12 +20,17 @@ the order it would have over the images, and a cached run trains on the
 same examples, batch for batch, as one that encodes on the fly. It keeps
 (mean, logvar), not one sample: the train step still draws from the
 posterior.
+
+With a frozen, pretrained text encoder (text.pretrained, text.trainable
+False) the cache also holds the text embeddings of the captions: the step
+then skips the text encoder for the batch and runs it on the empty prompt
+alone (classifier-free dropout still trains on it).
 """
 import bisect
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -45,6 +54,15 @@ class CacheInfo:
   autoencoder_fingerprint: str  # latent.FrozenAutoencoder.fingerprint()
   data: Dict[str, Any]  # the DATA_FIELDS of the config it was made from
   format: str = FORMAT
+  # Text embeddings (empty text_fingerprint: none stored).
+  text_fingerprint: str = ""  # latent.digest of the encoder and max_length
+  text_encoder: str = ""  # text.pretrained it was encoded with
+  context_shape: Optional[List[int]] = None  # [L, D]
+  context_dtype: str = ""
+
+  @property
+  def has_text_embeddings(self) -> bool:
+    return bool(self.text_fingerprint)
 
   def save(self, directory: str):
     path = os.path.join(directory, INFO_FILE)
@@ -73,8 +91,14 @@ def data_fields(data_config) -> Dict[str, Any]:
 
 
 def write_shard(directory: str, name: str, mean: np.ndarray,
-                logvar: np.ndarray, captions: List[str], keys: List[str]):
-  """One shard's files, each written to a temporary name and renamed."""
+                logvar: np.ndarray, captions: List[str], keys: List[str],
+                context: Optional[np.ndarray] = None,
+                context_index: Optional[List[int]] = None):
+  """One shard's files, each written to a temporary name and renamed.
+
+  context [u, L, D] and context_index (example -> row) are the text
+  embeddings of the shard's distinct captions, if the cache holds them.
+  """
   def put(suffix, write):
     path = os.path.join(directory, f"{name}.{suffix}")
     with open(path + ".tmp", "wb") as f:
@@ -82,8 +106,11 @@ def write_shard(directory: str, name: str, mean: np.ndarray,
     os.replace(path + ".tmp", path)
   put("mean.npy", lambda f: np.save(f, mean.astype(np.float32)))
   put("logvar.npy", lambda f: np.save(f, logvar.astype(np.float32)))
-  put("captions.json", lambda f: f.write(json.dumps(
-      {"captions": captions, "keys": keys}).encode()))
+  table = {"captions": captions, "keys": keys}
+  if context is not None:
+    put("context.npy", lambda f: np.save(f, context))
+    table["context_index"] = [int(i) for i in context_index]
+  put("captions.json", lambda f: f.write(json.dumps(table).encode()))
 
 
 class LatentCacheSource(sources.RandomAccessSource):
@@ -93,14 +120,22 @@ class LatentCacheSource(sources.RandomAccessSource):
   Not a `data.source` of the registry: a run names its images' source as
   usual (evaluation, previews and prompts read the images) and the cache
   with data.latent_cache, which only the training loader reads.
+
+  read_context: examples also hold "context" float32 [L, D], the stored
+  text embedding of their caption (set by pipeline.make_latent_cache_source
+  once the run's frozen text encoder is checked against the cache's).
   """
 
   name = "latent_cache"
   provides_latents = True  # the loader stacks them instead of decoding
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, read_context: bool = False):
     self.directory = directory
     self.info = CacheInfo.load(directory)
+    if read_context and not self.info.has_text_embeddings:
+      raise ValueError(f"The latent cache {directory} holds no text "
+                       "embeddings.")
+    self.read_context = read_context
     self._starts = np.cumsum([0] + [s["examples"] for s in self.info.shards])
     self._captions = None
     self._arrays: Dict[str, np.ndarray] = {}
@@ -142,10 +177,15 @@ class LatentCacheSource(sources.RandomAccessSource):
   def __getitem__(self, index: int) -> sources.Example:
     name, offset = self._locate(index)
     table = self._caption_table()[name]
-    return {"latent_mean": np.array(self._array(name, "mean")[offset]),
-            "latent_logvar": np.array(self._array(name, "logvar")[offset]),
-            "caption": table["captions"][offset],
-            "key": table["keys"][offset]}
+    example = {"latent_mean": np.array(self._array(name, "mean")[offset]),
+               "latent_logvar": np.array(self._array(name, "logvar")[offset]),
+               "caption": table["captions"][offset],
+               "key": table["keys"][offset]}
+    if self.read_context:
+      row = table["context_index"][offset]
+      example["context"] = np.asarray(self._array(name, "context")[row],
+                                      np.float32)
+    return example
 
 
 def check_matches(info: CacheInfo, data_config, fingerprint: str,
@@ -168,3 +208,15 @@ def check_matches(info: CacheInfo, data_config, fingerprint: str,
         f"{info.autoencoder!r} (fingerprint {info.autoencoder_fingerprint}), "
         f"not by this run's model.autoencoder (fingerprint {fingerprint}); "
         "write the cache again with this autoencoder.")
+
+
+def check_text_matches(info: CacheInfo, fingerprint: str, directory: str):
+  """The stored text embeddings are valid only for the same frozen text
+  encoder and max_length."""
+  if info.text_fingerprint != fingerprint:
+    raise ValueError(
+        f"The latent cache {directory} holds text embeddings of the text "
+        f"encoder {info.text_encoder!r} (fingerprint {info.text_fingerprint}), "
+        f"not of this run's text.pretrained with its text.max_length "
+        f"(fingerprint {fingerprint}); write the cache again, or write it "
+        "with --text_embeddings=false to encode captions in the step.")

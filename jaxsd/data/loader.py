@@ -100,9 +100,9 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
 
 def _arrays(element) -> Dict[str, np.ndarray]:
   """A built batch's model inputs: "image", or a latent cache's
-  "latent_mean" and "latent_logvar"."""
+  "latent_mean" and "latent_logvar" (and "context", its text embeddings)."""
   return {k: v for k, v in element.items()
-          if k in ("image", "latent_mean", "latent_logvar")}
+          if k in ("image", "latent_mean", "latent_logvar", "context")}
 
 
 class _LoaderBase:
@@ -230,10 +230,13 @@ class BatchAt:
     epoch = position // self.batches_per_epoch
     examples = [self.source.example(int(i), epoch)
                 for i in self.indices(position)]
-    return {"latent_mean": np.stack([e["latent_mean"] for e in examples]),
-            "latent_logvar": np.stack([e["latent_logvar"] for e in examples]),
-            "caption": [transforms.caption_of(e, e.get("key", ""))
-                        for e in examples], "skipped": []}
+    batch = {"latent_mean": np.stack([e["latent_mean"] for e in examples]),
+             "latent_logvar": np.stack([e["latent_logvar"] for e in examples]),
+             "caption": [transforms.caption_of(e, e.get("key", ""))
+                         for e in examples], "skipped": []}
+    if "context" in examples[0]:
+      batch["context"] = np.stack([e["context"] for e in examples])
+    return batch
 
   def __call__(self, position: int) -> Dict[str, Any]:
     position = int(position)

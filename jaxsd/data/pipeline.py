@@ -22,9 +22,17 @@ def make_source(config, split: Optional[str] = None):
   return sources.make_source(config.data, split)
 
 
-def make_latent_cache_source(config, image_source, autoencoder):
+def make_latent_cache_source(config, image_source, autoencoder,
+                             text_fingerprint: Optional[str] = None):
   """The latent cache of data.latent_cache, checked: written from this data
-  (same fields, same number of examples) by this autoencoder."""
+  (same fields, same number of examples) by this autoencoder.
+
+  text_fingerprint: the run's frozen text encoder's
+  (Components.frozen_text_fingerprint(), None if it trains); a cache with
+  text embeddings then delivers them as "context", checked to be that
+  encoder's.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from jaxsd.data import latent_cache  # pylint: disable=g-import-not-at-top
   directory = config.data.latent_cache
   if autoencoder is None:
@@ -41,6 +49,14 @@ def make_latent_cache_source(config, image_source, autoencoder):
         f"The latent cache {directory} holds {len(cache)} examples but the "
         f"data has {len(image_source)}; the data changed since it was "
         "written: write it again (python -m jaxsd.cache).")
+  if cache.info.has_text_embeddings:
+    if text_fingerprint is None:
+      logging.info("The latent cache's text embeddings are not used: this "
+                   "run's text encoder is not a frozen pretrained one, so "
+                   "the step encodes the captions.")
+    else:
+      latent_cache.check_text_matches(cache.info, text_fingerprint, directory)
+      cache.read_context = True
   return cache
 
 

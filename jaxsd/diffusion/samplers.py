@@ -6,12 +6,23 @@ of the model's ``(x0, eps)`` prediction at ``x_t`` and the two noise levels
 rest: timestep spacing, classifier-free guidance, the prediction-type
 conversion, x0 clipping and the jitted `lax.scan` over steps.
 
-Timesteps are "trailing" spaced (`timesteps_for`): the first step is always
-the noisiest training step ``T - 1``, and the last step jumps from the final
-timestep straight to the data (``ab = 1``), which every sampler does by
-returning its x0 prediction there. That jump is first order, so few steps
-smooth out detail finer than the noise level of the last timestep (sigma ~0.1
-for 20 of 1000 cosine steps).
+Timesteps are "trailing" spaced by default (`timesteps_for`): the first step
+is always the noisiest training step ``T - 1``, and the last step jumps from
+the final timestep straight to the data (``ab = 1``), which every sampler
+does by returning its x0 prediction there. That jump is first order, so few
+steps smooth out detail finer than the noise level of the last timestep
+(sigma ~0.1 for 20 of 1000 cosine steps).
+
+diffusers' other spacings and final step are there too, to sample a model as
+its scheduler_config.json says (`jaxsd.diffusion.scheduler_config`):
+"leading" (``arange(n) * (T // n) + steps_offset``, SD 1.x/2.x) and
+"linspace" timesteps, and ``final_alpha="first"`` (diffusers'
+set_alpha_to_one=False): the last step is a real step to ``ab[0]``, not to
+the data. Each step goes to the next sampled timestep. diffusers'
+DDIMScheduler steps to ``t - T // n`` instead, the same timestep for
+"leading" spacing and for "trailing" when n divides T, but not for
+"linspace" (nor "trailing" otherwise), where it steps to a noise level other
+than the one its next model call assumes.
 """
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -26,6 +37,11 @@ from jaxsd.diffusion.schedules import NoiseSchedule
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+# Where the last step goes: "one" = ab 1, the data (the x0 prediction);
+# "first" = ab[0], the least noisy training step (diffusers'
+# set_alpha_to_one=False).
+FINAL_ALPHAS = ("one", "first")
 
 _SAMPLERS = registry.Registry("sampler", "sampling.sampler")
 
@@ -135,21 +151,54 @@ class DPMSolverPPSampler(Sampler):
     return x_s, (x0, lam_t, jnp.ones((), jnp.bool_))
 
 
-def timesteps_for(num_steps: int, num_timesteps: int) -> np.ndarray:
-  """Trailing-spaced sampling timesteps, decreasing, int32 [num_steps].
+def timesteps_for(num_steps: int, num_timesteps: int,
+                  spacing: str = "trailing", steps_offset: int = 0
+                  ) -> np.ndarray:
+  """Sampling timesteps, decreasing, int32 [num_steps].
 
-  ``round(T - i T / n) - 1`` for i = 0 .. n-1 (Lin et al. 2024, "Common
-  diffusion noise schedules and sample steps are flawed"): the first step is
-  always T - 1, where x_T ~ N(0, I) matches the forward process best. With the
-  cosine schedule "leading" spacing would start e.g. at t = 950 for n = 20,
-  where ab is still ~6e-3, and pure noise is the wrong start. With
-  n == T the steps are T-1, ..., 0.
+  "trailing" (the default): ``round(T - i T / n) - 1`` for i = 0 .. n-1 (Lin
+  et al. 2024, "Common diffusion noise schedules and sample steps are
+  flawed"): the first step is always T - 1, where x_T ~ N(0, I) matches the
+  forward process best. With the cosine schedule "leading" spacing would
+  start e.g. at t = 950 for n = 20, where ab is still ~6e-3, and pure noise is
+  the wrong start. With n == T the steps are T-1, ..., 0.
+
+  "leading": ``i * (T // n) + steps_offset`` for i = n-1 .. 0 (diffusers'
+  default, SD 1.x/2.x with steps_offset=1: 981, 961, ..., 1 for n = 50).
+  "linspace": ``linspace(0, T - 1, n)`` rounded half to even (numpy's
+  round, as diffusers), reversed. steps_offset applies to "leading" only
+  (diffusers ignores it otherwise; here it must then be 0).
   """
   _check_num_steps(num_steps, num_timesteps)
-  # floor(x + 0.5), not np.round: banker's rounding could merge two steps.
-  stride = num_timesteps / num_steps
-  ts = np.floor(num_timesteps - np.arange(num_steps) * stride + 0.5) - 1
-  return ts.astype(np.int32)
+  if spacing not in TIMESTEP_SPACINGS:
+    raise ValueError(f"Unknown timestep spacing {spacing!r} "
+                     f"(sampling.timestep_spacing); choose one of "
+                     f"{list(TIMESTEP_SPACINGS)}.")
+  if isinstance(steps_offset, bool) or not isinstance(steps_offset,
+                                                      (int, np.integer)):
+    raise ValueError(f"sampling.steps_offset must be an int, got "
+                     f"{steps_offset!r}.")
+  if steps_offset and spacing != "leading":
+    raise ValueError(
+        f"sampling.steps_offset={steps_offset} applies to "
+        f"timestep_spacing='leading' only; set it to 0 for {spacing!r} "
+        "(diffusers ignores it there).")
+  if spacing == "trailing":
+    # floor(x + 0.5), not np.round: banker's rounding could merge two steps.
+    stride = num_timesteps / num_steps
+    ts = np.floor(num_timesteps - np.arange(num_steps) * stride + 0.5) - 1
+  elif spacing == "leading":
+    ts = np.arange(num_steps)[::-1] * (num_timesteps // num_steps)
+    ts = ts + steps_offset
+    if steps_offset < 0 or ts[0] > num_timesteps - 1:
+      raise ValueError(
+          f"sampling.steps_offset={steps_offset} puts the leading timesteps "
+          f"outside [0, {num_timesteps - 1}] for {num_steps} steps (the first "
+          f"would be {ts[0]}).")
+  else:
+    # Spacing (T-1)/(n-1) >= 1 between values: rounding keeps them distinct.
+    ts = np.round(np.linspace(0, num_timesteps - 1, num_steps))[::-1]
+  return np.ascontiguousarray(ts).astype(np.int32)
 
 
 def _check_num_steps(num_steps, num_timesteps):
@@ -247,7 +296,10 @@ def sample(denoise_fn: DenoiseFn,
            prediction_type: str = "epsilon",
            eta: Union[float, jnp.ndarray] = 0.0,
            clip_x0: Union[bool, float] = False,
-           guidance_interval: Optional[Tuple[float, float]] = None
+           guidance_interval: Optional[Tuple[float, float]] = None,
+           timestep_spacing: str = "trailing",
+           steps_offset: int = 0,
+           final_alpha: str = "one"
            ) -> jnp.ndarray:
   """Draws x0 [B, ...] float32 by running `sampler` from pure noise.
 
@@ -263,7 +315,8 @@ def sample(denoise_fn: DenoiseFn,
     uncond_context: [B or 1, L, D] empty-prompt context; unused (may be None)
       when guidance_scale is the Python number 1.
     sampler: a name in `sampler_names()`.
-    num_steps: denoiser evaluations, 1 <= num_steps <= T; see `timesteps_for`.
+    num_steps: denoiser evaluations, 1 <= num_steps <= T; at the timesteps
+      `timesteps_for(num_steps, T, timestep_spacing, steps_offset)`.
     guidance_scale: classifier-free guidance weight s. A Python 1 skips the
       unconditional branch; anything else (a float or a traced array) batches
       cond and uncond into one denoise_fn call per step.
@@ -274,19 +327,33 @@ def sample(denoise_fn: DenoiseFn,
     guidance_interval: (lo, hi) fractions of the diffusion time (1 = pure
       noise) where guidance applies; elsewhere the conditional output alone.
       None = every step.
+    timestep_spacing: "trailing", "leading" or "linspace"; see
+      `timesteps_for`.
+    steps_offset: added to "leading" timesteps (SD: 1); 0 otherwise.
+    final_alpha: "one": the last step goes to the data and returns the x0
+      prediction; "first": a sampler step to ab[0] (diffusers'
+      set_alpha_to_one=False), returning that x.
 
   Returns:
-    x0 [B, ...] float32, the final step's x0 prediction (clipped if asked).
+    [B, ...] float32: the final step's x0 prediction (clipped if asked), or
+    with final_alpha="first" the sample at ab[0] (noise sqrt(1 - ab[0]) left
+    in it, 0.029 for SD's schedule).
 
   Jittable with denoise_fn, x_T_shape_or_noise (when a shape), sampler,
-  num_steps, prediction_type and clip_x0 static; schedule, rng, contexts,
-  guidance_scale (unless 1) and eta may be traced.
+  num_steps, prediction_type, clip_x0, timestep_spacing, steps_offset and
+  final_alpha static; schedule, rng, contexts, guidance_scale (unless 1) and
+  eta may be traced.
   """
   step_impl = get_sampler(sampler)
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"Unknown prediction_type {prediction_type!r}; choose one "
                      f"of {list(PREDICTION_TYPES)}.")
-  timesteps = timesteps_for(num_steps, schedule.num_timesteps)
+  if final_alpha not in FINAL_ALPHAS:
+    raise ValueError(f"Unknown final_alpha {final_alpha!r} "
+                     f"(sampling.final_alpha); choose one of "
+                     f"{list(FINAL_ALPHAS)}.")
+  timesteps = timesteps_for(num_steps, schedule.num_timesteps,
+                            timestep_spacing, steps_offset)
   clip_bound = _clip_bound(clip_x0)
 
   noise_rng, step_rng = jax.random.split(rng)
@@ -323,6 +390,13 @@ def sample(denoise_fn: DenoiseFn,
                               jax.random.fold_in(step_rng, i), eta)
     return (x, state), None
 
+  if final_alpha == "first":
+    # Every step a sampler step, the last one to ab[0].
+    targets = np.append(timesteps[1:], 0).astype(np.int32)
+    steps = (jnp.arange(num_steps), jnp.asarray(timesteps),
+             jnp.asarray(targets))
+    (x, _), _ = jax.lax.scan(body, (x_T, step_impl.init_state(x_T)), steps)
+    return x
   # Steps between sampled timesteps, then the jump from the last one to the
   # data, where every sampler's update reduces to returning x0.
   steps = (jnp.arange(num_steps - 1), jnp.asarray(timesteps[:-1]),

@@ -36,12 +36,31 @@ def scaled_linear_betas(num_timesteps, beta_start=8.5e-4, beta_end=1.2e-2):
 
 @register_beta_schedule("cosine")
 def cosine_betas(num_timesteps, s=0.008, max_beta=0.999, **unused):
-  """Improved DDPM (Nichol & Dhariwal 2021): ab(t) = cos^2((t/T + s)/(1 + s) pi/2)."""
+  """Improved DDPM (Nichol & Dhariwal 2021): ab(t) = cos^2((t/T + s)/(1 + s) pi/2).
+
+  diffusers' "squaredcos_cap_v2" (betas_for_alpha_bar: the same s, the same
+  cap); like it, ignores beta_start / beta_end.
+  """
   del unused
   def f(t):
     return math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2)**2
   betas = [min(1 - f(i + 1) / f(i), max_beta) for i in range(num_timesteps)]
   return np.asarray(betas, dtype=np.float64)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+  """ab with zero SNR at t = T-1 (Lin et al. 2024, "Common diffusion noise
+  schedules and sample steps are flawed", algorithm 1; diffusers'
+  rescale_betas_zero_snr).
+
+  sqrt(ab) is shifted so that its last value is 0 and scaled so that its
+  first is unchanged. ab[T-1] = 0 makes x_{T-1} pure noise, which an epsilon
+  model cannot invert (x0 = (x_t - eps) / 0): use it with v_prediction.
+  """
+  root = np.sqrt(np.asarray(alphas_cumprod, np.float64))
+  first, last = root[0], root[-1]
+  root = (root - last) * first / (first - last)
+  return root**2
 
 
 def schedule_names():
@@ -93,8 +112,14 @@ class NoiseSchedule:
 
 
 def make_schedule(name: str, num_timesteps: int = 1000, beta_start=None,
-                  beta_end=None) -> NoiseSchedule:
-  """Builds a named schedule ('linear', 'scaled_linear', 'cosine')."""
+                  beta_end=None, rescale_zero_snr: bool = False
+                  ) -> NoiseSchedule:
+  """Builds a named schedule ('linear', 'scaled_linear', 'cosine').
+
+  beta_start / beta_end: the first and last beta of the (scaled) linear
+  schedules; None = their defaults (DDPM's 1e-4 / 2e-2, SD's 8.5e-4 /
+  1.2e-2). rescale_zero_snr: `rescale_zero_terminal_snr` afterwards.
+  """
   if name not in _BETA_SCHEDULES:
     raise ValueError(f"Unknown noise schedule {name!r}; choose one of "
                      f"{schedule_names()} (config diffusion.schedule).")
@@ -107,4 +132,6 @@ def make_schedule(name: str, num_timesteps: int = 1000, beta_start=None,
     kwargs["beta_end"] = beta_end
   betas = _BETA_SCHEDULES[name](num_timesteps, **kwargs)
   alphas_cumprod = np.cumprod(1.0 - betas)
+  if rescale_zero_snr:
+    alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
   return NoiseSchedule(alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32))

@@ -99,22 +99,53 @@ class JaxsdUNet:
   parameter tree, several times faster to train on CPU."""
 
   def __init__(self, model_config, cross_attention_dim: int):
-    from jaxsd.models import unet  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from jaxsd.models import unet, unet_convert
     self._pretrained_params = None
     dtype = compute_dtype(model_config.dtype)
     if model_config.pretrained:
-      import diffusers  # pylint: disable=g-import-not-at-top
-      diffusers.utils.logging.set_verbosity_error()
-      model, params = diffusers.FlaxUNet2DConditionModel.from_pretrained(
-          model_config.pretrained, subfolder="unet")
-      self.module = unet.unet_from_diffusers_config(dict(model.config),
-                                                    dtype=dtype)
-      self._pretrained_params = unet.convert_diffusers_params(params)
+      # A diffusers UNet folder (or a pipeline folder's unet/) with PyTorch
+      # weights, converted by name; Flax-only folders (msgpack) go through
+      # diffusers' Flax loader as before.
+      import os  # pylint: disable=g-import-not-at-top
+      if model_config.pooled_text_embedding:
+        raise ValueError(
+            "model.pooled_text_embedding adds parameters a pretrained "
+            "diffusers UNet does not have: set model.pooled_text_embedding='' "
+            "with model.pretrained.")
+      folder = unet_convert.unet_folder(model_config.pretrained)
+      flax_weights = os.path.join(folder, unet_convert.FLAX_WEIGHTS)
+      if (not unet_convert.has_torch_weights(folder)
+          and os.path.isfile(flax_weights)):
+        import diffusers  # pylint: disable=g-import-not-at-top
+        diffusers.utils.logging.set_verbosity_error()
+        _, params = diffusers.FlaxUNet2DConditionModel.from_pretrained(folder)
+        self.module = unet_convert.unet_from_config(
+            unet_convert.load_config(folder)[1], dtype,
+            os.path.join(folder, "config.json"), torch_numerics=False)
+        self._pretrained_params = unet.convert_diffusers_params(params)
+        unet_convert.check_fits(self._pretrained_params,
+                                unet_convert.param_shapes(self.module),
+                                flax_weights, "UNet")
+      else:
+        self.module, self._pretrained_params = unet_convert.load_diffusers(
+            folder, dtype)
+      if self.module.cross_attention_dim != cross_attention_dim:
+        raise ValueError(
+            f"model.pretrained={model_config.pretrained!r} has "
+            f"cross_attention_dim={self.module.cross_attention_dim}, but the "
+            f"text encoder gives {cross_attention_dim}-dimensional states; "
+            "choose a text encoder of that width.")
     else:
       self.module = unet.UNet(
           norm_num_groups=model_config.norm_num_groups, dtype=dtype,
           pooled_text_embedding=model_config.pooled_text_embedding,
           **architecture_kwargs(model_config, cross_attention_dim))
+    # Gradient checkpointing changes how, not what, it computes: the same
+    # parameters, loaded or fresh.
+    remat = unet.remat_policy(model_config.get("remat", "none"))
+    if remat != "none":
+      self.module = self.module.clone(remat=remat)
 
   def init(self, rng, image_shape: Tuple[int, ...], context_shape):
     if self._pretrained_params is not None:

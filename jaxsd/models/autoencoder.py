@@ -373,8 +373,8 @@ def convert_diffusers_weights(state_dict: Dict[str, np.ndarray],
     if flat_got[name].shape != want.shape:
       raise ValueError(
           f"{source}: {_torch_key(name)} has shape "
-          f"{_torch_shape(name, flat_got[name].shape)}, the config needs "
-          f"{_torch_shape(name, want.shape)}.")
+          f"{torch_weights.torch_shape(name, flat_got[name].shape)}, the "
+          f"config needs {torch_weights.torch_shape(name, want.shape)}.")
   return jax.tree_util.tree_map(jnp.asarray, tree)
 
 
@@ -389,29 +389,10 @@ def _torch_key(path: Tuple[str, ...]) -> str:
   return ".".join(names + ["weight" if leaf in ("kernel", "scale") else leaf])
 
 
-def _torch_shape(path: Tuple[str, ...], shape) -> Tuple[int, ...]:
-  """A Flax param's shape in PyTorch's layout (conv [O, I, kh, kw], linear
-  [O, I])."""
-  shape = tuple(shape)
-  if path[-1] != "kernel":
-    return shape
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  return shape[::-1]
-
-
 def to_diffusers_weights(params) -> Dict[str, np.ndarray]:
   """AutoencoderKL params -> diffusers' PyTorch state dict (export)."""
-  out = {}
-  for path, value in _flatten(params).items():
-    # A copy: np.asarray of a jax array is a read-only view, which
-    # torch.from_numpy warns about and must not write to.
-    value = np.array(value, np.float32)
-    if path[-1] == "kernel":
-      value = (np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4
-               else value.T)
-    out[_torch_key(path)] = np.ascontiguousarray(value)
-  return out
+  return {_torch_key(path): torch_weights.to_torch_layout(path, value)
+          for path, value in _flatten(params).items()}
 
 
 def _flatten(tree, prefix=()):
@@ -434,13 +415,34 @@ def vae_folder(path: str) -> Optional[str]:
   return None
 
 
+def load_config(folder: str) -> AutoencoderConfig:
+  """The AutoencoderConfig of a diffusers `vae/` folder's config.json."""
+  path = os.path.join(folder, "config.json")
+  with open(path) as f:
+    return config_from_diffusers(json.load(f), path)
+
+
+def save_diffusers(config: AutoencoderConfig, params, folder: str,
+                   sample_size: Optional[int] = None):
+  """Writes `folder/config.json` and `diffusion_pytorch_model.safetensors`,
+  a folder diffusers' `AutoencoderKL.from_pretrained` (and `load_diffusers`)
+  loads."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  cfg = config.to_diffusers()
+  if sample_size:
+    cfg["sample_size"] = int(sample_size)
+  save_file(to_diffusers_weights(params),
+            os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+
+
 def load_diffusers(folder: str, dtype: Dtype = jnp.float32
                    ) -> Tuple[AutoencoderKL, dict]:
   """(module, params) of a diffusers `vae/` folder (config.json plus
   diffusion_pytorch_model.safetensors or .bin)."""
-  path = os.path.join(folder, "config.json")
-  with open(path) as f:
-    config = config_from_diffusers(json.load(f), path)
+  config = load_config(folder)
   params = convert_diffusers_weights(torch_weights.read_weights(folder),
                                      config, folder)
   return AutoencoderKL(config, dtype), params

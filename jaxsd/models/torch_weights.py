@@ -15,7 +15,7 @@
 import json
 import os
 import struct
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -121,3 +121,23 @@ def to_flax_tree(state_dict: Dict[str, np.ndarray],
       node = node.setdefault(name, {})
     node[leaf] = value
   return tree
+
+
+def torch_shape(path: Tuple[str, ...], shape) -> Tuple[int, ...]:
+  """A Flax param's shape in PyTorch's layout (conv [O, I, kh, kw], linear
+  [O, I]); the inverse of `to_flax_tree`'s transposes."""
+  shape = tuple(shape)
+  if path[-1] != "kernel":
+    return shape
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape[::-1]
+
+
+def to_torch_layout(path: Tuple[str, ...], value) -> np.ndarray:
+  """A Flax param as its PyTorch tensor (a float32 copy: np.asarray of a jax
+  array is a read-only view, which torch.from_numpy must not write to)."""
+  value = np.array(value, np.float32)
+  if path[-1] == "kernel":
+    value = np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
+  return np.ascontiguousarray(value)

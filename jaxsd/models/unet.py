@@ -18,7 +18,13 @@ how it computes:
 Numerics follow diffusers' Flax classes, including their quirks:
 `attention_head_dim` is the number of heads (diffusers issue #2011), GEGLU
 uses the tanh approximation of GELU (`flax.linen.gelu`'s default; the PyTorch
-UNet uses the exact one), GroupNorm and LayerNorm eps are 1e-5.
+UNet uses the exact one), GroupNorm and LayerNorm eps are 1e-5 (PyTorch's
+transformer GroupNorm: 1e-6). `UNet.torch_numerics` follows PyTorch in both,
+for models loaded from PyTorch weights.
+
+`UNet.remat` trades compute for memory (gradient checkpointing): "blocks"
+wraps every down, mid and up block in `flax.linen.remat`, "transformers"
+only the spatial transformers; the parameter tree is the same either way.
 """
 import functools
 import math
@@ -343,22 +349,25 @@ class GEGLU(nn.Module):
   """Dense to 2 * 4 * dim, then value * gelu(gate)."""
   dim: int
   dtype: Dtype = jnp.float32
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     h = nn.Dense(self.dim * 8, dtype=self.dtype, name="proj")(x)
     value, gate = jnp.split(h, 2, axis=-1)
-    # Tanh-approximate GELU, as diffusers' FlaxGEGLU (nn.gelu's default).
-    return value * nn.gelu(gate, approximate=True)
+    # Tanh-approximate GELU, as diffusers' FlaxGEGLU (nn.gelu's default);
+    # the exact one (PyTorch's) with torch_numerics.
+    return value * nn.gelu(gate, approximate=not self.exact_gelu)
 
 
 class FeedForward(nn.Module):
   dim: int
   dtype: Dtype = jnp.float32
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    h = GEGLU(self.dim, self.dtype, name="net_0")(x)
+    h = GEGLU(self.dim, self.dtype, self.exact_gelu, name="net_0")(x)
     return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
 
 
@@ -368,6 +377,7 @@ class TransformerBlock(nn.Module):
   dim_head: int
   only_cross_attention: bool = False
   dtype: Dtype = jnp.float32
+  torch_numerics: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
@@ -379,7 +389,8 @@ class TransformerBlock(nn.Module):
     h = ln("norm1")(x)
     x = x + attn("attn1")(h, context if self.only_cross_attention else h)
     x = x + attn("attn2")(ln("norm2")(x), context)
-    x = x + FeedForward(x.shape[-1], self.dtype, name="ff")(ln("norm3")(x))
+    x = x + FeedForward(x.shape[-1], self.dtype, self.torch_numerics,
+                        name="ff")(ln("norm3")(x))
     return x
 
 
@@ -391,12 +402,16 @@ class SpatialTransformer(nn.Module):
   only_cross_attention: bool = False
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
+  torch_numerics: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
     """x: [B, H, W, C], context: [B, S, D] -> [B, H, W, C]."""
     b, height, width, c = x.shape
-    h = GroupNorm(self.norm_num_groups, dtype=self.dtype, name="norm")(x)
+    # PyTorch's Transformer2DModel normalises with eps 1e-6.
+    h = GroupNorm(self.norm_num_groups,
+                  epsilon=1e-6 if self.torch_numerics else _NORM_EPS,
+                  dtype=self.dtype, name="norm")(x)
     # The same matmul either way; the param tree keeps the kernel's shape
     # ([C, C] or [1, 1, C, C]).
     if self.use_linear_projection:
@@ -408,6 +423,7 @@ class SpatialTransformer(nn.Module):
     for i in range(self.depth):
       h = TransformerBlock(self.heads, c // self.heads,
                            self.only_cross_attention, self.dtype,
+                           self.torch_numerics,
                            name=f"transformer_blocks_{i}")(h, context)
     h = proj("proj_out")(h.reshape(b, height, width, c))
     return x + h
@@ -438,16 +454,19 @@ class _Block(nn.Module):
   norm_num_groups: int = 32
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_transformers: bool = False
+  torch_numerics: bool = False
 
   def resnet(self, name: str) -> ResnetBlock:
     return ResnetBlock(self.features, self.norm_num_groups, self.dropout,
                        self.dtype, name=name)
 
   def transformer(self, name: str) -> SpatialTransformer:
-    return SpatialTransformer(self.heads, self.depth,
-                              self.use_linear_projection,
-                              self.only_cross_attention, self.norm_num_groups,
-                              self.dtype, name=name)
+    cls = _RematSpatialTransformer if self.remat_transformers else (
+        SpatialTransformer)
+    return cls(self.heads, self.depth, self.use_linear_projection,
+               self.only_cross_attention, self.norm_num_groups, self.dtype,
+               self.torch_numerics, name=name)
 
 
 class DownBlock(_Block):
@@ -502,6 +521,30 @@ class UpBlock(_Block):
     return x
 
 
+# Gradient checkpointing (UNet.remat). The wrapped classes keep their
+# module names (the `name=` given at construction), so the parameter tree is
+# the one without remat. `train` is static (argument numbers count `self`
+# as 0): it selects dropout, a Python-level choice.
+REMAT_POLICIES = ("none", "blocks", "transformers")
+_RematSpatialTransformer = nn.remat(SpatialTransformer)
+_RematDownBlock = nn.remat(DownBlock, static_argnums=(4,))
+_RematMidBlock = nn.remat(MidBlock, static_argnums=(4,))
+_RematUpBlock = nn.remat(UpBlock, static_argnums=(5,))
+
+
+def remat_policy(remat: Union[bool, str]) -> str:
+  """`UNet.remat` as one of REMAT_POLICIES (False -> "none", True ->
+  "blocks")."""
+  if remat is False or remat is None:
+    return "none"
+  if remat is True:
+    return "blocks"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={remat!r}; choose one of "
+                     f"{list(REMAT_POLICIES)} (or a bool).")
+  return remat
+
+
 class UNet(nn.Module):
   """Text-conditioned UNet; fields mirror diffusers' UNet2DConditionModel.
 
@@ -511,6 +554,14 @@ class UNet(nn.Module):
   only `norm_num_groups=32` reproduces it. `dropout` applies in the resnets
   only (as PyTorch diffusers' resnets; its Flax UNet also drops out in the
   transformers).
+
+  `remat` (gradient checkpointing) keeps fewer activations for the backward
+  pass and recomputes the rest there: "none" (or False, the default) keeps
+  them all; "blocks" (or True) keeps only each down/mid/up block's inputs
+  and outputs, about one extra forward pass of compute; "transformers"
+  recomputes only the spatial transformers (attention and feed-forward),
+  which hold most activations at high resolution. Outputs, gradients and
+  the parameter tree are the same under every policy.
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -533,6 +584,12 @@ class UNet(nn.Module):
   dropout: float = 0.0
   pooled_text_embedding: str = ""  # "" | "mean" | "flatten"
   dtype: Dtype = jnp.float32
+  remat: Union[bool, str] = False  # a REMAT_POLICIES name or a bool
+  # PyTorch UNet2DConditionModel's numerics where diffusers' Flax UNet
+  # (which jaxsd follows by default) differs: exact GELU in GEGLU and eps
+  # 1e-6 in the transformers' GroupNorm. Set for PyTorch weights
+  # (unet_convert.unet_from_config), so loaded models compute as trained.
+  torch_numerics: bool = False
 
   @nn.compact
   def __call__(self, sample: jnp.ndarray, timesteps: jnp.ndarray,
@@ -561,12 +618,19 @@ class UNet(nn.Module):
     cross_only = _per_block(self.only_cross_attention, n)
     depths = _per_block(self.transformer_layers_per_block, n)
     channels = self.block_out_channels
+    policy = remat_policy(self.remat)
+    blocks = policy == "blocks"
+    down_cls = _RematDownBlock if blocks else DownBlock
+    mid_cls = _RematMidBlock if blocks else MidBlock
+    up_cls = _RematUpBlock if blocks else UpBlock
 
     def settings(i):
       return dict(heads=heads[i], depth=depths[i],
                   use_linear_projection=self.use_linear_projection,
                   norm_num_groups=self.norm_num_groups, dropout=self.dropout,
-                  dtype=self.dtype)
+                  dtype=self.dtype,
+                  remat_transformers=policy == "transformers",
+                  torch_numerics=self.torch_numerics)
 
     t = jnp.asarray(timesteps, jnp.float32).reshape(-1)
     t = jnp.broadcast_to(t, (sample.shape[0],))
@@ -585,21 +649,21 @@ class UNet(nn.Module):
     x = _conv3x3(channels[0], self.dtype, "conv_in")(sample.astype(self.dtype))
     skips = [x]
     for i, block_type in enumerate(self.down_block_types):
-      x, block_skips = DownBlock(
+      x, block_skips = down_cls(
           channels[i], self.layers_per_block,
           has_attention=_has_attention(block_type, "Down"),
           only_cross_attention=cross_only[i], add_downsample=i < n - 1,
           name=f"down_blocks_{i}", **settings(i))(x, temb, context, train)
       skips.extend(block_skips)
 
-    x = MidBlock(channels[-1], name="mid_block",
+    x = mid_cls(channels[-1], name="mid_block",
                  **settings(n - 1))(x, temb, context, train)
 
     for i, block_type in enumerate(self.up_block_types):
       r = n - 1 - i  # the down block this one mirrors
       num_layers = self.layers_per_block + 1
       block_skips, skips = skips[-num_layers:], skips[:-num_layers]
-      x = UpBlock(
+      x = up_cls(
           channels[r], num_layers,
           has_attention=_has_attention(block_type, "Up"),
           only_cross_attention=cross_only[r], add_upsample=i < n - 1,
