@@ -252,6 +252,9 @@ def _finetune_config(tiny_config, folder, images):
 @pytest.mark.slow
 def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
     tiny_config, saved_pipeline, tmp_path):
+  if "sd2" in saved_pipeline[1]:
+    pytest.skip("the round trip through PyTorch once (SD 1.x-shaped) keeps "
+                "the suite short; imports of both shapes are tested above")
   from jaxsd import export  # pylint: disable=g-import-not-at-top
   from jaxsd import sample  # pylint: disable=g-import-not-at-top
   from jaxsd import train  # pylint: disable=g-import-not-at-top
@@ -289,6 +292,9 @@ def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
 @pytest.mark.slow
 def test_lora_export_loads_into_pytorch_with_load_lora_weights(
     tiny_config, saved_pipeline, tmp_path):
+  if "sd2" in saved_pipeline[1]:
+    pytest.skip("the round trip through PyTorch once (SD 1.x-shaped) keeps "
+                "the suite short; imports of both shapes are tested above")
   from jaxsd import export  # pylint: disable=g-import-not-at-top
   from jaxsd import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from jaxsd import train  # pylint: disable=g-import-not-at-top
