@@ -129,13 +129,10 @@ class LatentCacheSource(sources.RandomAccessSource):
   name = "latent_cache"
   provides_latents = True  # the loader stacks them instead of decoding
 
-  def __init__(self, directory: str, read_context: bool = False):
+  def __init__(self, directory: str):
     self.directory = directory
     self.info = CacheInfo.load(directory)
-    if read_context and not self.info.has_text_embeddings:
-      raise ValueError(f"The latent cache {directory} holds no text "
-                       "embeddings.")
-    self.read_context = read_context
+    self.read_context = False
     self._starts = np.cumsum([0] + [s["examples"] for s in self.info.shards])
     self._captions = None
     self._arrays: Dict[str, np.ndarray] = {}
