@@ -11,6 +11,8 @@ from typing import Callable
 from absl import app
 from absl import flags
 
+from jaxsd import errors
+
 _SHORT_HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?")
 _FULL_HELP = ("--helpfull", "-helpfull")
 
@@ -68,4 +70,16 @@ def run(main: Callable, define_flags: Callable[[], None]):
     if asked == "short":
       sys.stdout.write("\nTry --helpfull to get a list of all flags.\n")
     sys.exit(0)
-  app.run(main)
+  app.run(_explaining(main))
+
+
+def _explaining(main: Callable) -> Callable:
+  """main, with a JaxsdError printed as one line (no traceback), exit 1."""
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except errors.JaxsdError as e:
+      sys.stderr.write(f"jaxsd: error: {e}\n")
+      sys.stderr.flush()
+      sys.exit(1)
+  return wrapped
