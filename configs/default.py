@@ -187,6 +187,12 @@ def get_config():
   training.checkpoint_every = 2000
   training.keep_checkpoints = 3
   training.steps_per_call = 1  # train steps fused into one jitted call
+  # A new run (an empty --workdir) from another run's weights: its workdir.
+  # Params and EMA params are loaded; the optimiser and step start fresh, so
+  # optimiser or schedule settings may differ, parameter shapes may not. A
+  # workdir that already holds checkpoints resumes and ignores it.
+  training.init_from = ""
+  training.init_from_step = -1  # that run's checkpoint step; -1 = latest
 
   # --- Sampling (periodic grids and jaxsd.sample) -------------------------
   config.sampling = sampling = ml_collections.ConfigDict()

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxsd import checkpoint
+from jaxsd import config_checks
 from jaxsd import environment
 from jaxsd import latent
 from jaxsd import lora as lora_lib
@@ -173,6 +174,8 @@ def build_components(config) -> Components:
   if config.model.autoencoder:
     autoencoder = latent.load(config.model.autoencoder)
     latent.check_run_config(autoencoder, config)
+    config_checks.check_latent_size(config,
+                                    autoencoder.config.downsample_factor)
   return Components(config=config, tokenizer=tokenizer, text_encoder=encoder,
                     unet=unet, schedule=schedule, uncond_ids=uncond,
                     autoencoder=autoencoder,
@@ -318,17 +321,40 @@ CONFIG_FILE = "config.json"
 _LORA_BASE_STREAM = 0x42415345  # fold_in tag of a random LoRA base's key
 
 
-def load_run_config(workdir: str):
-  """The config a run in `workdir` was trained with (WORKDIR/config.json),
-  resolved for this machine (jaxsd.environment)."""
+def load_run_config(workdir: str, step: Optional[int] = None):
+  """The config a run in `workdir` was trained with, resolved for this
+  machine (jaxsd.environment): the one saved inside its checkpoint of
+  `step` (default: the latest), so a damaged or overwritten config.json
+  orphans no checkpoint; WORKDIR/config.json when no checkpoint has one."""
+  saved = _checkpoint_config(workdir, step)
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found: {workdir!r} is not a jaxsd training workdir (train "
-        "with `python -m jaxsd.main --config=... --workdir=...` first).")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  return environment.resolve(config, reopened=True)
+  if saved is None:
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"{path} not found: {workdir!r} is not a jaxsd training workdir "
+          "(train with `python -m jaxsd.main --config=... --workdir=...` "
+          "first).")
+    with open(path) as f:
+      saved = json.load(f)
+  return environment.resolve(ml_collections.ConfigDict(saved), reopened=True)
+
+
+def _checkpoint_config(workdir: str, step: Optional[int]):
+  """The config dict in a checkpoint's metadata, or None (no checkpoint,
+  one from before configs were saved in them, or unreadable: then the
+  restore that follows names the damage)."""
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    return None
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+      return None
+    return checkpoint.read_meta(mngr, step).get("config")
+  except Exception:  # pylint: disable=broad-except
+    return None
+  finally:
+    mngr.close()
 
 
 def restore_for_inference(workdir: str, mesh, step=None, use_ema=True,
@@ -339,7 +365,7 @@ def restore_for_inference(workdir: str, mesh, step=None, use_ema=True,
   A LoRA run's params are its adapters merged into the base at lora_scale
   (merge_lora=False: the adapters themselves).
   """
-  config = load_run_config(workdir)
+  config = load_run_config(workdir, step)
   comps = build_components(config)
   replicated = parallel.replicated(mesh)
   base = (jax.eval_shape(comps.init_params, jax.random.key(0))

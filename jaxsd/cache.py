@@ -140,6 +140,7 @@ def write_cache(config, out: str, batch_size: int = 64,
   _check(config)
   frozen = latent.load(config.model.autoencoder)
   latent.check_run_config(frozen, config)
+  config_checks.check_latent_size(config, frozen.config.downsample_factor)
   embed = (_TextEmbedder(config, batch_size, embedding_dtype)
            if wants_text_embeddings(config, text_embeddings) else None)
   source = pipeline.make_source(config)

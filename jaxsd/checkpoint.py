@@ -2,12 +2,24 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state,meta}. orbax writes each step to a
 temporary folder and renames it when complete, so a crash mid-save leaves the
-previous checkpoint intact and the partial one is ignored.
+previous checkpoint intact and the partial one is ignored. A save that fails
+(a full disk) removes its partial folder and stops with one line; a
+checkpoint that cannot be read is named by step and path, and training moves
+it aside as `<step>.corrupt` and takes the newest readable one.
 """
+import errno
+import glob
 import os
-from typing import Any, Dict, Optional, Tuple
+import shutil
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from absl import logging
 import orbax.checkpoint as ocp
+
+from jaxsd import errors
+
+CORRUPT_SUFFIX = ".corrupt"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -26,9 +38,94 @@ def manager(workdir: str, keep: Optional[int] = None,
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any,
          meta: Dict[str, Any]):
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True)
+  """Writes the checkpoint of `step` and waits until it is complete, so a
+  failure is this call's: its partial folder is removed and CheckpointError
+  says why, what it needs and the last good step."""
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=True)
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(mngr, step, state, e) from e
+
+
+def _no_space(e: BaseException) -> bool:
+  """Whether `e`, or what caused it, is a full disk (OSError ENOSPC, or
+  TensorStore's RESOURCE_EXHAUSTED as orbax reports it)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(e)
+    if "No space left" in text or "RESOURCE_EXHAUSTED" in text or (
+        "Disk quota exceeded" in text):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _nbytes(tree: Any) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(getattr(x, "nbytes", 0)
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _remove_partial(directory: str, step: int, settle_s: float = 10.0):
+  """The temporary folder(s) of a save of `step` that did not complete.
+
+  When one part of a save fails, orbax's threads writing the other parts
+  may still be creating files for a moment: remove until the folder stays
+  gone for half a second (at most settle_s)."""
+  pattern = os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")
+  deadline = time.monotonic() + settle_s
+  gone_since = None
+  while time.monotonic() < deadline:
+    paths = glob.glob(pattern)
+    for path in paths:
+      shutil.rmtree(path, ignore_errors=True)
+    if paths:
+      gone_since = None
+    elif gone_since is None:
+      gone_since = time.monotonic()
+    elif time.monotonic() - gone_since > 0.5:
+      return
+    time.sleep(0.1)
+
+
+def _save_failed(mngr, step: int, state: Any, e: Exception
+                 ) -> errors.CheckpointError:
+  directory = str(mngr.directory)
+  try:  # let orbax's background part of the save stop first
+    mngr.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  _remove_partial(directory, step)
+  try:
+    mngr.reload()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  good = [s for s in mngr.all_steps() if s != step]
+  last = (f"the last good checkpoint is step {max(good)}, intact" if good
+          else "there is no earlier checkpoint")
+  if _no_space(e):
+    free = shutil.disk_usage(directory).free
+    return errors.CheckpointError(
+        f"Checkpoint of step {step} could not be written to {directory}: no "
+        f"space left on the device (it needs about {_nbytes(state) / 1e6:.0f} "
+        f"MB, {free / 1e6:.0f} MB free); the partial checkpoint was removed "
+        f"and {last}. Free some space (or lower training.keep_checkpoints) "
+        "and start the same command again: it resumes from there.")
+  return errors.CheckpointError(
+      f"Checkpoint of step {step} could not be written to {directory} "
+      f"({type(e).__name__}: {first_line(e)}); the partial checkpoint was "
+      f"removed and {last}.")
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()
+  return (text[0] if text else repr(e))[:limit]
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
@@ -39,6 +136,56 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
       state=ocp.args.StandardRestore(abstract_state),
       meta=ocp.args.JsonRestore()))
   return out["state"], out["meta"], step
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
+  """The run metadata of a checkpoint alone (its state is not read)."""
+  return mngr.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))["meta"]
+
+
+def step_path(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int, reason: BaseException
+              ) -> str:
+  """Moves an unreadable checkpoint out of the way (never deletes it):
+  `<step>` becomes `<step>.corrupt`; returns the new path."""
+  path = step_path(mngr, step)
+  target = path + CORRUPT_SUFFIX
+  n = 1
+  while os.path.exists(target):
+    target = f"{path}{CORRUPT_SUFFIX}.{n}"
+    n += 1
+  os.rename(path, target)
+  mngr.reload()
+  logging.warning("Checkpoint of step %d cannot be read (%s: %s); moved it "
+                  "aside to %s.", step, type(reason).__name__,
+                  first_line(reason), target)
+  return target
+
+
+def unreadable(mngr: ocp.CheckpointManager, step: int, e: BaseException,
+               read: Callable[[int], Any]) -> errors.CheckpointError:
+  """The error for a checkpoint that cannot be read, naming the readable
+  ones (each tried with `read(step)`)."""
+  readable: List[int] = []
+  for other in sorted(mngr.all_steps(), reverse=True):
+    if other == step:
+      continue
+    try:
+      read(other)
+      readable.append(other)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  hint = (f"readable checkpoints: steps {readable} (--step={readable[0]} "
+          "takes the newest)" if readable else "no other checkpoint is "
+          "readable")
+  return errors.CheckpointError(
+      f"Checkpoint of step {step} at {step_path(mngr, step)} cannot be read "
+      f"({type(e).__name__}: {first_line(e)}); {hint}. Training moves a "
+      "damaged checkpoint aside and resumes from the newest readable one.")
 
 
 def latest_step_or_raise(mngr: ocp.CheckpointManager) -> int:
@@ -69,7 +216,11 @@ def restore_params(workdir: str, abstract_params: Any,
           f"No checkpoint for step {step} in {mngr.directory}; available "
           f"steps: {mngr.all_steps() or 'none'}.")
     key = "ema_params" if use_ema else "params"
-    out = restore_partial(mngr, step, {key: abstract_params})
+    read = lambda s: restore_partial(mngr, s, {key: abstract_params})
+    try:
+      out = read(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise unreadable(mngr, step, e, read) from e
   finally:
     mngr.close()
   return out[key], step

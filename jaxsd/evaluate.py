@@ -41,6 +41,20 @@ TABLE_KEYS = ("step", "prompt_accuracy", "fid_mnist", "diversity",
               "fid_inception", "clip_score", "seconds")
 
 
+def check_flags(*, num_samples=None, metrics=None, sampler=None,
+                sampler_steps=None, guidance_scale=None,
+                guidance_interval=None, seed=None, steps=None):
+  """The flags' own ranges (ConfigError naming the flag), before the
+  workdir is read; evaluate_checkpoints checks them against the run."""
+  from jaxsd import config_checks  # pylint: disable=g-import-not-at-top
+  config_checks.check_sampling_flags(
+      num_samples=num_samples, metrics=metrics, sampler=sampler,
+      steps=sampler_steps, guidance_scale=guidance_scale,
+      guidance_interval=guidance_interval, seed=seed)
+  for step in steps or ():
+    config_checks.check_int("--step", step, 0, hint="a checkpoint step")
+
+
 def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
                          num_samples=None, metrics=None, sampler=None,
                          sampler_steps=None, guidance_scale=None,
@@ -51,8 +65,11 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
   In a multi-process run every process samples its share and process 0
   scores; the others return [].
   """
+  check_flags(num_samples=num_samples, metrics=metrics, sampler=sampler,
+              sampler_steps=sampler_steps, guidance_scale=guidance_scale,
+              guidance_interval=guidance_interval, seed=seed, steps=steps)
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import build, checkpoint, generate, parallel  # pylint: disable=g-import-not-at-top
+  from jaxsd import build, checkpoint, config_checks, generate, parallel  # pylint: disable=g-import-not-at-top
   from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   config = build.load_run_config(workdir)
   with config.unlocked():
@@ -60,6 +77,12 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
       config.eval.num_samples = num_samples
     if metrics is not None:
       config.eval.metrics = tuple(metrics)
+  # The flags against the run (its schedule; each metric's minimum number
+  # of samples), before any checkpoint is read.
+  config_checks.check_flags_against_run(config, steps=sampler_steps)
+  evaluator = evaluator_lib.Evaluator(
+      config, num_samples_key=("--num_samples" if num_samples is not None
+                               else "eval.num_samples"))
   mngr = checkpoint.manager(workdir, read_only=True)
   available = mngr.all_steps()
   mngr.close()
@@ -73,7 +96,6 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
     raise FileNotFoundError(f"No checkpoint for steps {missing} in {workdir}; "
                             f"available: {available or 'none'}.")
   mesh = parallel.make_mesh()
-  evaluator = evaluator_lib.Evaluator(config)
   if jax.process_index() == 0:  # the process that scores
     evaluator.prepare()
   results = []
@@ -126,6 +148,11 @@ def main(argv):
   parallel.maybe_initialize_distributed("auto")
   if FLAGS.all_checkpoints and FLAGS.step is not None:
     raise app.UsageError("Give --all_checkpoints or --step, not both.")
+  check_flags(num_samples=FLAGS.num_samples, metrics=FLAGS.metrics,
+              sampler=FLAGS.sampler, sampler_steps=FLAGS.steps,
+              guidance_scale=FLAGS.guidance_scale,
+              guidance_interval=FLAGS.guidance_interval, seed=FLAGS.seed,
+              steps=None if FLAGS.step is None else [FLAGS.step])
   steps = None
   if FLAGS.all_checkpoints:
     mngr = checkpoint.manager(FLAGS.workdir, read_only=True)

@@ -38,17 +38,16 @@ def run_histories(workdir: str, keys: Sequence[str]
                   ) -> Dict[str, List[Tuple[int, float]]]:
   """{key: [(step, value), ...]} of the MLflow run that trained `workdir`."""
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  run_file = os.path.join(workdir, metric_logging.MLFLOW_RUN_FILE)
-  if not os.path.exists(run_file):
+  record = metric_logging.read_run_record(workdir)
+  if record is None:
+    run_file = os.path.join(workdir, metric_logging.MLFLOW_RUN_FILE)
     raise FileNotFoundError(
         f"{run_file} not found: {workdir!r} is not a training workdir with "
         "MLflow logging (logging.mlflow=True).")
-  with open(run_file) as f:
-    run_id = f.read().strip()
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=record.uri(workdir))
   out = {}
   for key in keys:
-    history = client.get_metric_history(run_id, key)
+    history = client.get_metric_history(record.run_id, key)
     out[key] = sorted((m.step, m.value) for m in history)
   return out
 

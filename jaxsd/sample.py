@@ -64,16 +64,19 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
   """Images [len(prompts) * num_samples, H, W, C] in [-1, 1], prompt-major,
   and the checkpoint step they came from. A LoRA run's adapters are merged
   into its base at lora_scale."""
+  from jaxsd import config_checks  # pylint: disable=g-import-not-at-top
+  # The flags first, before the workdir is read or anything built.
+  config_checks.check_sampling_flags(
+      num_samples=num_samples, sampler=sampler, steps=steps,
+      guidance_scale=guidance_scale, eta=eta,
+      guidance_interval=guidance_interval, chunk_size=chunk_size,
+      lora_scale=lora_scale, step=step, seed=seed)
   from jaxsd import build  # pylint: disable=g-import-not-at-top
   from jaxsd import generate  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  from jaxsd.diffusion import samplers  # pylint: disable=g-import-not-at-top
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-  if steps is not None and steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}.")
-  if sampler is not None:
-    samplers.get_sampler(sampler)  # unknown name: error before any work
+  if steps is not None:  # against the run's schedule, before any restore
+    config_checks.check_flags_against_run(build.load_run_config(workdir),
+                                          steps=steps)
   mesh = parallel.make_mesh()
   config, comps, params, step = build.restore_for_inference(
       workdir, mesh, step=step, use_ema=use_ema, lora_scale=lora_scale)

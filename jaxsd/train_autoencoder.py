@@ -12,9 +12,9 @@ and eval/psnr (and eval/rfid, given the FID Inception weights) on
 autoencoder.eval_images held-out images. A diffusion run then uses it with
 --config.model.autoencoder=WORKDIR.
 """
+import contextlib
 import json
 import os
-import time
 
 from absl import flags
 from absl import logging
@@ -25,7 +25,9 @@ from ml_collections import config_flags
 from jaxsd import autoencoder_training as at
 from jaxsd import checkpoint
 from jaxsd import cli
+from jaxsd import config_checks
 from jaxsd import environment
+from jaxsd import errors
 from jaxsd import images as images_lib
 from jaxsd import metric_logging
 from jaxsd import parallel
@@ -86,14 +88,21 @@ def load_inception(config):
 
 
 def restore_or_create_state(setup: at.AutoencoderSetup, mngr, rng, loader):
-  """(state, step, training seconds so far): the latest checkpoint's, with
-  the loader put where that run was, or a fresh state at step 0."""
-  if mngr.latest_step() is None:
+  """(state, step, training seconds so far): the newest readable
+  checkpoint's, with the loader put where that run was, or a fresh state at
+  step 0."""
+  def restore(step):
+    state, meta, step = setup.restore_train_state(mngr, step)
+    if meta.get("run_kind") != at.RUN_KIND:
+      raise errors.ResumeMismatchError(
+          f"{mngr.directory} holds checkpoints of another kind of run; give "
+          "the autoencoder its own --workdir.")
+    return state, meta, step
+
+  restored = train.restore_newest_readable(mngr, restore)
+  if restored is None:
     return setup.create_train_state(rng), 0, 0.0
-  state, meta, step = setup.restore_train_state(mngr)
-  if meta.get("run_kind") != at.RUN_KIND:
-    raise ValueError(f"{mngr.directory} holds checkpoints of another kind of "
-                     "run; give the autoencoder its own --workdir.")
+  state, meta, step = restored
   data_pipeline.restore_state(loader, meta)
   logging.info("Resumed from checkpoint at step %d (data: %s).", step,
                json.dumps(loader.statistics()))
@@ -182,6 +191,7 @@ def reconstruction_grid(images, recon):
 class EvaluateReconstructions(train.Chore):
   """eval/psnr (and eval/rfid) of the held-out images' reconstructions and
   their grid (process 0 writes)."""
+  interruptible = True
 
   def __init__(self, config, images, reconstruct, inception, workdir, writer,
                progress):
@@ -217,76 +227,76 @@ class EvaluateReconstructions(train.Chore):
 
 def train_autoencoder(config, workdir: str):
   """Trains config.autoencoder in workdir, resuming from its latest
-  checkpoint; returns the final AutoencoderTrainState."""
+  checkpoint; returns the final AutoencoderTrainState (None when a SIGTERM
+  stopped it during start-up). Checks everything before writing anything,
+  as jaxsd.main does."""
+  preemption = train._Preemption()  # pylint: disable=protected-access
+  try:
+    return _train(config, workdir, preemption)
+  except train.Preempted:
+    logging.warning("Stopped by SIGTERM; the next start resumes from the "
+                    "last checkpoint.")
+    return None
+  finally:
+    preemption.restore()
+
+
+def _train(config, workdir: str, preemption):
   config = environment.resolve(config)
+  config_checks.validate_autoencoder(config)
   at.check_config(config)
   train.start_runtime(config)
-  os.makedirs(workdir, exist_ok=True)
   tcfg = config.training
+  preemption.sync_every = tcfg.log_every
   parallel.check_batch_size(tcfg.batch_size)
+  train.check_resume(config, workdir, kind="autoencoder")
+  preemption.check()
   setup = at.AutoencoderSetup(config)
   logging.info("%d processes, %d devices (%s)", jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  train.save_config(config, workdir)
-  if jax.process_index() == 0:
-    at.write_run_file(workdir, setup.ae_config)
-  writer, mlflow_writer = metric_logging.create_writers(config, workdir)
-  if jax.process_index() == 0:
-    writer.write_hparams(config.to_dict())
+  with contextlib.ExitStack() as stack:
+    source, loader = load_training_data(config)
+    stack.callback(loader.close)
+    preemption.check()
+    writer, status = stack.enter_context(
+        train.run_session(config, workdir, preemption))
+    if jax.process_index() == 0:
+      at.write_run_file(workdir, setup.ae_config)
+    keys = train.RunKeys.from_seed(tcfg.seed)
+    mngr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints)
+    stack.callback(train.close_manager, mngr)
+    state, start_step, train_seconds = restore_or_create_state(
+        setup, mngr, keys.init, loader)
+    preemption.check()
+    train.show_data(config, source, loader, start_step, writer)
+    logging.info("Parameters: autoencoder %d, discriminator %d.",
+                 *(int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(
+                     state.params[k]))) for k in ("autoencoder",
+                                                  "discriminator")))
+    train_step = setup.make_train_step()
+    reconstruct = at.make_reconstruct_fn(setup.model)
+    heldout = heldout_images(config, source)
+    # Fixed training images the scaling factor is measured on.
+    scale_images = data_pipeline.preview(config, source,
+                                         config.autoencoder.eval_images)[0]
+    inception = load_inception(config) if jax.process_index() == 0 else None
+    preemption.check()
 
-  source, loader = load_training_data(config)
-  keys = train.RunKeys.from_seed(tcfg.seed)
-  mngr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints)
-  state, start_step, train_seconds = restore_or_create_state(
-      setup, mngr, keys.init, loader)
-  train.show_data(config, source, loader, start_step, writer)
-  logging.info("Parameters: autoencoder %d, discriminator %d.",
-               *(int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(
-                   state.params[k]))) for k in ("autoencoder",
-                                                "discriminator")))
-  train_step = setup.make_train_step()
-  reconstruct = at.make_reconstruct_fn(setup.model)
-  heldout = heldout_images(config, source)
-  # Fixed training images the scaling factor is measured on.
-  scale_images = data_pipeline.preview(config, source,
-                                       config.autoencoder.eval_images)[0]
-  inception = load_inception(config) if jax.process_index() == 0 else None
-
-  progress = metric_logging.Progress(start_step, tcfg.num_steps, train_seconds)
-  chores = [LogProgress(config, writer, loader, progress),
-            SaveCheckpoint(config, mngr, loader, progress, scale_images,
-                           reconstruct, writer),
-            EvaluateReconstructions(config, heldout, reconstruct, inception,
-                                    workdir, writer, progress)]
-  preemption = train._Preemption(sync_every=tcfg.log_every)  # pylint: disable=protected-access
-  pending = []  # (step, device metrics) not yet fetched
-  step = start_step
-  logging.info("Training the autoencoder from step %d to %d.", start_step,
-               tcfg.num_steps)
-  with train.closing_run(loader, preemption, mngr, writer,
-                         mlflow_writer) as status:
-    while step < tcfg.num_steps:
-      wait_start = time.perf_counter()
-      batch = setup.global_batch(loader.next_batch())
-      progress.add_data_wait(time.perf_counter() - wait_start)
-      state, metrics = train_step(state, batch, keys.train)
-      step += 1
-      pending.append((step, metrics))
-      loop = train.LoopState(step=step, state=state,
-                             last=step >= tcfg.num_steps,
-                             preempted=preemption.reached(step))
-      due = [chore for chore in chores if chore.due(loop)]
-      if due:
-        loop.metrics, pending = train._fetch_metrics(pending), []  # pylint: disable=protected-access
-        train._check_finite(loop.metrics)  # pylint: disable=protected-access
-        for chore in due:
-          chore(loop)
-      if loop.preempted and not loop.last:
-        status.value = "KILLED"
-        logging.warning("Stopped at step %d after preemption; the next start "
-                        "resumes here.", step)
-        break
-  return state
+    progress = metric_logging.Progress(start_step, tcfg.num_steps,
+                                       train_seconds)
+    save = SaveCheckpoint(config, mngr, loader, progress, scale_images,
+                          reconstruct, writer)
+    chores = [LogProgress(config, writer, loader, progress), save,
+              EvaluateReconstructions(config, heldout, reconstruct, inception,
+                                      workdir, writer, progress)]
+    logging.info("Training the autoencoder from step %d to %d.", start_step,
+                 tcfg.num_steps)
+    return train.run_loop(
+        state=state, start_step=start_step, num_steps=tcfg.num_steps,
+        steps_per_call=1,
+        next_batch=lambda: setup.global_batch(loader.next_batch()),
+        train_step=train_step, train_key=keys.train, chores=chores,
+        save=save, progress=progress, preemption=preemption, status=status)
 
 
 # --- Command line -------------------------------------------------------------

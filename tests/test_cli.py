@@ -15,6 +15,7 @@ COMMANDS = {  # module: (console script, flags it must list)
     "jaxsd.cache": ("jaxsd-cache", ["--config", "--out", "--batch_size",
                                     "--text_embeddings"]),
     "jaxsd.export": ("jaxsd-export", ["--workdir", "--out", "--merge_lora"]),
+    "jaxsd.sync_mlflow": ("jaxsd-sync-mlflow", ["--workdir", "--to"]),
 }
 
 

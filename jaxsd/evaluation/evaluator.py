@@ -15,6 +15,7 @@ config lists, through the shared `EvalContext`. A metric whose network is
 unavailable (weights missing offline) is skipped with one log line and logs
 nothing.
 """
+import os
 import time
 from typing import Callable, Dict, Optional, Sequence
 
@@ -22,33 +23,89 @@ from absl import logging
 import jax
 import numpy as np
 
+from jaxsd.errors import ConfigError
 from jaxsd.evaluation import metrics as metrics_lib
+from jaxsd.evaluation import prompt_metrics
 from jaxsd.evaluation.context import EvalContext
 from jaxsd.hub import WeightsUnavailableError
 
 metric_names = metrics_lib.metric_names
 
 
+def num_eval_prompts(config) -> Optional[int]:
+  """How many prompts evaluation samples cycle over (`EvalContext.prompts`):
+  eval.prompts_file's lines, else MNIST's ten digit captions; None for other
+  data without a prompts file (its captions are known once it is read)."""
+  path = config.eval.prompts_file
+  if path:
+    if not os.path.isfile(path):
+      raise ConfigError(
+          f"eval.prompts_file={path!r} does not exist; give a file with one "
+          "prompt a line, or '' for the data's own captions.")
+    with open(path) as f:
+      count = sum(1 for line in f if line.strip())
+    if not count:
+      raise ConfigError(f"eval.prompts_file={path!r} has no prompts; give "
+                        "one a line.")
+    return count
+  if config.data.source == "mnist":
+    return prompt_metrics.NUM_DIGITS
+  return None
+
+
+def check_config(config, num_samples_key: str = "eval.num_samples"
+                 ) -> Dict[str, metrics_lib.Metric]:
+  """Raises ConfigError unless every metric of eval.metrics exists, judges
+  data.source, and gets at least its minimum of eval.num_samples
+  (`Metric.min_samples`); reads no data (a prompts file's lines at most).
+  num_samples_key: what the error calls the sample count (jaxsd.evaluate:
+  "--num_samples"). Returns {name: a new instance} of the metrics."""
+  ev = config.eval
+  unknown = set(ev.metrics) - set(metric_names())
+  if unknown:
+    raise ConfigError(f"eval.metrics has unknown {sorted(unknown)}; known: "
+                      f"{metric_names()}.")
+  metrics = {name: metrics_lib.get_metric(name) for name in ev.metrics}
+  source = config.data.source
+  wrong = [name for name, metric in metrics.items()
+           if metric.data_sources and source not in metric.data_sources]
+  if wrong:
+    raise ConfigError(
+        f"eval.metrics {wrong} judge {metrics[wrong[0]].data_sources} "
+        f"data only, not data.source={source!r}; remove them from "
+        "eval.metrics (fid_inception and clip_score judge any images).")
+  n = ev.num_samples
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ConfigError(f"{num_samples_key}={n!r} must be an integer >= 1 "
+                      "(generated images).")
+  if not metrics:
+    return metrics
+  num_prompts = num_eval_prompts(config)
+  needs = {name: metric.min_samples(config, num_prompts)
+           for name, metric in metrics.items()}
+  short = {name: need for name, need in needs.items() if n < need[0]}
+  if short:
+    most = max(count for count, _ in short.values())
+    parts = "; ".join(f"{name} needs >= {count} ({why})"
+                      for name, (count, why) in short.items())
+    raise ConfigError(
+        f"{num_samples_key}={n} is too few for eval.metrics: {parts}. Set "
+        f"{num_samples_key} >= {most}, or remove "
+        f"{'that metric' if len(short) == 1 else 'those metrics'} from "
+        "eval.metrics.")
+  return metrics
+
+
 class Evaluator:
   """Loads the judging networks once; evaluates sample sets on demand."""
 
-  def __init__(self, config):
+  def __init__(self, config, num_samples_key: str = "eval.num_samples"):
+    """Checks the config (`check_config`: metric names, data source,
+    eval.num_samples against each metric's minimum, the error calling the
+    count num_samples_key); loads nothing yet."""
     self.config = config
     self.eval_config = config.eval
-    unknown = set(self.eval_config.metrics) - set(metric_names())
-    if unknown:
-      raise ValueError(f"eval.metrics has unknown {sorted(unknown)}; known: "
-                       f"{metric_names()}.")
-    self._metrics = {name: metrics_lib.get_metric(name)
-                     for name in self.eval_config.metrics}
-    source = config.data.source
-    wrong = [name for name, metric in self._metrics.items()
-             if metric.data_sources and source not in metric.data_sources]
-    if wrong:
-      raise ValueError(
-          f"eval.metrics {wrong} judge {self._metrics[wrong[0]].data_sources} "
-          f"data only, not data.source={source!r}; remove them from "
-          "eval.metrics (fid_inception and clip_score judge any images).")
+    self._metrics = check_config(config, num_samples_key)
     self.context = EvalContext(config)
     self.cache_dir = self.context.cache_dir
     self._prepared = set()

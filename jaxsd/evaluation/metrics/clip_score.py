@@ -15,6 +15,10 @@ class ClipScore(registry.Metric):
   def __init__(self):
     self.scorer = None
 
+  def min_samples(self, config, num_prompts):
+    del config, num_prompts
+    return 1, "one image-prompt pair"
+
   def prepare(self, ctx):
     # transformers is imported only when CLIP is configured.
     from jaxsd.evaluation import clip_score  # pylint: disable=g-import-not-at-top

@@ -16,6 +16,12 @@ from jaxsd.evaluation.metrics import registry
 class Diversity(registry.Metric):
   data_sources = ("mnist",)  # judged by the MNIST classifier
 
+  def min_samples(self, config, num_prompts):
+    del config
+    n = num_prompts or 1
+    return 2 * n, (f"2 per prompt x {n} prompt{'s' * (n != 1)}: a distance "
+                   "within a prompt needs 2 of its samples")
+
   def prepare(self, ctx):
     ctx.real_diversity()
 

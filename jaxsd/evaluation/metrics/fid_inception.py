@@ -20,6 +20,10 @@ class InceptionFID(registry.Metric):
     self.net = None
     self._references = {}  # image size -> statistics
 
+  def min_samples(self, config, num_prompts):
+    del config, num_prompts
+    return 2, "the samples' feature covariance needs at least 2 images"
+
   def prepare(self, ctx):
     from jaxsd.evaluation import inception  # pylint: disable=g-import-not-at-top
     try:

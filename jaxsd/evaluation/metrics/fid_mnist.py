@@ -18,6 +18,10 @@ class MnistFID(registry.Metric):
   def __init__(self):
     self._reference = None
 
+  def min_samples(self, config, num_prompts):
+    del config, num_prompts
+    return 2, "the samples' feature covariance needs at least 2 images"
+
   def reference(self, ctx) -> fid.Statistics:
     """(mu [128], sigma [128, 128]) of the MNIST test split."""
     if self._reference is None:

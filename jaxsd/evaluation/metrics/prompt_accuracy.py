@@ -12,6 +12,12 @@ from jaxsd.evaluation.metrics import registry
 class PromptAccuracy(registry.Metric):
   data_sources = ("mnist",)  # judged by the MNIST classifier
 
+  def min_samples(self, config, num_prompts):
+    del config
+    n = num_prompts or 1
+    return n, (f"one per prompt x {n} prompt{'s' * (n != 1)}: the per-digit "
+               "accuracies need a sample of every prompted digit")
+
   def prepare(self, ctx):
     ctx.classifier()
 

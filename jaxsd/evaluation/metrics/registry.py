@@ -3,7 +3,7 @@
 As `diffusion/samplers.py` registers samplers: a metric is a class with a
 name, not a branch in the evaluator, so adding one touches no other metric.
 """
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +29,21 @@ class Metric:
   name: str = ""  # set by register_metric
   # The data sources (data.source) the metric can judge; () = any.
   data_sources: Sequence[str] = ()
+
+  def min_samples(self, config, num_prompts: Optional[int]
+                  ) -> Tuple[int, str]:
+    """The fewest samples (eval.num_samples) the metric gives a meaningful
+    number from under `config`, and why: (count, reason). The evaluator
+    refuses a config below it before anything runs.
+
+    Args:
+      config: the run's config.
+      num_prompts: how many evaluation prompts the samples cycle over
+        (sample i is drawn for prompt i % num_prompts); None when unknown
+        before the data is read (then count as if one).
+    """
+    del config, num_prompts
+    return 1, "one image"
 
   def prepare(self, ctx) -> None:
     """Loads what the metric needs (networks, reference statistics) ahead of
