@@ -660,10 +660,13 @@ class RunStatus:
     self.value = "FINISHED"
 
 
-def hold_workdir(workdir: str):
-  """The workdir's lock (workdir.Lock), taken once by process 0; every
-  process stops if it is held elsewhere. Returns the lock (None off
-  process 0)."""
+@contextlib.contextmanager
+def holding_workdir(workdir: str, preemption: _Preemption):
+  """The workdir's lock (workdir.Lock), taken once by process 0 (every
+  process stops if it is held elsewhere) and released on the way out. The
+  lock file is all a start writes before its checks are done: a workdir
+  this start created is removed again if it stops with nothing in it."""
+  created = not os.path.exists(workdir)
   lock, busy = None, None
   if jax.process_index() == 0:
     lock = workdir_lib.Lock(workdir)
@@ -675,21 +678,25 @@ def hold_workdir(workdir: str):
     raise busy or errors.WorkdirBusyError(
         f"{workdir} is in use by another training process (see process 0's "
         "message).")
-  return lock
+  if lock is not None:
+    preemption.on_abort.append(lock.release)
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+      if created and not os.listdir(workdir):
+        os.rmdir(workdir)
 
 
 @contextlib.contextmanager
 def run_session(config, workdir: str, preemption: _Preemption):
-  """What a run holds while it trains, in the order it is safe to write:
-  the workdir lock first, then config.json, the metric writers and the
-  MLflow run. Yields (writer, status); whatever ends the run, the writers
-  close and MLflow records FINISHED, FAILED (any error) or KILLED (a
-  signal), and the lock is released. Shared by jaxsd.train_autoencoder."""
+  """What a run writes while it trains, once everything is checked (and
+  the workdir held): config.json, the metric writers and the MLflow run.
+  Yields (writer, status); whatever ends the run, the writers close and
+  MLflow records FINISHED, FAILED (any error) or KILLED (a signal). Shared
+  by jaxsd.train_autoencoder."""
   with contextlib.ExitStack() as stack:
-    lock = hold_workdir(workdir)
-    if lock is not None:
-      stack.callback(lock.release)
-      preemption.on_abort.append(lock.release)
     save_config(config, workdir)
     writer, mlflow_writer = metric_logging.create_writers(config, workdir)
     status = RunStatus()
@@ -721,9 +728,10 @@ def close_manager(mngr):
 def train_and_evaluate(config, workdir: str):
   """Trains config's model in workdir, resuming from its latest checkpoint.
 
-  Everything is checked before anything is written: the config's values,
-  the resume (the config against the checkpoint's), the model and the
-  data; only then the workdir is locked and written. Returns the final
+  Everything is checked before anything is written: the config's values
+  and the resume (the config against the checkpoint's), then, with the
+  workdir locked, the model and the data; only then the workdir is
+  written. Returns the final
   state, or None when a SIGTERM stopped the run before its loop or during
   an evaluation."""
   preemption = _Preemption()
@@ -747,11 +755,12 @@ def _train(config, workdir: str, preemption: _Preemption):
   parallel.check_batch_size(tcfg.batch_size, config.optim.grad_accum_steps)
   check_resume(config, workdir)
   preemption.check()
-  setup = build.TrainSetup(config)
-  logging.info("%d processes, %d devices (%s)", jax.process_count(),
-               jax.device_count(), jax.devices()[0].platform)
-  preemption.check()
   with contextlib.ExitStack() as stack:
+    stack.enter_context(holding_workdir(workdir, preemption))
+    setup = build.TrainSetup(config)
+    logging.info("%d processes, %d devices (%s)", jax.process_count(),
+                 jax.device_count(), jax.devices()[0].platform)
+    preemption.check()
     source, loader = load_training_data(config, setup.components)
     stack.callback(loader.close)
     preemption.check()

@@ -251,10 +251,11 @@ def _train(config, workdir: str, preemption):
   parallel.check_batch_size(tcfg.batch_size)
   train.check_resume(config, workdir, kind="autoencoder")
   preemption.check()
-  setup = at.AutoencoderSetup(config)
-  logging.info("%d processes, %d devices (%s)", jax.process_count(),
-               jax.device_count(), jax.devices()[0].platform)
   with contextlib.ExitStack() as stack:
+    stack.enter_context(train.holding_workdir(workdir, preemption))
+    setup = at.AutoencoderSetup(config)
+    logging.info("%d processes, %d devices (%s)", jax.process_count(),
+                 jax.device_count(), jax.devices()[0].platform)
     source, loader = load_training_data(config)
     stack.callback(loader.close)
     preemption.check()

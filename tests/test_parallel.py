@@ -188,22 +188,30 @@ def test_four_device_checkpoints_restore_on_two(four_devices, tmp_path):
 
 @pytest.mark.mnist
 @pytest.mark.slow
-def test_two_processes_stop_together_and_resume(reference, tmp_path):
+def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
   """Two processes (one device each, gloo collectives): SIGTERM reaches only
   process 1 after step 1; both checkpoint at step 2 and stop; restarted, they
-  resume to step 4 with the one-device run's parameters."""
+  resume to step 4 with the one-device run's parameters, and evaluate at
+  step 4 (both sample, process 0 scores): eval/* is logged once, in the
+  run's one MLflow run, and equals a single-process evaluation of the same
+  checkpoint with the same key."""
+  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd import generate  # pylint: disable=g-import-not-at-top
+  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   ref_workdir, ref_states = reference
   workdir = str(tmp_path / "run")
   logs = str(tmp_path / "logs")
-  job = {"workdir": workdir,
-         "overrides": {"parallel.distributed": "on", **NO_EVAL}}
-  _run_workers({"train": [{**job, "tag": "stopped", "sigterm_at": [1, 1]}]},
+  job = {"workdir": workdir, "overrides": {"parallel.distributed": "on"}}
+  _run_workers({"train": [{**job, "overrides": {**job["overrides"], **NO_EVAL},
+                           "tag": "stopped", "sigterm_at": [1, 1]}]},
                logs, processes=2)
   for process in (0, 1):
     result = _result(workdir, "stopped", process)
     assert result["processes"] == 2 and result["step"] == 2
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
 
+  # The resume evaluates (the tiny config's metrics at its last step).
   _run_workers({"train": [{**job, "tag": "resumed"}]}, logs, processes=2)
   assert [_result(workdir, "resumed", p)["step"] for p in (0, 1)] == [4, 4]
   state, _ = worker.restore_state(workdir, {}, 4)
@@ -212,51 +220,27 @@ def test_two_processes_stop_together_and_resume(reference, tmp_path):
   run = _assert_same_metrics(workdir, ref_workdir)
   assert run.info.status == "FINISHED"
 
-
-@pytest.mark.mnist
-@pytest.mark.slow
-def test_two_process_cli_evaluates_periodically(tmp_path):
-  """Two `python -m jaxsd.main` processes (gloo on 127.0.0.1, set up only by
-  the JAX_* variables) train the tiny config with evaluation every 2 steps
-  from an empty classifier cache: eval/* is logged once per evaluation step
-  in the run's one MLflow run, and equals a single-process evaluation of the
-  same checkpoints with the same key."""
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
-  from jaxsd import generate  # pylint: disable=g-import-not-at-top
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
-  from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
-  workdir, cache = str(tmp_path / "run"), str(tmp_path / "empty_cache")
-  _run_processes(
-      [sys.executable, "-m", "jaxsd.main", "--config=configs/tiny.py",
-       f"--workdir={workdir}", "--config.training.eval_every=2",
-       f"--config.eval.cache_dir={cache}"],
-      str(tmp_path / "logs"), processes=2, timeout=900)
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
-  exp = client.get_experiment_by_name("jaxsd")
-  (run,) = client.search_runs([exp.experiment_id])
   names = ("prompt_accuracy", "prompt_accuracy/7", "fid_mnist", "diversity",
            "diversity_ratio")
   logged = {}
   for name in names:
     history = client.get_metric_history(run.info.run_id, f"eval/{name}")
-    assert sorted(m.step for m in history) == [2, 4], name
-    logged.update({(name, m.step): m.value for m in history})
-
+    assert [m.step for m in history] == [4], name
+    logged[name] = history[0].value
   config = build.load_run_config(workdir)
-  assert config.eval.cache_dir == cache
   evaluator = evaluator_lib.Evaluator(config).prepare()
   mesh = parallel.make_mesh()
-  for step in (2, 4):
-    _, comps, params, _ = build.restore_for_inference(
-        workdir, mesh, step=step, use_ema=config.sampling.use_ema)
-    generator = generate.Generator.from_config(
-        comps, mesh, config.sampling, chunk_size=config.eval.chunk_size)
-    metrics = evaluator_lib.evaluate_params(evaluator, generator, params,
-                                            train.eval_key(config, step))
-    for name in names:
-      np.testing.assert_allclose(metrics[name], logged[name, step],
-                                 rtol=1e-3, atol=1e-4, err_msg=name)
+  _, comps, params, _ = build.restore_for_inference(
+      workdir, mesh, step=4, use_ema=config.sampling.use_ema)
+  generator = generate.Generator.from_config(
+      comps, mesh, config.sampling, chunk_size=config.eval.chunk_size)
+  metrics = evaluator_lib.evaluate_params(evaluator, generator, params,
+                                          train.eval_key(config, 4))
+  for name in names:
+    np.testing.assert_allclose(metrics[name], logged[name], rtol=1e-3,
+                               atol=1e-4, err_msg=name)
 
 
 _GATHER = """
