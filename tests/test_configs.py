@@ -111,34 +111,3 @@ def test_config_traces_its_train_step(name):
     assert "text_embedding" in state.params["unet"]
 
 
-# Compiling a real step takes most of a minute on 2 CPU cores.
-@pytest.mark.slow
-@pytest.mark.parametrize("name,implementation", [
-    # jaxsd's UNet on MNIST-like data trains in the end-to-end tests; here
-    # an RGB config (cifar10's differs from it in widths and size only, and
-    # its step is traced above), and the reference UNet through the step.
-    ("imagefolder", "jaxsd"), ("tiny", "diffusers")])
-def test_config_trains_with_the_real_step(name, implementation):
-  """The config's architecture and loss, at a small batch: the real jitted
-  update (build.TrainSetup, as training builds it) keeps the loss finite and
-  moves the weights."""
-  config = _config(name)
-  config.training.batch_size = 4
-  config.model.implementation = implementation
-  if implementation == "diffusers":
-    config.model.pooled_text_embedding = ""  # a jaxsd UNet feature
-  setup = build.TrainSetup(config)
-  comps = setup.components
-  state = setup.create_train_state(jax.random.key(0))
-  before = np.asarray(state.params["unet"]["conv_in"]["kernel"])
-  step = setup.make_train_step(donate=False)
-  rng = np.random.default_rng(0)
-  batch = setup.global_batch({
-      "image": rng.uniform(-1, 1, (4,) + comps.image_shape).astype(np.float32),
-      "input_ids": np.repeat(comps.uncond_ids, 4, axis=0)})
-  for i in range(2):  # the warm-up's learning rate is 0 at step 0
-    state, metrics = step(state, batch, jax.random.key(i))
-    assert np.isfinite(float(metrics["loss"]))
-  assert int(state.step) == 2
-  after = np.asarray(state.params["unet"]["conv_in"]["kernel"])
-  assert not np.array_equal(before, after)

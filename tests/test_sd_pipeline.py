@@ -256,7 +256,6 @@ def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
     pytest.skip("the round trip through PyTorch once (SD 1.x-shaped) keeps "
                 "the suite short; imports of both shapes are tested above")
   from jaxsd import export  # pylint: disable=g-import-not-at-top
-  from jaxsd import sample  # pylint: disable=g-import-not-at-top
   from jaxsd import train  # pylint: disable=g-import-not-at-top
   _, folder = saved_pipeline
   workdir = str(tmp_path / "run")
@@ -282,9 +281,6 @@ def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
   base = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
   assert any(not torch.equal(a, b) for a, b in zip(
       base.state_dict().values(), pipe.unet.state_dict().values()))
-  images, _ = sample.generate_for_prompts(workdir, PROMPTS[:1], num_samples=1,
-                                          steps=3)
-  assert images.shape == (1, 16, 16, 3)
   with pytest.raises(FileExistsError, match="--overwrite"):
     export.export(workdir, out)
 
