@@ -358,14 +358,16 @@ def _checkpoint_config(workdir: str, step: Optional[int]):
 
 
 def restore_for_inference(workdir: str, mesh, step=None, use_ema=True,
-                          lora_scale: float = 1.0, merge_lora: bool = True):
+                          lora_scale: float = 1.0, merge_lora: bool = True,
+                          config=None):
   """(config, components, params, step) from a run's saved config and
   checkpoint; params are replicated over the mesh, no optimiser state.
 
   A LoRA run's params are its adapters merged into the base at lora_scale
-  (merge_lora=False: the adapters themselves).
+  (merge_lora=False: the adapters themselves). `config`: the run's config
+  when the caller has read it already (load_run_config(workdir, step)).
   """
-  config = load_run_config(workdir, step)
+  config = config or load_run_config(workdir, step)
   comps = build_components(config)
   replicated = parallel.replicated(mesh)
   base = (jax.eval_shape(comps.init_params, jax.random.key(0))

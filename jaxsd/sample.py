@@ -74,12 +74,14 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
   from jaxsd import build  # pylint: disable=g-import-not-at-top
   from jaxsd import generate  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  if steps is not None:  # against the run's schedule, before any restore
-    config_checks.check_flags_against_run(build.load_run_config(workdir),
-                                          steps=steps)
+  # The checkpoint's config, read once: the flags are checked against the
+  # run's schedule before anything is restored.
+  config = build.load_run_config(workdir, step)
+  config_checks.check_flags_against_run(config, steps=steps)
   mesh = parallel.make_mesh()
   config, comps, params, step = build.restore_for_inference(
-      workdir, mesh, step=step, use_ema=use_ema, lora_scale=lora_scale)
+      workdir, mesh, step=step, use_ema=use_ema, lora_scale=lora_scale,
+      config=config)
   generator = generate.Generator.from_config(
       comps, mesh, config.sampling, chunk_size=chunk_size, sampler=sampler,
       num_steps=steps, guidance_scale=guidance_scale, eta=eta,

@@ -753,7 +753,7 @@ def _train(config, workdir: str, preemption: _Preemption):
   tcfg = config.training
   preemption.sync_every = tcfg.log_every
   parallel.check_batch_size(tcfg.batch_size, config.optim.grad_accum_steps)
-  check_resume(config, workdir)
+  checked_step = check_resume(config, workdir)
   preemption.check()
   with contextlib.ExitStack() as stack:
     stack.enter_context(holding_workdir(workdir, preemption))
@@ -771,8 +771,8 @@ def _train(config, workdir: str, preemption: _Preemption):
     stack.callback(close_manager, mngr)
     state, start_step, train_seconds = restore_or_create_state(
         setup, mngr, keys.init, loader,
-        check=lambda meta, step: _check_resumed_config(config, workdir, meta,
-                                                       step))
+        check=lambda meta, step: _check_resumed_config(
+            config, workdir, meta, step, checked_step))
     preemption.check()
     show_data(config, source, loader, start_step, writer)
     log_parameter_counts(config, state, start_step, writer, setup.base_params)
@@ -805,10 +805,10 @@ def _train(config, workdir: str, preemption: _Preemption):
         to_inference=setup.inference_params)
 
 
-def _check_resumed_config(config, workdir, meta, step):
-  """A checkpoint older than the one check_resume saw (that one did not
-  read) is checked again."""
-  if meta.get("config") is not None:
+def _check_resumed_config(config, workdir, meta, step, checked_step):
+  """A checkpoint other than the one check_resume checked (that one's state
+  did not read, so an older one is restored) is checked in turn."""
+  if step != checked_step and meta.get("config") is not None:
     workdir_lib.check_resume(meta["config"],
                              json.loads(config.to_json_best_effort()),
                              workdir, step)
