@@ -108,7 +108,7 @@ def _config(source: str, path: str, size: int, workers: int):
 
 def throughput(source_name: str, path: str, size: int, workers: int):
   """Median examples/s over passes of the loader through all examples."""
-  from jaxsd import text  # pylint: disable=g-import-not-at-top
+  from jaxsd.text import encoder as text  # pylint: disable=g-import-not-at-top
   from jaxsd.data import pipeline  # pylint: disable=g-import-not-at-top
   config = _config(source_name, path, size, workers)
   tokenizer = text.load_tokenizer(config.text.tokenizer)
@@ -129,7 +129,7 @@ def throughput(source_name: str, path: str, size: int, workers: int):
 
 def stream_child(pattern: str):
   """Streams the shards through the loader twice over; prints peak RSS."""
-  from jaxsd import text  # pylint: disable=g-import-not-at-top
+  from jaxsd.text import encoder as text  # pylint: disable=g-import-not-at-top
   from jaxsd.data import pipeline  # pylint: disable=g-import-not-at-top
   config = _config("webdataset", pattern, 64, 0)
   config.data.shuffle_buffer = FLAGS.stream_buffer
@@ -170,7 +170,8 @@ def stream_memory(root: str):
 def data_wait(folder: str, root: str):
   """system/data_wait_percent of a short configs/imagefolder.py run."""
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  from jaxsd import metric_logging, train  # pylint: disable=g-import-not-at-top
+  from jaxsd.tracking import metric_logging
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   config = _config("imagefolder", folder, 64, 1)
   config.training.batch_size = 16
   config.training.num_steps = FLAGS.train_steps

@@ -22,7 +22,7 @@ Paths ("with" / "without"):
                   feeding the step, with data.workers=1 (a worker process
                   builds batches ahead) / 0 (a thread of this process).
   compile_cache   compile time with a warm persistent XLA cache / with an
-                  empty one (jaxsd.train.enable_compilation_cache,
+                  empty one (jaxsd.training.trainer.enable_compilation_cache,
                   JAXSD_COMPILATION_CACHE), each in a fresh process.
   bf16            model.dtype bfloat16 / float32.
 
@@ -114,7 +114,7 @@ def _measure_variant(config, path: str, variant: str):
     config.model.dtype = "bfloat16" if on else "float32"
     info = {"note": "bfloat16 targets GPUs; on CPU it is expected slower"}
   elif path == "compile_cache":
-    from jaxsd import train  # pylint: disable=g-import-not-at-top
+    from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
     train.enable_compilation_cache()  # JAXSD_COMPILATION_CACHE, set by parent
   else:
     raise ValueError(f"unknown path {path!r}")
@@ -128,7 +128,7 @@ def _measure_variant(config, path: str, variant: str):
 
 def _timed_loop(step, state, key, get_batch, position: int, calls: int,
                 k: int):
-  """Seconds for `calls` host-fed calls, as jaxsd.train's loop runs them.
+  """Seconds for `calls` host-fed calls, as jaxsd.training.trainer's loop runs them.
 
   The window's first batch is built before the clock starts, so both
   variants time the same work: `calls` steps and `calls - 1` batches.
@@ -150,7 +150,7 @@ def _prefetch_child(config):
   (jaxsd.data) feeding the step with data.workers=1 (batches built in a
   worker process, ahead of the step) or 0 (in this process's thread)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   from jaxsd.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(config)
   state = setup.create_train_state(jax.random.key(0))
@@ -164,7 +164,7 @@ def _prefetch_child(config):
         config, setup.components.tokenizer, source)
 
   def getter(loader):
-    def next_batch(position):  # as jaxsd.train's (the loader keeps count)
+    def next_batch(position):  # as jaxsd.training.trainer's (the loader keeps count)
       del position
       return setup.global_batch(data_pipeline.next_model_batch(loader, k))
     return next_batch

@@ -90,7 +90,7 @@ def _time(fn, windows, steps):
 def _latent_timings(config):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(config)
   comps = setup.components
   b = config.training.batch_size
@@ -116,7 +116,7 @@ def _frozen_text_encoder(config, folder):
   """config.text -> a random frozen 'pretrained' CLIP text encoder of
   FLAGS.frozen_text's size, saved in folder."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from jaxsd import text as text_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.text import encoder as text_lib  # pylint: disable=g-import-not-at-top
   layers, hidden, length = (int(v) for v in FLAGS.frozen_text.split(","))
   t = config.text
   t.num_layers, t.hidden_size, t.max_length = layers, hidden, length
@@ -132,7 +132,7 @@ def _text_embedding_timings(config):
   the step vs their stored embeddings."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(config)
   comps = setup.components
   b = config.training.batch_size
@@ -158,7 +158,7 @@ def _text_embedding_timings(config):
 def _pixel_timing(config):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(config)
   comps = setup.components
   b = config.training.batch_size

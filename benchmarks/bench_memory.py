@@ -16,7 +16,7 @@ with random weights on random inputs: 64x64x4 latents (`--resolution`),
   AdamW state; `--compute_dtype` is the UNet's `dtype` field.
 - `--mode=lora`: the base weights frozen (stored as `--base_dtype`) and only
   LoRA adapters (`--lora_rank`) on the attention projections to_q, to_k,
-  to_v and to_out_0 trained with AdamW, through `jaxsd.lora`
+  to_v and to_out_0 trained with AdamW, through `jaxsd.models.lora`
   (`init_adapters`, `apply_with_adapters`).
 - `--remat`: `UNet.remat` policies ("none", "blocks", "transformers").
 
@@ -190,7 +190,7 @@ class TrainStep:
                lora_rank: int = 4):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from jaxsd import lora  # pylint: disable=g-import-not-at-top
+    from jaxsd.models import lora  # pylint: disable=g-import-not-at-top
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; choose one of {MODES}.")
     self.model, self.mode, self.tx = model, mode, optimizer()

@@ -26,7 +26,9 @@ FLAGS = flags.FLAGS
 
 def main(_):
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import build, generate, parallel  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build
+  from jaxsd.diffusion import generate
+  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   mesh = parallel.make_mesh()
   comps = build.build_components(config)

@@ -29,7 +29,7 @@ non-uniform timestep sampling) are left out there and listed in
 model.pooled_text_embedding (`diffusers_note`).
 
 Each implementation runs in a subprocess so its memory and compile cache are
-its own. The JAX children time the step that jaxsd.build.TrainSetup builds
+its own. The JAX children time the step that jaxsd.diffusion.setup.TrainSetup builds
 (benchmarks/train_timing.py, shared with bench_fast_paths.py).
 """
 import json

@@ -2,7 +2,7 @@
 bench_fast_paths.py (imported as a sibling module: both run as scripts from
 this folder).
 
-The step is built by jaxsd.build.TrainSetup, exactly as training builds it.
+The step is built by jaxsd.diffusion.setup.TrainSetup, exactly as training builds it.
 """
 import os
 import statistics
@@ -29,7 +29,8 @@ def measure(config, windows: int, steps_per_window: int, donate: bool = True):
   (median over windows), compile seconds (first call minus a steady call),
   peak memory, parameter count, device."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import build, metric_logging  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build
+  from jaxsd.tracking import metric_logging  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(config)
   state = setup.create_train_state(jax.random.key(0))
   step = setup.make_train_step(donate=donate)

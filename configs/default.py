@@ -42,7 +42,7 @@ def get_config():
   # Undecodable images are skipped (data/skipped); past this share of the
   # images read, the run stops naming them.
   data.max_skipped_fraction = 0.01
-  # Latent runs: a latent cache (python -m jaxsd.cache) of this data, read
+  # Latent runs: a latent cache (jaxsd-cache) of this data, read
   # for training instead of encoding the images every step. "" = encode on
   # the fly.
   data.latent_cache = ""
@@ -104,7 +104,7 @@ def get_config():
   # Latent diffusion: the frozen autoencoder whose latents the UNet denoises
   # (model.in_channels / out_channels = its latent_channels). A diffusers
   # `vae/` folder, a Stable Diffusion pipeline folder (its `vae/`), or a
-  # jaxsd autoencoder workdir (python -m jaxsd.train_autoencoder). "" = pixel
+  # jaxsd autoencoder workdir (jaxsd-train-autoencoder). "" = pixel
   # space.
   model.autoencoder = ""
   # LoRA (jaxsd/lora.py): rank > 0 trains low-rank adapters on the target
@@ -118,7 +118,7 @@ def get_config():
   lora.text_targets = ()  # e.g. ("q_proj", "k_proj", "v_proj", "out_proj")
   lora.base_dtype = "float32"  # "bfloat16" halves the frozen base's memory
 
-  # --- Autoencoder (python -m jaxsd.train_autoencoder) ----------------------
+  # --- Autoencoder (jaxsd-train-autoencoder) ----------------------
   # A KL autoencoder with diffusers' AutoencoderKL architecture
   # (jaxsd/models/autoencoder.py); it trains on `data` with `training`,
   # `optim` and `logging` as the diffusion trainer does. Its in/out channels
@@ -194,7 +194,7 @@ def get_config():
   training.init_from = ""
   training.init_from_step = -1  # that run's checkpoint step; -1 = latest
 
-  # --- Sampling (periodic grids and jaxsd.sample) -------------------------
+  # --- Sampling (periodic grids and jaxsd.commands.sample) -------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"
   sampling.num_steps = 50
@@ -217,7 +217,7 @@ def get_config():
   # () = the first distinct captions of the training data.
   sampling.prompts = tuple(f"a photograph of the number {d}" for d in range(10))
 
-  # --- Evaluation (every training.eval_every steps and jaxsd.evaluate) -------
+  # --- Evaluation (every training.eval_every steps and jaxsd.commands.evaluate) -------
   config.eval = ev = ml_collections.ConfigDict()
   ev.metrics = ("prompt_accuracy", "fid_mnist", "diversity", "fid_inception",
                 "clip_score")

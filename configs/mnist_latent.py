@@ -5,13 +5,13 @@ MNIST's 28x28 digits are padded to 32x32 and encoded 4x smaller, to 8x8x4
 latents (256 numbers for 1024 pixels). Two runs:
 
   # 1. the autoencoder (config string "autoencoder")
-  python -m jaxsd.train_autoencoder \
+  jaxsd-train-autoencoder \
       --config=configs/mnist_latent.py:autoencoder --workdir=runs/mnist_ae
   # 2. latent diffusion on its latents (model.autoencoder names run 1)
   python -m jaxsd.main --config=configs/mnist_latent.py \
       --workdir=runs/mnist_latent [--config.model.autoencoder=runs/mnist_ae]
 
-Optionally encode the data once (python -m jaxsd.cache
+Optionally encode the data once (jaxsd-cache
 --config=configs/mnist_latent.py --out=runs/mnist_latents) and train with
 --config.data.latent_cache=runs/mnist_latents. Measured time and quality
 against pixel-space configs/mnist.py: docs/mnist_latent.md.

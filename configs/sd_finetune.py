@@ -13,7 +13,7 @@ any jaxsd data source, fully or with LoRA; 512 px, for GPUs.
   python -m jaxsd.main --config=configs/sd_finetune.py:lora \
       --workdir=runs/sd_lora --config.data.path=...
   # into PyTorch's diffusers:
-  python -m jaxsd.export --workdir=runs/sd_lora --out=exported_lora
+  jaxsd-export --workdir=runs/sd_lora --out=exported_lora
 
 model.pretrained_pipeline sets the architecture, the autoencoder, the text
 encoder, the tokenizer, the schedule and the DDIM settings from the folder

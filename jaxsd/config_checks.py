@@ -1,14 +1,14 @@
 """Config validation: bad values fail at start-up with the key and the fix.
 
 `validate(config)` checks a diffusion run's whole tree before anything is
-built or written (training, `jaxsd.cache`); `validate_autoencoder(config)`
-the sections an autoencoder run (`jaxsd.train_autoencoder`) reads. Every
+built or written (training, `jaxsd.commands.cache`); `validate_autoencoder(config)`
+the sections an autoencoder run (`jaxsd.commands.train_autoencoder`) reads. Every
 error is a `jaxsd.errors.ConfigError` naming the key, the bad value and the
 valid range, e.g. "optim.learning_rate=-1.0 must be > 0 (a finite number)".
 
 Two checks need more than the config: `check_latent_size(config, factor)`
 (latent runs; the autoencoder's downsampling factor is known once it is
-loaded) and the command-line flags of jaxsd.sample / jaxsd.evaluate
+loaded) and the command-line flags of jaxsd.commands.sample / jaxsd.commands.evaluate
 (`check_sampling_flags`, then `check_flags_against_run` once the run's
 config is read).
 """
@@ -16,11 +16,11 @@ import math
 import numbers
 from typing import Optional, Sequence
 
-from jaxsd import lora
+from jaxsd.models import lora
 from jaxsd import models
 from jaxsd.data import sources
 from jaxsd.data import transforms
-from jaxsd import train_step
+from jaxsd.diffusion import step as train_step
 from jaxsd.diffusion import losses
 from jaxsd.diffusion import samplers
 from jaxsd.diffusion import schedules
@@ -335,8 +335,8 @@ def _check_model(config):
 
 
 def _check_autoencoder(config):
-  """The autoencoder.* numbers (python -m jaxsd.train_autoencoder)."""
-  from jaxsd import autoencoder_training  # pylint: disable=g-import-not-at-top
+  """The autoencoder.* numbers (jaxsd-train-autoencoder)."""
+  from jaxsd.autoencoder import training as autoencoder_training  # pylint: disable=g-import-not-at-top
   a = config.autoencoder
   channels = _check_channels("autoencoder.block_out_channels",
                              a.block_out_channels)
@@ -497,7 +497,7 @@ def validate(config):
 
 
 def validate_autoencoder(config):
-  """The sections an autoencoder run (python -m jaxsd.train_autoencoder)
+  """The sections an autoencoder run (jaxsd-train-autoencoder)
   reads: training, optim, data, autoencoder, eval (its reference split) and
   parallel; and data.image_size against the autoencoder's downsampling."""
   _check_training(config)
@@ -515,14 +515,14 @@ def validate_autoencoder(config):
         "the first).")
 
 
-# --- Command-line flags of jaxsd.sample and jaxsd.evaluate -----------------------
+# --- Command-line flags of jaxsd.commands.sample and jaxsd.commands.evaluate -----------------------
 
 
 def check_sampling_flags(*, num_samples=None, sampler=None, steps=None,
                          guidance_scale=None, eta=None, guidance_interval=None,
                          chunk_size=None, lora_scale=None, step=None,
                          seed=None, metrics=None):
-  """Checks the flags jaxsd.sample / jaxsd.evaluate were given (None = not
+  """Checks the flags jaxsd.commands.sample / jaxsd.commands.evaluate were given (None = not
   given: the run's own setting) before any workdir is read; each error names
   the flag (--guidance_scale=-3.0: ...)."""
   if num_samples is not None:

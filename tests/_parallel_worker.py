@@ -50,8 +50,8 @@ def sharded_fraction(state) -> dict:
 def restore_state(workdir, overrides, step=None):
   """A checkpoint of workdir (default the latest), restored into the
   shardings the config asks for on this process's devices."""
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
-  from jaxsd import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
+  from jaxsd.checkpointing import checkpoints as checkpoint  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(tiny_config(overrides))
   mngr = checkpoint.manager(workdir, read_only=True)
   try:
@@ -67,7 +67,7 @@ def restore_state(workdir, overrides, step=None):
 
 def _sigterm_at(process: int, step: int):
   """SIGTERM to this process after train step `step` (as SLURM would)."""
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   reached = train._Preemption.reached  # pylint: disable=protected-access
 
   def patched(self, s):
@@ -78,7 +78,7 @@ def _sigterm_at(process: int, step: int):
 
 
 def run_train(job):
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   if job.get("sigterm_at"):
     _sigterm_at(*job["sigterm_at"])
   state = train.train_and_evaluate(tiny_config(job.get("overrides")),

@@ -95,7 +95,7 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-  from jaxsd import text  # pylint: disable=g-import-not-at-top
+  from jaxsd.text import encoder as text  # pylint: disable=g-import-not-at-top
   return text.load_tokenizer(os.environ["JAXSD_CLIP_TOKENIZER"])
 
 
@@ -105,7 +105,7 @@ def trained_run(tiny_config, tmp_path_factory):
 
   The tiny config checkpoints at steps 2 and 4 and samples at step 4.
   """
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("trained_run"))
   state = train.train_and_evaluate(tiny_config(), workdir)
   return workdir, state

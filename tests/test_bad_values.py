@@ -2,7 +2,7 @@
 
 `config_checks.validate` on configs/tiny.py (and configs/mnist.py / the
 latent config where the rule differs) with one bad value each; the flags of
-jaxsd.sample / jaxsd.evaluate against a workdir that does not exist (the
+jaxsd.commands.sample / jaxsd.commands.evaluate against a workdir that does not exist (the
 check must come before the workdir is read); Evaluator's sample minimums.
 """
 import glob
@@ -17,8 +17,8 @@ import ml_collections
 import pytest
 
 from jaxsd import config_checks
-from jaxsd import evaluate
-from jaxsd import sample
+from jaxsd.commands import evaluate
+from jaxsd.commands import sample
 from jaxsd.errors import ConfigError
 from jaxsd.evaluation import evaluator as evaluator_lib
 
@@ -313,7 +313,7 @@ def test_evaluator_counts_the_prompts_file(tmp_path):
   assert "clip_score" not in message
 
 
-# --- jaxsd.sample / jaxsd.evaluate flags -----------------------------------------
+# --- jaxsd.commands.sample / jaxsd.commands.evaluate flags -----------------------------------------
 
 
 SAMPLE_ROWS = [
@@ -394,7 +394,7 @@ def test_sample_cli_refuses_negative_guidance_at_once():
   """The command prints the one-line error and exits 1 (it used to write
   anti-guided images)."""
   out = subprocess.run(
-      [sys.executable, "-m", "jaxsd.sample", f"--workdir={NOWHERE}",
+      [sys.executable, "-m", "jaxsd.commands.sample", f"--workdir={NOWHERE}",
        "--prompt=a 3", "--guidance_scale=-3"], cwd=ROOT, capture_output=True,
       text=True, timeout=300)
   assert out.returncode == 1, out.stderr[-2000:]

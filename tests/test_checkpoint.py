@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsd import checkpoint
-from jaxsd import train_state as ts
+from jaxsd.checkpointing import checkpoints as checkpoint
+from jaxsd.training import state as ts
 
 
 def _state(value):

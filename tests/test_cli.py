@@ -6,16 +6,16 @@ from absl import flags
 import pytest
 
 COMMANDS = {  # module: (console script, flags it must list)
-    "jaxsd.main": ("jaxsd-train", ["--config", "--workdir"]),
-    "jaxsd.sample": ("jaxsd-sample", ["--workdir", "--prompt", "--sampler"]),
-    "jaxsd.evaluate": ("jaxsd-evaluate", ["--workdir", "--all_checkpoints"]),
-    "jaxsd.plot_runs": ("jaxsd-plot-runs", ["--workdir", "--metrics"]),
-    "jaxsd.train_autoencoder": ("jaxsd-train-autoencoder",
+    "jaxsd.commands.train": ("jaxsd-train", ["--config", "--workdir"]),
+    "jaxsd.commands.sample": ("jaxsd-sample", ["--workdir", "--prompt", "--sampler"]),
+    "jaxsd.commands.evaluate": ("jaxsd-evaluate", ["--workdir", "--all_checkpoints"]),
+    "jaxsd.commands.plot_runs": ("jaxsd-plot-runs", ["--workdir", "--metrics"]),
+    "jaxsd.commands.train_autoencoder": ("jaxsd-train-autoencoder",
                                 ["--config", "--workdir"]),
-    "jaxsd.cache": ("jaxsd-cache", ["--config", "--out", "--batch_size",
+    "jaxsd.commands.cache": ("jaxsd-cache", ["--config", "--out", "--batch_size",
                                     "--text_embeddings"]),
-    "jaxsd.export": ("jaxsd-export", ["--workdir", "--out", "--merge_lora"]),
-    "jaxsd.sync_mlflow": ("jaxsd-sync-mlflow", ["--workdir", "--to"]),
+    "jaxsd.commands.export": ("jaxsd-export", ["--workdir", "--out", "--merge_lora"]),
+    "jaxsd.commands.sync_mlflow": ("jaxsd-sync-mlflow", ["--workdir", "--to"]),
 }
 
 
@@ -24,7 +24,8 @@ def test_all_commands_import_together_without_defining_flags():
   by_module = flags.FLAGS.flags_by_module_dict()
   # Their flags come with run(), not with import.
   assert not any(by_module.get(name) for name in COMMANDS)
-  from jaxsd import evaluate, sample  # pylint: disable=g-import-not-at-top
+  from jaxsd.commands import evaluate
+  from jaxsd.commands import sample  # pylint: disable=g-import-not-at-top
   assert callable(sample.generate_for_prompts) and callable(sample.read_prompts)
   assert callable(evaluate.evaluate_checkpoints)
   assert callable(evaluate.write_tables)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from jaxsd import text as text_lib
+from jaxsd.text import encoder as text_lib
 from jaxsd.models import clip_convert
 
 TOL = 1e-4  # max abs difference to PyTorch's last hidden states

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsd import build
+from jaxsd.diffusion import setup as build
 from jaxsd import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from jaxsd import text
+from jaxsd.text import encoder as text
 from jaxsd.data import loader as loader_lib
 from jaxsd.data import transforms
 

@@ -13,7 +13,7 @@ import pytest
 
 from configs import default
 from jaxsd import hub
-from jaxsd import input_pipeline
+from jaxsd.data import mnist as input_pipeline
 from jaxsd.data import source_webdataset
 from jaxsd.data import sources
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jaxsd import environment
-from jaxsd import input_pipeline
+from jaxsd.data import mnist as input_pipeline
 from jaxsd.evaluation import classifier as classifier_lib
 from jaxsd.evaluation import fid
 from jaxsd.evaluation import prompt_metrics

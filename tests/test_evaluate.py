@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxsd import environment
-from jaxsd import metric_logging
+from jaxsd.tracking import metric_logging
 from jaxsd.evaluation import evaluator as evaluator_lib
 from jaxsd.evaluation import fid
 from jaxsd.evaluation import prompt_metrics
@@ -78,7 +78,7 @@ def test_unknown_metric_is_an_error(tiny_config):
 @pytest.mark.slow
 def test_real_digits_score_as_real(tiny_config):
   """Real test images used as if generated: high accuracy, FID near 0."""
-  from jaxsd import input_pipeline  # pylint: disable=g-import-not-at-top
+  from jaxsd.data import mnist as input_pipeline  # pylint: disable=g-import-not-at-top
   config = environment.resolve(tiny_config())
   evaluator = evaluator_lib.Evaluator(config).prepare()
   images, labels = input_pipeline.load_mnist(config.data, "test")
@@ -106,7 +106,7 @@ def test_evaluate_cli_all_checkpoints(trained_run, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(trained_run[0], workdir)
   out = subprocess.run(
-      [sys.executable, "-m", "jaxsd.evaluate", f"--workdir={workdir}",
+      [sys.executable, "-m", "jaxsd.commands.evaluate", f"--workdir={workdir}",
        "--all_checkpoints", "--num_samples=20"],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]

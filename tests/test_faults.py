@@ -20,10 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxsd import checkpoint
+from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import errors
-from jaxsd import metric_logging
-from jaxsd import workdir as workdir_lib
+from jaxsd.tracking import metric_logging
+from jaxsd.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from jaxsd import workdir
+from jaxsd.training import workdir
 lock = workdir.Lock({path!r})
 lock.acquire()
 print("held", flush=True)
@@ -164,7 +164,7 @@ def _saved_run(workdir, steps=(2, 4)):
 
 def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_taken(
     tmp_path):
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   mngr = _saved_run(str(tmp_path))
   truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "4"))
   abstract = _abstract(_state())
@@ -180,7 +180,7 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_taken(
 
 
 def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   mngr = _saved_run(str(tmp_path), steps=(2,))
   truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "2"))
   abstract = _abstract(_state())
@@ -294,7 +294,7 @@ def _leaves(state):
 @pytest.fixture
 def patient_watchdog(monkeypatch):
   """In-process runs: the SIGTERM watchdog must not end the test process."""
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(train._Preemption, "grace_s", 600.0)  # pylint: disable=protected-access
 
 
@@ -307,7 +307,7 @@ def patient_watchdog(monkeypatch):
 ])
 def test_a_bad_restart_leaves_the_run_intact(trained_run, tiny_config,
                                              tmp_path, override, key):
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
   before = {name: _read(os.path.join(workdir, name))
             for name in ("config.json", "mlflow_run.txt")}
@@ -331,7 +331,8 @@ def test_a_bad_restart_leaves_the_run_intact(trained_run, tiny_config,
 @pytest.mark.mnist
 def test_truncated_latest_checkpoint_sampling_names_it_training_falls_back(
     trained_run, tiny_config, tmp_path, patient_watchdog):
-  from jaxsd import sample, train  # pylint: disable=g-import-not-at-top
+  from jaxsd.commands import sample
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
   truncate_array_data(os.path.join(workdir, "checkpoints", "4"))
   with pytest.raises(errors.CheckpointError) as e:
@@ -354,7 +355,8 @@ def test_truncated_latest_checkpoint_sampling_names_it_training_falls_back(
 @pytest.mark.mnist
 def test_init_from_starts_a_new_run_from_old_weights(trained_run, tiny_config,
                                                      tmp_path):
-  from jaxsd import build, train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.training.init_from = trained_run[0]
   config.optim.learning_rate = 1e-4  # the new run's optimiser may differ
@@ -380,7 +382,7 @@ def test_init_from_starts_a_new_run_from_old_weights(trained_run, tiny_config,
 @pytest.mark.mnist
 def test_sigterm_before_the_first_step_stops_the_run_killed(
     trained_run, tiny_config, tmp_path, monkeypatch, patient_watchdog):
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
   restore = train.restore_or_create_state
 
@@ -402,7 +404,7 @@ def test_sigterm_before_the_first_step_stops_the_run_killed(
 @pytest.mark.mnist
 def test_a_failed_checkpoint_write_ends_the_run_failed(
     trained_run, tiny_config, tmp_path, monkeypatch, patient_watchdog):
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
   save = checkpoint.save
 
@@ -425,7 +427,7 @@ def test_a_failed_checkpoint_write_ends_the_run_failed(
 @pytest.mark.mnist
 def test_a_second_training_process_is_refused_before_writing(tiny_config,
                                                              tmp_path):
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   holder = _hold_in_subprocess(tmp_path)
   try:
     with pytest.raises(errors.WorkdirBusyError, match=f"PID {holder.pid}"):

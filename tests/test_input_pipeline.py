@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxsd import input_pipeline
-from jaxsd import text
+from jaxsd.data import mnist as input_pipeline
+from jaxsd.text import encoder as text
 
 
 def test_captions_and_tokens(tokenizer):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxsd import build
-from jaxsd import latent
-from jaxsd import train_step as step_lib
+from jaxsd.diffusion import setup as build
+from jaxsd.autoencoder import frozen as latent
+from jaxsd.diffusion import step as step_lib
 from jaxsd.data import latent_cache
 from jaxsd.data import pipeline
 from jaxsd.models import autoencoder as ae_lib
@@ -150,7 +150,7 @@ def _folder_config(tiny_config, vae, folder):
 @pytest.mark.slow
 def test_cache_trains_the_same_loss_as_encoding_on_the_fly(
     tiny_config, vae, tmp_path):
-  from jaxsd import cache  # pylint: disable=g-import-not-at-top
+  from jaxsd.commands import cache  # pylint: disable=g-import-not-at-top
   folder = _imagefolder(str(tmp_path / "images"))
   config = _folder_config(tiny_config, vae, folder)
   out = str(tmp_path / "cache")
@@ -191,7 +191,7 @@ def test_cache_trains_the_same_loss_as_encoding_on_the_fly(
   other_vae = latent.load(write_vae(str(tmp_path / "vae2"), seed=1))
   with pytest.raises(ValueError, match="not by this run's model.autoencoder"):
     pipeline.make_latent_cache_source(config, source, other_vae)
-  with pytest.raises(FileNotFoundError, match="python -m jaxsd.cache"):
+  with pytest.raises(FileNotFoundError, match="jaxsd-cache"):
     latent_cache.LatentCacheSource(str(tmp_path))
   flipped = _folder_config(tiny_config, vae, folder)
   flipped.data.random_flip = True
@@ -203,7 +203,7 @@ def _frozen_text_encoder(config, folder, seed=0):
   """A random FlaxCLIPTextModel of config.text's size, saved as a
   pretrained one; config.text then names it, frozen."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from jaxsd import text as text_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.text import encoder as text_lib  # pylint: disable=g-import-not-at-top
   tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
   model = transformers.FlaxCLIPTextModel(text_lib.text_encoder_config(
       config.text, text_lib.vocab_size(tokenizer)), seed=seed)
@@ -216,7 +216,7 @@ def test_stored_text_embeddings_train_the_same_loss_as_token_ids(
     tiny_config, tokenizer):
   """loss_fn on a batch's context (the frozen encoder's output, as a cache
   stores it) equals loss_fn on its token ids, dropped examples included."""
-  from jaxsd import text as text_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.text import encoder as text_lib  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.text.trainable = False
   comps = build.build_components(config)
@@ -249,8 +249,8 @@ def test_stored_text_embeddings_train_the_same_loss_as_token_ids(
 @pytest.mark.slow
 def test_cache_with_text_embeddings_trains_the_same_loss(
     tiny_config, vae, tmp_path):
-  from jaxsd import cache  # pylint: disable=g-import-not-at-top
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.commands import cache  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   folder = _imagefolder(str(tmp_path / "images"))
   config = _frozen_text_encoder(_folder_config(tiny_config, vae, folder),
                                 str(tmp_path / "text"))
@@ -303,7 +303,9 @@ def test_cache_with_text_embeddings_trains_the_same_loss(
 def test_tiny_latent_run_trains_samples_and_evaluates(tiny_config, vae,
                                                      tmp_path):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  from jaxsd import metric_logging, sample, train  # pylint: disable=g-import-not-at-top
+  from jaxsd.tracking import metric_logging
+  from jaxsd.commands import sample
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   whole = train.train_and_evaluate(_latent_config(tiny_config, vae),
                                    str(tmp_path / "whole"))
   assert int(whole.step) == 4
@@ -327,9 +329,10 @@ def test_tiny_latent_run_trains_samples_and_evaluates(tiny_config, vae,
 @pytest.mark.slow
 @pytest.mark.mnist
 def test_a_jaxsd_autoencoder_run_is_an_autoencoder(tiny_config, tmp_path):
-  """model.autoencoder=WORKDIR of python -m jaxsd.train_autoencoder: its
+  """model.autoencoder=WORKDIR of jaxsd-train-autoencoder: its
   architecture and measured scaling factor; a diffusion workdir is not."""
-  from jaxsd import autoencoder_training, train_autoencoder  # pylint: disable=g-import-not-at-top
+  from jaxsd.autoencoder import training as autoencoder_training
+  from jaxsd.commands import train_autoencoder  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   a = config.autoencoder
   a.block_out_channels, a.norm_num_groups, a.latent_channels = (8, 16), 4, 4
@@ -359,7 +362,9 @@ def test_mnist_latent_config_validates_and_traces_its_step(tmp_path):
   the autoencoder trainer, and the diffusion config, over an autoencoder of
   that architecture, traces its latent train step (no compile)."""
   from configs import mnist_latent  # pylint: disable=g-import-not-at-top
-  from jaxsd import autoencoder_training, config_checks, environment  # pylint: disable=g-import-not-at-top
+  from jaxsd.autoencoder import training as autoencoder_training
+  from jaxsd import config_checks
+  from jaxsd import environment  # pylint: disable=g-import-not-at-top
   ae_run = environment.resolve(mnist_latent.get_config("autoencoder"))
   autoencoder_training.check_config(ae_run)
   arch = autoencoder_training.autoencoder_config(ae_run, scaling_factor=0.8)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsd import lora
+from jaxsd.models import lora
 from jaxsd.models import unet as unet_lib
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a lost alpha shows as a 2x error
@@ -211,7 +211,7 @@ def test_merged_equals_intercepted_on_the_clip_text_encoder():
   params = jax.jit(model.module.init)(jax.random.key(0), ids,
                                       jnp.ones_like(ids), pos)["params"]
 
-  def apply_fn(p, ids):  # as jaxsd.text.TextEncoder calls the module
+  def apply_fn(p, ids):  # as jaxsd.text.encoder.TextEncoder calls the module
     return model.module.apply({"params": p}, ids, jnp.ones_like(ids), pos,
                               deterministic=True)[0]
 

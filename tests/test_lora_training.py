@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsd import build
-from jaxsd import lora as lora_lib
+from jaxsd.diffusion import setup as build
+from jaxsd.models import lora as lora_lib
 
 
 def _lora_config(tiny_config, rank=2, **lora):
@@ -109,9 +109,9 @@ def test_bad_lora_settings_are_clear_errors(tiny_config):
 @pytest.mark.mnist
 def test_lora_run_checkpoints_adapters_resumes_and_samples(tiny_config,
                                                            tmp_path):
-  from jaxsd import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxsd.checkpointing import checkpoints as checkpoint  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   config = _lora_config(tiny_config)
   config.eval.metrics = ()

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsd import metric_logging
+from jaxsd.tracking import metric_logging
 from jaxsd import parallel
 
 import _parallel_worker as worker  # tests/ is on sys.path under pytest
@@ -195,9 +195,9 @@ def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
   step 4 (both sample, process 0 scores): eval/* is logged once, in the
   run's one MLflow run, and equals a single-process evaluation of the same
   checkpoint with the same key."""
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
-  from jaxsd import generate  # pylint: disable=g-import-not-at-top
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   ref_workdir, ref_states = reference
   workdir = str(tmp_path / "run")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxsd import sample
+from jaxsd.commands import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a photograph of the number 3", ""]
@@ -88,7 +88,7 @@ def test_prompts_file(tmp_path):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "jaxsd.sample", *args],
+  return subprocess.run([sys.executable, "-m", "jaxsd.commands.sample", *args],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

@@ -6,7 +6,7 @@ DDIMScheduler) and saves it with `save_pretrained`. jaxsd imports it
 (model.pretrained_pipeline): the text embeddings, the UNet's output and
 the VAE's decode match PyTorch's within 1e-4, and a 10-step DDIM sampling
 with guidance from the same initial latents matches the pipeline's images.
-Slow tests fine-tune a few steps, export with `jaxsd.export` and load the
+Slow tests fine-tune a few steps, export with `jaxsd.commands.export` and load the
 result into PyTorch: the full pipeline, and LoRA adapters through
 `load_lora_weights`.
 """
@@ -25,8 +25,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from jaxsd import build  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxsd import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxsd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 diffusers.utils.logging.set_verbosity_error()
@@ -255,8 +255,8 @@ def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
   if "sd2" in saved_pipeline[1]:
     pytest.skip("the round trip through PyTorch once (SD 1.x-shaped) keeps "
                 "the suite short; imports of both shapes are tested above")
-  from jaxsd import export  # pylint: disable=g-import-not-at-top
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.commands import export  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   _, folder = saved_pipeline
   workdir = str(tmp_path / "run")
   config = _finetune_config(tiny_config, folder,
@@ -269,7 +269,7 @@ def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
   latents = _torch_latents(len(PROMPTS))
   want = pipe(PROMPTS, num_inference_steps=10, guidance_scale=3.0,
               latents=latents.clone(), output_type="np").images
-  # jaxsd.sample's path: the run's EMA params through a Generator.
+  # jaxsd.commands.sample's path: the run's EMA params through a Generator.
   mesh = parallel.make_mesh()
   run_config, comps, params, _ = build.restore_for_inference(workdir, mesh)
   generator = generate.Generator.from_config(
@@ -291,9 +291,9 @@ def test_lora_export_loads_into_pytorch_with_load_lora_weights(
   if "sd2" in saved_pipeline[1]:
     pytest.skip("the round trip through PyTorch once (SD 1.x-shaped) keeps "
                 "the suite short; imports of both shapes are tested above")
-  from jaxsd import export  # pylint: disable=g-import-not-at-top
-  from jaxsd import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from jaxsd import train  # pylint: disable=g-import-not-at-top
+  from jaxsd.commands import export  # pylint: disable=g-import-not-at-top
+  from jaxsd.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   _, folder = saved_pipeline
   workdir = str(tmp_path / "run")
   config = _finetune_config(tiny_config, folder,

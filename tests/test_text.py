@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from jaxsd import build
-from jaxsd import text as text_lib
+from jaxsd.diffusion import setup as build
+from jaxsd.text import encoder as text_lib
 
 
 def _tiny_clip_text(tmp_path, vocab_size):

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsd import autoencoder_training as at
-from jaxsd import metric_logging
-from jaxsd import train
-from jaxsd import train_autoencoder
+from jaxsd.autoencoder import training as at
+from jaxsd.tracking import metric_logging
+from jaxsd.training import trainer as train
+from jaxsd.commands import train_autoencoder
 from jaxsd.data import pipeline as data_pipeline
 
 

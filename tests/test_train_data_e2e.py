@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxsd import metric_logging
-from jaxsd import train
+from jaxsd.tracking import metric_logging
+from jaxsd.training import trainer as train
 from jaxsd.data import pipeline as data_pipeline
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsd import metric_logging
-from jaxsd import plot_runs
-from jaxsd import train
+from jaxsd.tracking import metric_logging
+from jaxsd.commands import plot_runs
+from jaxsd.training import trainer as train
 from jaxsd.data import pipeline as data_pipeline
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxsd import text as text_lib
-from jaxsd import train_state as ts
-from jaxsd import train_step as step_lib
+from jaxsd.text import encoder as text_lib
+from jaxsd.training import state as ts
+from jaxsd.diffusion import step as step_lib
 from jaxsd.diffusion import schedules
 
 

@@ -1,6 +1,6 @@
 """A latent cache: a dataset's autoencoder posteriors, encoded once.
 
-Written by `python -m jaxsd.cache --config=... --out=DIR`; a run reads it
+Written by `jaxsd-cache --config=... --out=DIR`; a run reads it
 with `data.latent_cache=DIR` instead of decoding and encoding images every
 step. Layout of DIR:
 
@@ -76,7 +76,7 @@ class CacheInfo:
     if not os.path.isfile(path):
       raise FileNotFoundError(
           f"data.latent_cache={directory!r} is not a (complete) latent cache: "
-          f"{INFO_FILE} is missing. Write one with `python -m jaxsd.cache "
+          f"{INFO_FILE} is missing. Write one with `jaxsd-cache "
           f"--config=... --out={directory}`.")
     with open(path) as f:
       info = json.load(f)
@@ -197,7 +197,7 @@ def check_matches(info: CacheInfo, data_config, fingerprint: str,
         f"The latent cache {directory} was written from other data: "
         + ", ".join(f"data.{k} was {a!r}, is {b!r}" for k, (a, b) in
                     diff.items())
-        + ". Write a cache for this data (python -m jaxsd.cache) or drop "
+        + ". Write a cache for this data (jaxsd-cache) or drop "
         "data.latent_cache.")
   if info.autoencoder_fingerprint != fingerprint:
     raise ValueError(

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxsd import parallel
-from jaxsd import text as text_lib
+from jaxsd.text import encoder as text_lib
 from jaxsd.data import loader as loader_lib
 from jaxsd.data import sources
 from jaxsd.data import transforms
@@ -48,7 +48,7 @@ def make_latent_cache_source(config, image_source, autoencoder,
     raise ValueError(
         f"The latent cache {directory} holds {len(cache)} examples but the "
         f"data has {len(image_source)}; the data changed since it was "
-        "written: write it again (python -m jaxsd.cache).")
+        "written: write it again (jaxsd-cache).")
   if cache.info.has_text_embeddings:
     if text_fingerprint is None:
       logging.info("The latent cache's text embeddings are not used: this "

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxsd import input_pipeline
+from jaxsd.data import mnist as input_pipeline
 from jaxsd.data import sources
 
 

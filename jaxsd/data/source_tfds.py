@@ -21,7 +21,7 @@ from absl import logging
 import numpy as np
 
 from jaxsd import hub
-from jaxsd import input_pipeline
+from jaxsd.data import mnist as input_pipeline
 from jaxsd.data import sources
 
 

@@ -13,7 +13,7 @@ from absl import logging
 import numpy as np
 
 from jaxsd import environment
-from jaxsd import input_pipeline
+from jaxsd.data import mnist as input_pipeline
 from jaxsd.data import pipeline as data_pipeline
 from jaxsd.evaluation import classifier as classifier_lib
 from jaxsd.evaluation import prompt_metrics

@@ -1,9 +1,9 @@
 """Copies a workdir's local MLflow run to a tracking server.
 
-python -m jaxsd.sync_mlflow --workdir=runs/mnist --to=http://mlflow:5000
+jaxsd-sync-mlflow --workdir=runs/mnist --to=http://mlflow:5000
 
 A run whose tracking server did not answer logs to the workdir's own store,
-WORKDIR/mlflow.db, instead (see jaxsd.metric_logging.MlflowWriter). This
+WORKDIR/mlflow.db, instead (see jaxsd.tracking.metric_logging.MlflowWriter). This
 copies that run into the experiment of the same name at --to (created if
 needed): params, tags, every metric value with its step and timestamp, the
 status and the artifacts. Then WORKDIR/mlflow_run.txt points at the copy, so
@@ -26,10 +26,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from jaxsd import cli
+from jaxsd.commands import cli
 from jaxsd import errors
-from jaxsd import metric_logging
-from jaxsd import workdir as workdir_lib
+from jaxsd.tracking import metric_logging
+from jaxsd.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -281,7 +281,7 @@ def main(argv):
 
 
 def run():
-  """The `jaxsd-sync-mlflow` command (`python -m jaxsd.sync_mlflow`)."""
+  """The `jaxsd-sync-mlflow` command (`jaxsd-sync-mlflow`)."""
   cli.run(main, _define_flags)
 
 

@@ -2,14 +2,14 @@
 
 `load(path)` takes a diffusers `vae/` folder, a Stable Diffusion pipeline
 folder (its `vae/`), or a jaxsd autoencoder workdir (python -m
-jaxsd.train_autoencoder), and returns a `FrozenAutoencoder`: its module,
+jaxsd.commands.train_autoencoder), and returns a `FrozenAutoencoder`: its module,
 config and parameters (device arrays, never trained) and jittable
 `encode(params, images) -> (mean, logvar)` and `decode(params, x)` that
 work in the diffusion space `(z - shift_factor) * scaling_factor`.
 
 Training draws latents from the posterior inside the train step
 (train_step.add_noise_inputs), from the (mean, logvar) that `encode` gives
-on the fly or that a latent cache (python -m jaxsd.cache) stored, so both
+on the fly or that a latent cache (jaxsd-cache) stored, so both
 paths train on the same numbers.
 """
 import dataclasses
@@ -81,12 +81,12 @@ def load(path: str) -> FrozenAutoencoder:
     raise FileNotFoundError(
         f"model.autoencoder={path!r} does not exist; give a diffusers vae/ "
         "folder, a Stable Diffusion pipeline folder, or a jaxsd autoencoder "
-        "workdir (python -m jaxsd.train_autoencoder --workdir=...).")
+        "workdir (jaxsd-train-autoencoder --workdir=...).")
   folder = ae_lib.vae_folder(path)
   if folder is not None:
     module, params = ae_lib.load_diffusers(folder)
     return FrozenAutoencoder(folder, module, module.config, params)
-  from jaxsd import autoencoder_training  # pylint: disable=g-import-not-at-top
+  from jaxsd.autoencoder import training as autoencoder_training  # pylint: disable=g-import-not-at-top
   if autoencoder_training.is_autoencoder_run(path):
     config, params, _ = autoencoder_training.load_run(path)
     params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -96,7 +96,7 @@ def load(path: str) -> FrozenAutoencoder:
       f"model.autoencoder={path!r} is neither a diffusers AutoencoderKL "
       "folder (config.json and diffusion_pytorch_model.safetensors or .bin), "
       "nor a pipeline folder with such a vae/ subfolder, nor a jaxsd "
-      "autoencoder workdir (python -m jaxsd.train_autoencoder).")
+      "autoencoder workdir (jaxsd-train-autoencoder).")
 
 
 def check_run_config(frozen: FrozenAutoencoder, config) -> None:

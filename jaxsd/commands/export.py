@@ -1,6 +1,6 @@
 """Export a jaxsd run for PyTorch's diffusers.
 
-python -m jaxsd.export --workdir=runs/sd_finetune --out=exported \
+jaxsd-export --workdir=runs/sd_finetune --out=exported \
     [--step=N] [--nouse_ema] [--merge_lora] [--lora_scale=1.0] [--overwrite]
 
 - A full run (latent diffusion): OUT becomes a diffusers pipeline folder
@@ -21,7 +21,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from jaxsd import cli
+from jaxsd.commands import cli
 
 FLAGS = flags.FLAGS
 
@@ -45,10 +45,10 @@ def export(workdir: str, out: str, *, step=None, use_ema: bool = True,
            overwrite: bool = False) -> str:
   """Writes the run's export to `out` (see the module docstring); returns
   the path written (the folder, or a LoRA run's weight file)."""
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
-  from jaxsd import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
+  from jaxsd.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  from jaxsd import sd_pipeline  # pylint: disable=g-import-not-at-top
+  from jaxsd.interop import sd_pipeline  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   config = build.load_run_config(workdir)
   is_lora = lora_lib.from_config(config.model.get("lora")) is not None
@@ -87,7 +87,7 @@ def main(argv):
 
 
 def run():
-  """The `jaxsd-export` command (`python -m jaxsd.export`)."""
+  """The `jaxsd-export` command (`jaxsd-export`)."""
   cli.run(main, _define_flags)
 
 

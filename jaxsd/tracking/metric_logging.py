@@ -106,7 +106,7 @@ class RunRecord:
     server_run_id=  its run there
 
   A run that fell back to the local store reads tracking_uri=local with a
-  server_uri; `python -m jaxsd.sync_mlflow` copies it there later.
+  server_uri; `jaxsd-sync-mlflow` copies it there later.
   """
   run_id: str
   tracking_uri: str = ""
@@ -216,7 +216,7 @@ def _describe(error: BaseException) -> str:
 
 
 def _sync_hint(workdir: str, uri: str) -> str:
-  return f"python -m jaxsd.sync_mlflow --workdir={workdir} --to={uri}"
+  return f"jaxsd-sync-mlflow --workdir={workdir} --to={uri}"
 
 
 # --- The writer ---------------------------------------------------------------
@@ -229,7 +229,7 @@ class MlflowWriter(interface.MetricWriter):
   store recorded there, so a resumed run logs where it started; else a new
   run in `default_tracking_uri` (MLFLOW_TRACKING_URI, else
   WORKDIR/mlflow.db). For an existing run a different MLFLOW_TRACKING_URI is
-  not followed (a warning says so): `jaxsd.sync_mlflow` moves a run.
+  not followed (a warning says so): `jaxsd.commands.sync_mlflow` moves a run.
 
   A server that does not answer: an http(s) store is probed first
   (`probe`, at most PROBE_DEADLINE_S). If it does not answer, or opening the
@@ -237,7 +237,7 @@ class MlflowWriter(interface.MetricWriter):
   instead: the workdir's local run if it has one, else a new one. The record
   then reads tracking_uri=local with the server_uri, and later resumes keep
   logging locally, saying so, also once the server is back, until
-  `python -m jaxsd.sync_mlflow --workdir=WORKDIR --to=URI` copies the run
+  `jaxsd-sync-mlflow --workdir=WORKDIR --to=URI` copies the run
   to the server and points the record there. If even the local store fails,
   the writer warns and logs nothing (TensorBoard still has the scalars).
 

@@ -1,10 +1,10 @@
 """Trains jaxsd's KL autoencoder, the latent space of a diffusion run.
 
-python -m jaxsd.train_autoencoder --config=configs/mnist.py --workdir=runs/ae \
+jaxsd-train-autoencoder --config=configs/mnist.py --workdir=runs/ae \
     [--config.autoencoder.kl_weight=1e-6 ...]
 
 Trains config.autoencoder on config.data with training/optim/logging as
-jaxsd.main does: orbax checkpoints with the loader's position (an existing
+jaxsd.commands.train does: orbax checkpoints with the loader's position (an existing
 workdir is resumed), SIGTERM checkpoints then stops, a non-finite loss
 stops without checkpointing, MLflow. Every training.eval_every steps and at
 the end it writes a reconstruction grid (WORKDIR/samples/recon_step_*.png)
@@ -22,18 +22,18 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from jaxsd import autoencoder_training as at
-from jaxsd import checkpoint
-from jaxsd import cli
+from jaxsd.autoencoder import training as at
+from jaxsd.checkpointing import checkpoints as checkpoint
+from jaxsd.commands import cli
 from jaxsd import config_checks
 from jaxsd import environment
 from jaxsd import errors
-from jaxsd import images as images_lib
-from jaxsd import metric_logging
+from jaxsd.tracking import images as images_lib
+from jaxsd.tracking import metric_logging
 from jaxsd import parallel
-from jaxsd import text as text_lib
-from jaxsd import train
-from jaxsd import train_state as ts
+from jaxsd.text import encoder as text_lib
+from jaxsd.training import trainer as train
+from jaxsd.training import state as ts
 from jaxsd.data import pipeline as data_pipeline
 from jaxsd.hub import WeightsUnavailableError
 
@@ -229,7 +229,7 @@ def train_autoencoder(config, workdir: str):
   """Trains config.autoencoder in workdir, resuming from its latest
   checkpoint; returns the final AutoencoderTrainState (None when a SIGTERM
   stopped it during start-up). Checks everything before writing anything,
-  as jaxsd.main does."""
+  as jaxsd.commands.train does."""
   preemption = train._Preemption()  # pylint: disable=protected-access
   try:
     return _train(config, workdir, preemption)
@@ -316,7 +316,7 @@ def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from jaxsd import main as main_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.commands import train as main_lib  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(main_lib._QuietLibraries())  # pylint: disable=protected-access
   logging.info("Config:\n%s", FLAGS.config)
   train_autoencoder(FLAGS.config, FLAGS.workdir)
@@ -324,7 +324,7 @@ def main(argv):
 
 def run():
   """The `jaxsd-train-autoencoder` command (`python -m
-  jaxsd.train_autoencoder`)."""
+  jaxsd.commands.train_autoencoder`)."""
   cli.run(main, _define_flags)
 
 

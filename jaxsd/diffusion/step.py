@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsd import lora as lora_lib
-from jaxsd import train_state as ts
+from jaxsd.models import lora as lora_lib
+from jaxsd.training import state as ts
 from jaxsd.diffusion import losses
 from jaxsd.diffusion.schedules import NoiseSchedule
 

@@ -19,17 +19,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxsd import checkpoint
+from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import config_checks
 from jaxsd import environment
-from jaxsd import latent
-from jaxsd import lora as lora_lib
+from jaxsd.autoencoder import frozen as latent
+from jaxsd.models import lora as lora_lib
 from jaxsd import models
 from jaxsd import parallel
-from jaxsd import sd_pipeline
-from jaxsd import text as text_lib
-from jaxsd import train_state as ts
-from jaxsd import train_step as step_lib
+from jaxsd.interop import sd_pipeline
+from jaxsd.text import encoder as text_lib
+from jaxsd.training import state as ts
+from jaxsd.diffusion import step as step_lib
 from jaxsd.diffusion import schedules
 
 
@@ -158,7 +158,7 @@ class Components:
 def build_components(config) -> Components:
   """The config's tokenizer, text encoder, UNet and schedule (the config is
   resolved for this machine first, jaxsd.environment, and filled from
-  model.pretrained_pipeline, jaxsd.sd_pipeline)."""
+  model.pretrained_pipeline, jaxsd.interop.sd_pipeline)."""
   sd_pipeline.resolve(environment.resolve(config))
   tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
   encoder = text_lib.TextEncoder(config.text, text_lib.vocab_size(tokenizer))

@@ -1,6 +1,6 @@
 """Encode a dataset once into a latent cache for latent diffusion runs.
 
-python -m jaxsd.cache --config=configs/mnist_latent.py --out=DIR \
+jaxsd-cache --config=configs/mnist_latent.py --out=DIR \
     [--config.model.autoencoder=...] [--batch_size=64] [--shard_size=4096] \
     [--text_embeddings=auto|true|false] [--embedding_dtype=float32|float16]
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from jaxsd import cli
+from jaxsd.commands import cli
 
 FLAGS = flags.FLAGS
 
@@ -89,7 +89,8 @@ class _TextEmbedder:
   """The run's frozen text encoder over captions, distinct ones once."""
 
   def __init__(self, config, batch_size: int, dtype: str):
-    from jaxsd import latent, text as text_lib  # pylint: disable=g-import-not-at-top
+    from jaxsd.autoencoder import frozen as latent
+    from jaxsd.text import encoder as text_lib  # pylint: disable=g-import-not-at-top
     self.tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
     encoder = text_lib.TextEncoder(config.text,
                                    text_lib.vocab_size(self.tokenizer))
@@ -132,9 +133,11 @@ def write_cache(config, out: str, batch_size: int = 64,
   """Encodes config's data with model.autoencoder (and, see
   `wants_text_embeddings`, its captions with the frozen text encoder) into
   `out`; returns the CacheInfo written."""
-  from jaxsd import config_checks, environment, latent  # pylint: disable=g-import-not-at-top
+  from jaxsd import config_checks
+  from jaxsd import environment
+  from jaxsd.autoencoder import frozen as latent  # pylint: disable=g-import-not-at-top
   from jaxsd.data import latent_cache, pipeline, transforms  # pylint: disable=g-import-not-at-top
-  from jaxsd import sd_pipeline  # pylint: disable=g-import-not-at-top
+  from jaxsd.interop import sd_pipeline  # pylint: disable=g-import-not-at-top
   config = sd_pipeline.resolve(environment.resolve(config))
   config_checks.validate(config)
   _check(config)
@@ -233,7 +236,7 @@ def main(argv):
 
 
 def run():
-  """The `jaxsd-cache` command (`python -m jaxsd.cache`)."""
+  """The `jaxsd-cache` command (`jaxsd-cache`)."""
   cli.run(main, _define_flags)
 
 

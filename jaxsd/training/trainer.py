@@ -19,19 +19,19 @@ from absl import logging
 import jax
 import numpy as np
 
-from jaxsd import build
-from jaxsd import checkpoint
+from jaxsd.diffusion import setup as build
+from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import config_checks
 from jaxsd import environment
 from jaxsd import errors
-from jaxsd import generate
-from jaxsd import images as images_lib
+from jaxsd.diffusion import generate
+from jaxsd.tracking import images as images_lib
 from jaxsd.data import pipeline as data_pipeline
-from jaxsd import metric_logging
+from jaxsd.tracking import metric_logging
 from jaxsd import parallel
-from jaxsd import sd_pipeline
-from jaxsd import train_state as ts
-from jaxsd import workdir as workdir_lib
+from jaxsd.interop import sd_pipeline
+from jaxsd.training import state as ts
+from jaxsd.training import workdir as workdir_lib
 from jaxsd.evaluation import evaluator as evaluator_lib
 
 CONFIG_FILE = build.CONFIG_FILE
@@ -695,7 +695,7 @@ def run_session(config, workdir: str, preemption: _Preemption):
   the workdir held): config.json, the metric writers and the MLflow run.
   Yields (writer, status); whatever ends the run, the writers close and
   MLflow records FINISHED, FAILED (any error) or KILLED (a signal). Shared
-  by jaxsd.train_autoencoder."""
+  by jaxsd.commands.train_autoencoder."""
   with contextlib.ExitStack() as stack:
     save_config(config, workdir)
     writer, mlflow_writer = metric_logging.create_writers(config, workdir)
@@ -820,7 +820,7 @@ def run_loop(*, state, start_step: int, num_steps: int, steps_per_call: int,
              status: RunStatus, to_inference=None):
   """The steps and their chores from start_step to num_steps, or until a
   SIGTERM (then with a checkpoint of the newest state). Returns the final
-  state. Shared by jaxsd.train_autoencoder."""
+  state. Shared by jaxsd.commands.train_autoencoder."""
   pending = []  # (first step, device metrics) not yet fetched
   step = start_step
   while step < num_steps:

@@ -1,5 +1,5 @@
 """diffusers Stable Diffusion pipeline folders, in (model.pretrained_pipeline)
-and out (python -m jaxsd.export).
+and out (jaxsd-export).
 
 A pipeline folder (what `StableDiffusionPipeline.save_pretrained` writes):
 
@@ -197,7 +197,7 @@ def write(out: str, config, components, params, overwrite: bool = False):
   """Writes the run's pipeline to `out` (see the module docstring), through
   a temporary folder renamed at the end: `out` is complete or absent."""
   from jaxsd import models  # pylint: disable=g-import-not-at-top
-  from jaxsd import text as text_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.text import encoder as text_lib  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import scheduler_config  # pylint: disable=g-import-not-at-top
   from jaxsd.models import autoencoder as ae_lib  # pylint: disable=g-import-not-at-top
   from jaxsd.models import unet_convert  # pylint: disable=g-import-not-at-top

@@ -1,6 +1,6 @@
 """Sample images from a trained run's checkpoint.
 
-python -m jaxsd.sample --workdir=runs/mnist \
+jaxsd-sample --workdir=runs/mnist \
     --prompt="a photograph of the number 7" --num_samples=16 \
     --sampler=dpmpp_2m --steps=25 --guidance_scale=3.0 --seed=0 \
     --out=samples.png
@@ -13,7 +13,7 @@ from absl import flags
 from absl import logging
 import jax
 
-from jaxsd import cli
+from jaxsd.commands import cli
 
 FLAGS = flags.FLAGS
 
@@ -71,8 +71,8 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
       guidance_scale=guidance_scale, eta=eta,
       guidance_interval=guidance_interval, chunk_size=chunk_size,
       lora_scale=lora_scale, step=step, seed=seed)
-  from jaxsd import build  # pylint: disable=g-import-not-at-top
-  from jaxsd import generate  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   # The checkpoint's config, read once: the flags are checked against the
   # run's schedule before anything is restored.
@@ -99,7 +99,7 @@ def _slug(text: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from jaxsd import images as images_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.tracking import images as images_lib  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed("auto")
   prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
@@ -131,7 +131,7 @@ def main(argv):
 
 
 def run():
-  """The `jaxsd-sample` command (`python -m jaxsd.sample`)."""
+  """The `jaxsd-sample` command (`jaxsd-sample`)."""
   cli.run(main, _define_flags)
 
 

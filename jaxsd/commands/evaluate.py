@@ -1,6 +1,6 @@
 """Evaluate a run's checkpoints: FID, CLIP score, prompt accuracy, diversity.
 
-python -m jaxsd.evaluate --workdir=runs/mnist [--all_checkpoints | --step=N]
+jaxsd-evaluate --workdir=runs/mnist [--all_checkpoints | --step=N]
     [--num_samples=1000] [--metrics=prompt_accuracy,fid_mnist,...]
 
 Prints one JSON object per checkpoint on stdout ({"step": ..., metric: ...}),
@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from jaxsd import cli
+from jaxsd.commands import cli
 
 FLAGS = flags.FLAGS
 
@@ -69,7 +69,11 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
               sampler_steps=sampler_steps, guidance_scale=guidance_scale,
               guidance_interval=guidance_interval, seed=seed, steps=steps)
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import build, checkpoint, config_checks, generate, parallel  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build
+  from jaxsd.checkpointing import checkpoints as checkpoint
+  from jaxsd import config_checks
+  from jaxsd.diffusion import generate
+  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   config = build.load_run_config(workdir)
   with config.unlocked():
@@ -144,7 +148,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxsd import checkpoint, parallel  # pylint: disable=g-import-not-at-top
+  from jaxsd.checkpointing import checkpoints as checkpoint
+  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed("auto")
   if FLAGS.all_checkpoints and FLAGS.step is not None:
     raise app.UsageError("Give --all_checkpoints or --step, not both.")
@@ -172,7 +177,8 @@ def main(argv):
   csv_path, md_path = write_tables(results, os.path.join(FLAGS.workdir,
                                                          "eval"))
   if FLAGS.mlflow:
-    from jaxsd import build, metric_logging  # pylint: disable=g-import-not-at-top
+    from jaxsd.diffusion import setup as build
+    from jaxsd.tracking import metric_logging  # pylint: disable=g-import-not-at-top
     config = build.load_run_config(FLAGS.workdir)
     writer = metric_logging.MlflowWriter(FLAGS.workdir,
                                          config.logging.experiment_name,
@@ -188,7 +194,7 @@ def main(argv):
 
 
 def run():
-  """The `jaxsd-evaluate` command (`python -m jaxsd.evaluate`)."""
+  """The `jaxsd-evaluate` command (`jaxsd-evaluate`)."""
   cli.run(main, _define_flags)
 
 

@@ -1,6 +1,6 @@
 """Prompts in, images out: text encoding, guided sampling, sharding, chunks.
 
-Used by training's periodic sample grid, `jaxsd.sample` and evaluation.
+Used by training's periodic sample grid, `jaxsd.commands.sample` and evaluation.
 """
 import functools
 from typing import Optional, Sequence, Tuple
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import parallel
-from jaxsd import text as text_lib
-from jaxsd.build import Components
+from jaxsd.text import encoder as text_lib
+from jaxsd.diffusion.setup import Components
 from jaxsd.diffusion import samplers
 
 

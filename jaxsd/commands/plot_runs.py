@@ -1,6 +1,6 @@
 """Plots evaluation metrics of training runs against training minutes.
 
-python -m jaxsd.plot_runs --workdir=runs/a --workdir=runs/b \
+jaxsd-plot-runs --workdir=runs/a --workdir=runs/b \
     --out=docs/mnist_progress.png \
     [--metrics=eval/prompt_accuracy,eval/fid_mnist]
 
@@ -16,8 +16,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from jaxsd import cli
-from jaxsd import metric_logging
+from jaxsd.commands import cli
+from jaxsd.tracking import metric_logging
 
 FLAGS = flags.FLAGS
 
@@ -101,7 +101,7 @@ def main(argv):
 
 
 def run():
-  """The `jaxsd-plot-runs` command (`python -m jaxsd.plot_runs`)."""
+  """The `jaxsd-plot-runs` command (`jaxsd-plot-runs`)."""
   cli.run(main, _define_flags)
 
 

@@ -11,7 +11,7 @@
 Run format: WORKDIR/autoencoder.json ({"run_kind": "autoencoder",
 "autoencoder": AutoencoderConfig fields}) marks the run; WORKDIR/config.json
 is the full config tree; WORKDIR/checkpoints/<step>/{state,meta} are orbax
-checkpoints (jaxsd.checkpoint) whose state is an `AutoencoderTrainState` and
+checkpoints (jaxsd.checkpointing.checkpoints) whose state is an `AutoencoderTrainState` and
 whose meta holds the run kind, the AutoencoderConfig with the scaling factor
 used from that step on (measured when autoencoder.scaling_factor = 0), and
 the loader's position. The host loop is jaxsd/train_autoencoder.py.
@@ -30,14 +30,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from jaxsd import checkpoint
+from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import parallel
-from jaxsd import train_state as ts
+from jaxsd.training import state as ts
 from jaxsd.models import autoencoder as ae_lib
 
 RUN_KIND = "autoencoder"
 RUN_FILE = "autoencoder.json"  # marks a workdir as an autoencoder run
-COMMAND = "python -m jaxsd.train_autoencoder --config=... --workdir=WORKDIR"
+COMMAND = "jaxsd-train-autoencoder --config=... --workdir=WORKDIR"
 RECONSTRUCTION_LOSSES = ("l1", "mse")
 
 
@@ -387,7 +387,7 @@ def _read_run_file(workdir: str) -> Optional[Dict[str, Any]]:
 
 def is_autoencoder_run(workdir: str) -> bool:
   """Whether `workdir` is a jaxsd autoencoder run (it has autoencoder.json,
-  written when `python -m jaxsd.train_autoencoder` starts)."""
+  written when `jaxsd-train-autoencoder` starts)."""
   return _read_run_file(workdir) is not None
 
 

@@ -1,0 +1,49 @@
+"""jaxsd training entry point.
+
+python -m jaxsd.main --config=configs/mnist.py --workdir=runs/mnist \
+    [--config.training.num_steps=1000 ...]
+"""
+import logging as logging_std
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from jaxsd.commands import cli
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file(
+      "config", None, "Training configuration file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go "
+                      "here; an existing workdir is resumed.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax and tfds (dozens of lines per checkpoint)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        lib in record.pathname for lib in ("/orbax/", "/tensorflow_datasets/"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  logging.info("Config:\n%s", FLAGS.config)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+  """The `jaxsd-train` command (`python -m jaxsd.main`)."""
+  cli.run(main, _define_flags)
+
+
+if __name__ == "__main__":
+  run()
