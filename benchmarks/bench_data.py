@@ -170,7 +170,7 @@ def stream_memory(root: str):
 def data_wait(folder: str, root: str):
   """system/data_wait_percent of a short configs/imagefolder.py run."""
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  from jaxsd.tracking import metric_logging
+  from jaxsd.tracking import mlflow_store
   from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   config = _config("imagefolder", folder, 64, 1)
   config.training.batch_size = 16
@@ -180,7 +180,7 @@ def data_wait(folder: str, root: str):
   config.eval.metrics = ()
   workdir = os.path.join(root, "run")
   train.train_and_evaluate(config, workdir)
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   (run,) = client.search_runs(
       [client.get_experiment_by_name("jaxsd").experiment_id])
   history = client.get_metric_history(run.info.run_id,

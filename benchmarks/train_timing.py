@@ -30,7 +30,7 @@ def measure(config, windows: int, steps_per_window: int, donate: bool = True):
   peak memory, parameter count, device."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import setup as build
-  from jaxsd.tracking import metric_logging  # pylint: disable=g-import-not-at-top
+  from jaxsd.tracking import memory  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(config)
   state = setup.create_train_state(jax.random.key(0))
   step = setup.make_train_step(donate=donate)
@@ -55,7 +55,7 @@ def measure(config, windows: int, steps_per_window: int, donate: bool = True):
           "seconds_per_step_median": med,
           "seconds_per_step_windows": times,
           "compile_seconds": max(first - med * k, 0.0),
-          "peak_memory_gb": metric_logging.peak_memory_gb(),
+          "peak_memory_gb": memory.peak_memory_gb(),
           "params": build.param_count(state.params),
           "device": jax.devices()[0].device_kind,
           "device_count": jax.device_count(),

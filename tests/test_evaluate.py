@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxsd import environment
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 from jaxsd.evaluation import evaluator as evaluator_lib
 from jaxsd.evaluation import fid
 from jaxsd.evaluation import prompt_metrics
@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run_metrics(workdir):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   exp = client.get_experiment_by_name("jaxsd")
   (run,) = client.search_runs([exp.experiment_id])
   return client, run

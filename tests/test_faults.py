@@ -22,7 +22,7 @@ import pytest
 
 from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import errors
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 from jaxsd.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,7 +276,7 @@ def _copy_run(trained_run, tmp_path):
 
 def _mlflow_status(workdir):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   exp = client.get_experiment_by_name("jaxsd")
   return [r.info.status for r in client.search_runs([exp.experiment_id])]
 

@@ -303,7 +303,7 @@ def test_cache_with_text_embeddings_trains_the_same_loss(
 def test_tiny_latent_run_trains_samples_and_evaluates(tiny_config, vae,
                                                      tmp_path):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  from jaxsd.tracking import metric_logging
+  from jaxsd.tracking import mlflow_store
   from jaxsd.commands import sample
   from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   whole = train.train_and_evaluate(_latent_config(tiny_config, vae),
@@ -312,7 +312,7 @@ def test_tiny_latent_run_trains_samples_and_evaluates(tiny_config, vae,
   grid = Image.open(tmp_path / "whole" / "samples" / "step_00000004.png")
   assert grid.size[0] >= 3 * 28  # pixel images, one per prompt
   client = MlflowClient(
-      tracking_uri=metric_logging.tracking_uri(tmp_path / "whole"))
+      tracking_uri=mlflow_store.tracking_uri(tmp_path / "whole"))
   (run,) = client.search_runs(
       [client.get_experiment_by_name("jaxsd").experiment_id])
   assert "eval/prompt_accuracy" in run.data.metrics  # MNIST's metrics judge

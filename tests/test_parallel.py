@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 from jaxsd import parallel
 
 import _parallel_worker as worker  # tests/ is on sys.path under pytest
@@ -103,7 +103,7 @@ def _result(workdir, tag, process=0):
 def _metrics(workdir):
   """(MLflow runs, {step: (loss, grad_norm)}) of a workdir's first run."""
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   exp = client.get_experiment_by_name("jaxsd")
   runs = client.search_runs([exp.experiment_id])
   history = {name: {m.step: m.value for m in client.get_metric_history(
@@ -221,7 +221,7 @@ def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
   assert run.info.status == "FINISHED"
 
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   names = ("prompt_accuracy", "prompt_accuracy/7", "fid_mnist", "diversity",
            "diversity_ratio")
   logged = {}

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from jaxsd import errors
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 from jaxsd.commands import sync_mlflow
 
 
 @pytest.fixture(autouse=True)
 def _mlflow_env(monkeypatch):
   """No MLflow variable leaks in or out: the writer sets HTTP defaults."""
-  for name in ("MLFLOW_TRACKING_URI", *metric_logging.MLFLOW_HTTP_DEFAULTS):
+  for name in ("MLFLOW_TRACKING_URI", *mlflow_store.MLFLOW_HTTP_DEFAULTS):
     monkeypatch.setenv(name, "")
     monkeypatch.delenv(name)
 
@@ -37,13 +37,13 @@ def test_sync_copies_the_local_run_once(tmp_path):
   workdir = str(tmp_path / "run")
   server = "sqlite:///" + str(tmp_path / "server" / "mlflow.db")
   (tmp_path / "server").mkdir()
-  writer = metric_logging.MlflowWriter(workdir, "jaxsd")
+  writer = mlflow_store.MlflowWriter(workdir, "jaxsd")
   writer.write_hparams({"training": {"batch_size": 8}, "seed": 0})
   for step in range(1, 6):
     writer.write_scalars(step, {"train/loss": 1.0 / step, "system/x": step})
   writer.write_images(2, {"samples": np.zeros((1, 4, 4, 3))})
   writer.close("KILLED")
-  local = _client(metric_logging.local_tracking_uri(workdir))
+  local = _client(mlflow_store.local_tracking_uri(workdir))
   src = local.get_run(writer.run_id)
 
   counts = sync_mlflow.sync(workdir, server)
@@ -58,7 +58,7 @@ def test_sync_copies_the_local_run_once(tmp_path):
       local, writer.run_id)
   assert _artifacts(dst_client, dst.info.run_id) == _artifacts(
       local, writer.run_id) != []
-  record = metric_logging.read_run_record(workdir)
+  record = mlflow_store.read_run_record(workdir)
   assert (record.run_id, record.tracking_uri, record.local_run_id) == (
       dst.info.run_id, server, writer.run_id)
 
@@ -68,7 +68,7 @@ def test_sync_copies_the_local_run_once(tmp_path):
   assert _histories(dst_client, dst.info.run_id) == _histories(
       local, writer.run_id)
   # A resume logs at the server from now on.
-  resumed = metric_logging.MlflowWriter(workdir, "jaxsd")
+  resumed = mlflow_store.MlflowWriter(workdir, "jaxsd")
   assert (resumed.run_id, resumed.tracking_uri) == (dst.info.run_id, server)
   resumed.write_scalars(5, {"train/loss": 0.2})  # a replay: dropped
   resumed.write_scalars(6, {"train/loss": 1 / 6})
@@ -82,23 +82,23 @@ def test_a_run_that_fell_back_on_resume_syncs_into_its_server_run(
   workdir = str(tmp_path / "run")
   server = "sqlite:///" + str(tmp_path / "server.db")
   monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
-  first = metric_logging.MlflowWriter(workdir, "jaxsd")
+  first = mlflow_store.MlflowWriter(workdir, "jaxsd")
   for step in range(1, 6):
     first.write_scalars(step, {"train/loss": float(step)})
   # Killed; the resume (from the checkpoint at step 2) finds no server.
-  connect = metric_logging.MlflowWriter._connect  # pylint: disable=protected-access
+  connect = mlflow_store.MlflowWriter._connect  # pylint: disable=protected-access
 
   def no_server(self, uri, run_id):
     if uri == server:
       raise ConnectionError("server gone")
     connect(self, uri, run_id)
-  monkeypatch.setattr(metric_logging.MlflowWriter, "_connect", no_server)
-  resumed = metric_logging.MlflowWriter(workdir, "jaxsd")
-  assert resumed.tracking_uri == metric_logging.local_tracking_uri(workdir)
+  monkeypatch.setattr(mlflow_store.MlflowWriter, "_connect", no_server)
+  resumed = mlflow_store.MlflowWriter(workdir, "jaxsd")
+  assert resumed.tracking_uri == mlflow_store.local_tracking_uri(workdir)
   for step in range(3, 9):
     resumed.write_scalars(step, {"train/loss": float(step)})
   resumed.close()
-  record = metric_logging.read_run_record(workdir)
+  record = mlflow_store.read_run_record(workdir)
   assert (record.server_uri, record.server_run_id) == (server, first.run_id)
   monkeypatch.undo()
 
@@ -118,9 +118,9 @@ def test_sync_refuses_what_it_cannot_do(tmp_path):
   workdir.mkdir()
   with pytest.raises(errors.JaxsdError, match="not a workdir"):
     sync_mlflow.sync(str(workdir), "sqlite:///" + str(tmp_path / "s.db"))
-  metric_logging.write_run_record(workdir, metric_logging.RunRecord(
+  mlflow_store.write_run_record(workdir, mlflow_store.RunRecord(
       "abc", tracking_uri="http://elsewhere:5000"))
   with pytest.raises(errors.JaxsdError, match="lives in http://elsewhere"):
     sync_mlflow.sync(str(workdir), "sqlite:///" + str(tmp_path / "s.db"))
   with pytest.raises(errors.JaxsdError, match="own store"):
-    sync_mlflow.sync(str(workdir), metric_logging.local_tracking_uri(workdir))
+    sync_mlflow.sync(str(workdir), mlflow_store.local_tracking_uri(workdir))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxsd.autoencoder import training as at
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 from jaxsd.training import trainer as train
 from jaxsd.commands import train_autoencoder
 from jaxsd.data import pipeline as data_pipeline
@@ -178,7 +178,7 @@ def _run(config, workdir, monkeypatch=None, sigterm_at=None):
 
 def _mlflow_run(workdir):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   (run,) = client.search_runs(
       [client.get_experiment_by_name("jaxsd").experiment_id])
   return client, run

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 from jaxsd.training import trainer as train
 from jaxsd.data import pipeline as data_pipeline
 
@@ -109,7 +109,7 @@ def test_trains_checkpoints_and_resumes_exactly(source, tiny_config, tmp_path,
   assert grid.size[0] >= 3 * 16  # one column per distinct caption
 
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   (run,) = client.search_runs(
       [client.get_experiment_by_name("jaxsd").experiment_id])
   key = "data/examples" if source == "imagefolder" else "data/shards"
@@ -140,7 +140,7 @@ def test_undecodable_images_are_counted_then_stop_the_run(tiny_config,
   train.train_and_evaluate(config, str(tmp_path / "tolerated"))
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   client = MlflowClient(
-      tracking_uri=metric_logging.tracking_uri(tmp_path / "tolerated"))
+      tracking_uri=mlflow_store.tracking_uri(tmp_path / "tolerated"))
   (run,) = client.search_runs(
       [client.get_experiment_by_name("jaxsd").experiment_id])
   assert run.data.metrics["data/skipped"] >= 1

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 from jaxsd.commands import plot_runs
 from jaxsd.training import trainer as train
 from jaxsd.data import pipeline as data_pipeline
@@ -28,7 +28,7 @@ def _config(tiny_config, **training):
 
 def _mlflow_runs(workdir):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=metric_logging.tracking_uri(workdir))
+  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   exp = client.get_experiment_by_name("jaxsd")
   return client, client.search_runs([exp.experiment_id])
 

@@ -178,9 +178,9 @@ def main(argv):
                                                          "eval"))
   if FLAGS.mlflow:
     from jaxsd.diffusion import setup as build
-    from jaxsd.tracking import metric_logging  # pylint: disable=g-import-not-at-top
+    from jaxsd.tracking import mlflow_store  # pylint: disable=g-import-not-at-top
     config = build.load_run_config(FLAGS.workdir)
-    writer = metric_logging.MlflowWriter(FLAGS.workdir,
+    writer = mlflow_store.MlflowWriter(FLAGS.workdir,
                                          config.logging.experiment_name,
                                          mark_running=False)
     for r in results:

@@ -17,7 +17,7 @@ from absl import flags
 import numpy as np
 
 from jaxsd.commands import cli
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 
 FLAGS = flags.FLAGS
 
@@ -38,9 +38,9 @@ def run_histories(workdir: str, keys: Sequence[str]
                   ) -> Dict[str, List[Tuple[int, float]]]:
   """{key: [(step, value), ...]} of the MLflow run that trained `workdir`."""
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  record = metric_logging.read_run_record(workdir)
+  record = mlflow_store.read_run_record(workdir)
   if record is None:
-    run_file = os.path.join(workdir, metric_logging.MLFLOW_RUN_FILE)
+    run_file = os.path.join(workdir, mlflow_store.MLFLOW_RUN_FILE)
     raise FileNotFoundError(
         f"{run_file} not found: {workdir!r} is not a training workdir with "
         "MLflow logging (logging.mlflow=True).")

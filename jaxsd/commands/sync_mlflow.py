@@ -3,7 +3,7 @@
 jaxsd-sync-mlflow --workdir=runs/mnist --to=http://mlflow:5000
 
 A run whose tracking server did not answer logs to the workdir's own store,
-WORKDIR/mlflow.db, instead (see jaxsd.tracking.metric_logging.MlflowWriter). This
+WORKDIR/mlflow.db, instead (see jaxsd.tracking.mlflow_store.MlflowWriter). This
 copies that run into the experiment of the same name at --to (created if
 needed): params, tags, every metric value with its step and timestamp, the
 status and the artifacts. Then WORKDIR/mlflow_run.txt points at the copy, so
@@ -28,7 +28,7 @@ from absl import logging
 
 from jaxsd.commands import cli
 from jaxsd import errors
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
 from jaxsd.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -54,13 +54,13 @@ def sync(workdir: str, to: str) -> Dict[str, Any]:
   params, tags, artifacts.
   Raises JaxsdError when there is nothing to copy or `to` does not answer.
   """
-  metric_logging.bound_mlflow_http()
+  mlflow_store.bound_mlflow_http()
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):  # (the lock would create it)
     raise errors.JaxsdError(f"--workdir={workdir} does not exist.")
   with workdir_lib.Lock(workdir):  # no training run writes meanwhile
     record = _local_record(workdir, to)
-    local_uri = metric_logging.local_tracking_uri(workdir)
+    local_uri = mlflow_store.local_tracking_uri(workdir)
     _check_answers(to)
     from mlflow.exceptions import MlflowException  # pylint: disable=g-import-not-at-top
     from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
@@ -79,7 +79,7 @@ def sync(workdir: str, to: str) -> Dict[str, Any]:
       raise errors.JaxsdError(
           f"MLflow sync of {workdir} to {to} failed: {e.message}. Values "
           "already copied are not copied twice when this runs again.") from e
-    metric_logging.write_run_record(workdir, metric_logging.RunRecord(
+    mlflow_store.write_run_record(workdir, mlflow_store.RunRecord(
         dst_id, tracking_uri=to, local_run_id=src_run.info.run_id,
         server_uri=to, server_run_id=dst_id))
   counts["run_id"] = dst_id
@@ -89,22 +89,22 @@ def sync(workdir: str, to: str) -> Dict[str, Any]:
 def _check_answers(to: str):
   """A clear error for a server that is not there, rather than MLflow's
   retries."""
-  error = metric_logging.probe(to) if metric_logging.is_remote(to) else ""
+  error = mlflow_store.probe(to) if mlflow_store.is_remote(to) else ""
   if error:
     raise errors.JaxsdError(
         f"MLflow tracking server {to} does not answer ({error}); nothing was "
         "synced. Run this again once it is up.")
 
 
-def _local_record(workdir: str, to: str) -> metric_logging.RunRecord:
+def _local_record(workdir: str, to: str) -> mlflow_store.RunRecord:
   """The workdir's record, with local_run_id set; or why there is nothing
   to sync."""
-  record = metric_logging.read_run_record(workdir)
+  record = mlflow_store.read_run_record(workdir)
   if record is None:
     raise errors.JaxsdError(
-        f"{os.path.join(workdir, metric_logging.MLFLOW_RUN_FILE)} not found: "
+        f"{os.path.join(workdir, mlflow_store.MLFLOW_RUN_FILE)} not found: "
         f"{workdir} is not a workdir with MLflow logging.")
-  local = metric_logging.local_tracking_uri(workdir)
+  local = mlflow_store.local_tracking_uri(workdir)
   if to == local:
     raise errors.JaxsdError(f"--to={to} is the workdir's own store; give the "
                             "tracking server to copy the run to.")
@@ -277,7 +277,7 @@ def main(argv):
   print(f"Synced {FLAGS.workdir} to MLflow run {counts['run_id']} at {to}: "
         f"{counts['metrics']} metric values, {counts['params']} params, "
         f"{counts['tags']} tags, {counts['artifacts']} artifacts copied. "
-        f"{metric_logging.MLFLOW_RUN_FILE} points there now.")
+        f"{mlflow_store.MLFLOW_RUN_FILE} points there now.")
 
 
 def run():

@@ -29,7 +29,8 @@ from jaxsd import config_checks
 from jaxsd import environment
 from jaxsd import errors
 from jaxsd.tracking import images as images_lib
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import memory
+from jaxsd.training import progress as progress_lib
 from jaxsd import parallel
 from jaxsd.text import encoder as text_lib
 from jaxsd.training import trainer as train
@@ -132,8 +133,8 @@ class LogProgress(train.Chore):
     scalars.update({
         "train/grad_norm": loop.metrics[-1][1]["grad_norm"],
         "train/learning_rate": float(self.lr_fn(loop.step - 1)),
-        "system/memory_gb": metric_logging.memory_gb(),
-        "system/peak_memory_gb": metric_logging.peak_memory_gb(),
+        "system/memory_gb": memory.memory_gb(),
+        "system/peak_memory_gb": memory.peak_memory_gb(),
         "data/skipped": self.loader.statistics()["skipped"],
         **self.progress.update(loop.step)})
     self.writer.write_scalars(loop.step, scalars)
@@ -225,14 +226,14 @@ class EvaluateReconstructions(train.Chore):
 # --- The run ------------------------------------------------------------------
 
 
-def train_autoencoder(config, workdir: str):
+def train_autoencoder(config, workdir: str, hooks=()):
   """Trains config.autoencoder in workdir, resuming from its latest
   checkpoint; returns the final AutoencoderTrainState (None when a SIGTERM
   stopped it during start-up). Checks everything before writing anything,
   as jaxsd.commands.train does."""
   preemption = train._Preemption()  # pylint: disable=protected-access
   try:
-    return _train(config, workdir, preemption)
+    return _train(config, workdir, preemption, hooks)
   except train.Preempted:
     logging.warning("Stopped by SIGTERM; the next start resumes from the "
                     "last checkpoint.")
@@ -241,7 +242,7 @@ def train_autoencoder(config, workdir: str):
     preemption.restore()
 
 
-def _train(config, workdir: str, preemption):
+def _train(config, workdir: str, preemption, hooks=()):
   config = environment.resolve(config)
   config_checks.validate_autoencoder(config)
   at.check_config(config)
@@ -283,7 +284,7 @@ def _train(config, workdir: str, preemption):
     inception = load_inception(config) if jax.process_index() == 0 else None
     preemption.check()
 
-    progress = metric_logging.Progress(start_step, tcfg.num_steps,
+    progress = progress_lib.Progress(start_step, tcfg.num_steps,
                                        train_seconds)
     save = SaveCheckpoint(config, mngr, loader, progress, scale_images,
                           reconstruct, writer)
@@ -297,7 +298,8 @@ def _train(config, workdir: str, preemption):
         steps_per_call=1,
         next_batch=lambda: setup.global_batch(loader.next_batch()),
         train_step=train_step, train_key=keys.train, chores=chores,
-        save=save, progress=progress, preemption=preemption, status=status)
+        save=save, progress=progress, preemption=preemption, status=status,
+        hooks=hooks)
 
 
 # --- Command line -------------------------------------------------------------

@@ -27,7 +27,9 @@ from jaxsd import errors
 from jaxsd.diffusion import generate
 from jaxsd.tracking import images as images_lib
 from jaxsd.data import pipeline as data_pipeline
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import memory
+from jaxsd.training import progress as progress_lib
+from jaxsd.tracking import writers
 from jaxsd import parallel
 from jaxsd.interop import sd_pipeline
 from jaxsd.training import state as ts
@@ -517,7 +519,7 @@ class LogProgress(Chore):
   """train/*, system/* and data/skipped scalars, one console line (process
   0); stops the run when too many images did not decode (every process)."""
 
-  def __init__(self, config, writer, loader, progress: metric_logging.Progress):
+  def __init__(self, config, writer, loader, progress: progress_lib.Progress):
     super().__init__(config.training.log_every)
     self.writer, self.loader, self.progress = writer, loader, progress
     self.max_skipped = config.data.max_skipped_fraction
@@ -532,8 +534,8 @@ class LogProgress(Chore):
         "train/loss": float(np.mean([m["loss"] for _, m in loop.metrics])),
         "train/grad_norm": loop.metrics[-1][1]["grad_norm"],
         "train/learning_rate": float(self.lr_fn(loop.step - 1)),
-        "system/memory_gb": metric_logging.memory_gb(),
-        "system/peak_memory_gb": metric_logging.peak_memory_gb(),
+        "system/memory_gb": memory.memory_gb(),
+        "system/peak_memory_gb": memory.peak_memory_gb(),
         "data/skipped": self.loader.statistics()["skipped"],
         **self.progress.update(loop.step)}
     self.writer.write_scalars(loop.step, scalars)
@@ -543,7 +545,7 @@ class LogProgress(Chore):
 class SaveCheckpoint(Chore):
   """The state and the loader's position; also when preempted."""
 
-  def __init__(self, config, mngr, loader, progress: metric_logging.Progress,
+  def __init__(self, config, mngr, loader, progress: progress_lib.Progress,
                extra_meta: Optional[Dict[str, Any]] = None):
     super().__init__(config.training.checkpoint_every)
     self.config, self.mngr, self.loader = config, mngr, loader
@@ -567,7 +569,7 @@ class WriteSampleGrid(Chore):
 
   def __init__(self, config, prompts, generator: generate.Generator,
                keys: RunKeys, workdir: str, writer,
-               progress: metric_logging.Progress):
+               progress: progress_lib.Progress):
     super().__init__(config.training.eval_every)
     self.config, self.generator, self.keys = config, generator, keys
     self.prompts = list(prompts)
@@ -599,7 +601,7 @@ class Evaluate(Chore):
   interruptible = True
 
   def __init__(self, config, evaluator, generator: generate.Generator,
-               keys: RunKeys, writer, progress: metric_logging.Progress):
+               keys: RunKeys, writer, progress: progress_lib.Progress):
     super().__init__(config.training.eval_every)
     self.config, self.evaluator, self.keys = config, evaluator, keys
     self.generator = generator.with_chunk_size(config.eval.chunk_size)
@@ -628,7 +630,7 @@ def make_evaluator(config):
 def prepare_evaluator(evaluator):
   """Loads the evaluator's networks on process 0, the one that scores."""
   if evaluator is not None and jax.process_index() == 0:
-    with metric_logging.timed("eval setup (networks, reference statistics)"):
+    with progress_lib.timed("eval setup (networks, reference statistics)"):
       evaluator.prepare()
 
 
@@ -698,7 +700,7 @@ def run_session(config, workdir: str, preemption: _Preemption):
   by jaxsd.commands.train_autoencoder."""
   with contextlib.ExitStack() as stack:
     save_config(config, workdir)
-    writer, mlflow_writer = metric_logging.create_writers(config, workdir)
+    writer, mlflow_writer = writers.create_writers(config, workdir)
     status = RunStatus()
     stack.callback(lambda: mlflow_writer and mlflow_writer.close(status.value))
     stack.callback(writer.flush)
@@ -725,7 +727,7 @@ def close_manager(mngr):
 # --- The run --------------------------------------------------------------------
 
 
-def train_and_evaluate(config, workdir: str):
+def train_and_evaluate(config, workdir: str, hooks=()):
   """Trains config's model in workdir, resuming from its latest checkpoint.
 
   Everything is checked before anything is written: the config's values
@@ -736,7 +738,7 @@ def train_and_evaluate(config, workdir: str):
   an evaluation."""
   preemption = _Preemption()
   try:
-    return _train(config, workdir, preemption)
+    return _train(config, workdir, preemption, hooks)
   except Preempted:
     logging.warning("Stopped by SIGTERM; the next start resumes from the "
                     "last checkpoint.")
@@ -745,7 +747,7 @@ def train_and_evaluate(config, workdir: str):
     preemption.restore()
 
 
-def _train(config, workdir: str, preemption: _Preemption):
+def _train(config, workdir: str, preemption: _Preemption, hooks=()):
   config = sd_pipeline.resolve(environment.resolve(config))
   config_checks.validate(config)
   evaluator = make_evaluator(config)
@@ -784,7 +786,7 @@ def _train(config, workdir: str, preemption: _Preemption):
     def next_batch():
       return setup.global_batch(data_pipeline.next_model_batch(loader, k))
 
-    progress = metric_logging.Progress(start_step, tcfg.num_steps,
+    progress = progress_lib.Progress(start_step, tcfg.num_steps,
                                        train_seconds)
     generator = generate.Generator.from_config(setup.components, setup.mesh,
                                                config.sampling)
@@ -802,7 +804,7 @@ def _train(config, workdir: str, preemption: _Preemption):
         steps_per_call=k, next_batch=next_batch, train_step=train_step,
         train_key=keys.train, chores=chores, save=save, progress=progress,
         preemption=preemption, status=status,
-        to_inference=setup.inference_params)
+        to_inference=setup.inference_params, hooks=hooks)
 
 
 def _check_resumed_config(config, workdir, meta, step, checked_step):
@@ -817,7 +819,7 @@ def _check_resumed_config(config, workdir, meta, step, checked_step):
 def run_loop(*, state, start_step: int, num_steps: int, steps_per_call: int,
              next_batch: Callable[[], Any], train_step, train_key,
              chores: List[Chore], save: Chore, progress, preemption: _Preemption,
-             status: RunStatus, to_inference=None):
+             status: RunStatus, to_inference=None, hooks=()):
   """The steps and their chores from start_step to num_steps, or until a
   SIGTERM (then with a checkpoint of the newest state). Returns the final
   state. Shared by jaxsd.commands.train_autoencoder."""
@@ -831,6 +833,8 @@ def run_loop(*, state, start_step: int, num_steps: int, steps_per_call: int,
     preemption.unsaved = True
     pending.append((step + 1, metrics))
     step += steps_per_call
+    for hook in hooks:  # e.g. tests' SIGTERM at a chosen step
+      hook(step)
     loop = LoopState(step=step, state=state, last=step >= num_steps,
                      preempted=preemption.reached(step),
                      to_inference=to_inference)

@@ -1,7 +1,9 @@
 """Progress: rate, ETA and training time that leaves evaluation out."""
 import pytest
 
-from jaxsd.tracking import metric_logging
+from jaxsd.tracking import mlflow_store
+from jaxsd.training import progress as progress_lib
+from jaxsd.tracking import writers
 
 
 class FakeClock:
@@ -14,8 +16,8 @@ class FakeClock:
 
 def test_progress_excludes_evaluation_time(monkeypatch):
   clock = FakeClock()
-  monkeypatch.setattr(metric_logging.time, "time", clock)
-  progress = metric_logging.Progress(start_step=10, num_steps=110,
+  monkeypatch.setattr(mlflow_store.time, "time", clock)
+  progress = progress_lib.Progress(start_step=10, num_steps=110,
                                      train_seconds=30.0)
   clock.now += 20.0  # 20 steps of training ...
   with progress.excluded():
@@ -45,14 +47,14 @@ import numpy as np  # pylint: disable=g-import-not-at-top,g-bad-import-order
 @pytest.fixture(autouse=True)
 def _mlflow_env(monkeypatch):
   """No MLflow variable leaks in or out: the writer sets HTTP defaults."""
-  for name in ("MLFLOW_TRACKING_URI", *metric_logging.MLFLOW_HTTP_DEFAULTS):
+  for name in ("MLFLOW_TRACKING_URI", *mlflow_store.MLFLOW_HTTP_DEFAULTS):
     monkeypatch.setenv(name, "")
     monkeypatch.delenv(name)  # undo then removes what the writer set
 
 
 def _warnings(monkeypatch):
   seen = []
-  monkeypatch.setattr(metric_logging.logging, "warning",
+  monkeypatch.setattr(mlflow_store.logging, "warning",
                       lambda msg, *args: seen.append(msg % args))
   return seen
 
@@ -99,7 +101,7 @@ def http_status():
 def _history(workdir, run_id, key, uri=None):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   client = MlflowClient(
-      tracking_uri=uri or metric_logging.local_tracking_uri(workdir))
+      tracking_uri=uri or mlflow_store.local_tracking_uri(workdir))
   return sorted((m.step, m.value) for m in client.get_metric_history(run_id,
                                                                      key))
 
@@ -117,10 +119,10 @@ def test_unreachable_server_falls_back_to_the_local_store(tmp_path,
   monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
   warnings = _warnings(monkeypatch)
   start = time.time()
-  writer, mlflow_writer = metric_logging.create_writers(_config(),
+  writer, mlflow_writer = writers.create_writers(_config(),
                                                         str(tmp_path))
   assert time.time() - start < 30
-  local = metric_logging.local_tracking_uri(tmp_path)
+  local = mlflow_store.local_tracking_uri(tmp_path)
   assert mlflow_writer.tracking_uri == local
   (warning,) = warnings
   assert uri in warning and "local store" in warning
@@ -132,14 +134,14 @@ def test_unreachable_server_falls_back_to_the_local_store(tmp_path,
   assert _history(tmp_path, mlflow_writer.run_id, "train/loss") == [
       (1, 0.5), (2, 0.25)]
   assert list(tmp_path.glob("events.out.tfevents.*"))
-  record = metric_logging.read_run_record(tmp_path)
+  record = mlflow_store.read_run_record(tmp_path)
   assert (record.run_id, record.tracking_uri, record.server_uri) == (
-      mlflow_writer.run_id, metric_logging.LOCAL_STORE, uri)
-  assert metric_logging.tracking_uri(tmp_path) == local
+      mlflow_writer.run_id, mlflow_store.LOCAL_STORE, uri)
+  assert mlflow_store.tracking_uri(tmp_path) == local
   # Its resume stays in the local store, says so, and asks no server.
-  monkeypatch.setattr(metric_logging, "probe", None)
+  monkeypatch.setattr(mlflow_store, "probe", None)
   warnings.clear()
-  resumed = metric_logging.MlflowWriter(str(tmp_path), "jaxsd")
+  resumed = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd")
   assert (resumed.run_id, resumed.tracking_uri) == (mlflow_writer.run_id,
                                                     local)
   assert len(warnings) == 1 and "fell back" in warnings[0]
@@ -148,37 +150,37 @@ def test_unreachable_server_falls_back_to_the_local_store(tmp_path,
 def test_a_server_that_never_answers_is_given_up_on_in_time(
     tmp_path, monkeypatch, silent_server):
   monkeypatch.setenv("MLFLOW_TRACKING_URI", silent_server)
-  monkeypatch.setattr(metric_logging, "PROBE_TRIES", 2)  # a faster test
+  monkeypatch.setattr(mlflow_store, "PROBE_TRIES", 2)  # a faster test
   warnings = _warnings(monkeypatch)
   start = time.time()
-  writer = metric_logging.MlflowWriter(str(tmp_path), "jaxsd")
+  writer = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd")
   assert time.time() - start < 30
   assert silent_server in warnings[0]
   writer.write_scalars(3, {"train/loss": 1.0})
   assert _history(tmp_path, writer.run_id, "train/loss") == [(3, 1.0)]
   # Default probe settings stay well under ~30 s, whatever the server does.
-  worst = (metric_logging.PROBE_TRIES * sum(metric_logging.PROBE_TIMEOUT_S)
-           + (metric_logging.PROBE_TRIES - 1) * metric_logging.PROBE_PAUSE_S)
-  assert min(worst, metric_logging.PROBE_DEADLINE_S) <= 20
+  worst = (mlflow_store.PROBE_TRIES * sum(mlflow_store.PROBE_TIMEOUT_S)
+           + (mlflow_store.PROBE_TRIES - 1) * mlflow_store.PROBE_PAUSE_S)
+  assert min(worst, mlflow_store.PROBE_DEADLINE_S) <= 20
 
 
 def test_probe(monkeypatch, silent_server, http_status):
   uri, status = http_status
-  assert metric_logging.probe(uri) == ""  # 404: a server is there
+  assert mlflow_store.probe(uri) == ""  # 404: a server is there
   status[0] = 401
-  assert metric_logging.probe(uri) == ""
+  assert mlflow_store.probe(uri) == ""
   status[0] = 503
-  monkeypatch.setattr(metric_logging, "PROBE_PAUSE_S", 0.0)
-  assert "503" in metric_logging.probe(uri)
-  monkeypatch.setattr(metric_logging, "PROBE_DEADLINE_S", 0.5)
+  monkeypatch.setattr(mlflow_store, "PROBE_PAUSE_S", 0.0)
+  assert "503" in mlflow_store.probe(uri)
+  monkeypatch.setattr(mlflow_store, "PROBE_DEADLINE_S", 0.5)
   start = time.time()
-  assert "no answer" in metric_logging.probe(silent_server)
+  assert "no answer" in mlflow_store.probe(silent_server)
   assert time.time() - start < 2
 
 
 def test_http_defaults_leave_the_users_values(monkeypatch):
   monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
-  metric_logging.bound_mlflow_http()
+  mlflow_store.bound_mlflow_http()
   import mlflow.environment_variables as env  # pylint: disable=g-import-not-at-top
   assert env.MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 99
   assert env.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 3
@@ -198,7 +200,7 @@ class _Broken:
 
 def test_failures_mid_run_warn_once_and_stop_mlflow_calls(tmp_path,
                                                           monkeypatch):
-  writer = metric_logging.MlflowWriter(str(tmp_path), "jaxsd")
+  writer = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd")
   writer.write_scalars(1, {"train/loss": 0.5})
   warnings = _warnings(monkeypatch)
   broken = _Broken()
@@ -219,12 +221,12 @@ def test_failures_mid_run_warn_once_and_stop_mlflow_calls(tmp_path,
   writer.close("FAILED")  # the store answers again at the end
   run = writer.client.get_run(writer.run_id)
   assert run.info.status == "FAILED"
-  assert "step 2" in run.data.tags[metric_logging.INCOMPLETE_TAG]
+  assert "step 2" in run.data.tags[mlflow_store.INCOMPLETE_TAG]
   assert _history(tmp_path, writer.run_id, "train/loss") == [(1, 0.5)]
 
 
 def test_close_never_raises(tmp_path, monkeypatch):
-  writer = metric_logging.MlflowWriter(str(tmp_path), "jaxsd")
+  writer = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd")
   warnings = _warnings(monkeypatch)
   for name in ("set_terminated", "set_tag"):
     monkeypatch.setattr(writer.client, name, _Broken())
@@ -237,24 +239,24 @@ def test_close_never_raises(tmp_path, monkeypatch):
 def test_a_failing_local_store_leaves_a_no_op_writer(tmp_path, monkeypatch):
   def fail(self, uri, run_id):
     raise OSError("disk full")
-  monkeypatch.setattr(metric_logging.MlflowWriter, "_connect", fail)
+  monkeypatch.setattr(mlflow_store.MlflowWriter, "_connect", fail)
   warnings = _warnings(monkeypatch)
-  writer = metric_logging.MlflowWriter(str(tmp_path), "jaxsd")
+  writer = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd")
   assert not writer.active and "disk full" in warnings[0]
   writer.write_scalars(1, {"train/loss": 0.5})
   writer.write_images(1, {"x": np.zeros((4, 4, 3))})
   writer.write_hparams({"a": 1})
   writer.close("FINISHED")
-  assert not (tmp_path / metric_logging.MLFLOW_RUN_FILE).exists()
+  assert not (tmp_path / mlflow_store.MLFLOW_RUN_FILE).exists()
 
 
 def test_resume_drops_replayed_steps(tmp_path):
-  first = metric_logging.MlflowWriter(str(tmp_path), "jaxsd")
+  first = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd")
   for step in range(1, 11):
     first.write_scalars(step, {"a": step, **({"b": -step} if step % 2 else {})})
   # Killed (no close), written by an older jaxsd (one-line run file).
-  (tmp_path / metric_logging.MLFLOW_RUN_FILE).write_text(first.run_id + "\n")
-  resumed = metric_logging.MlflowWriter(str(tmp_path), "jaxsd")
+  (tmp_path / mlflow_store.MLFLOW_RUN_FILE).write_text(first.run_id + "\n")
+  resumed = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd")
   assert resumed.run_id == first.run_id
   for step in range(5, 13):
     resumed.write_scalars(step, {"a": step, "b": -step, "c": step})
@@ -265,21 +267,21 @@ def test_resume_drops_replayed_steps(tmp_path):
       1, 3, 5, 7, 9, 10, 11, 12]
   assert [s for s, _ in _history(tmp_path, first.run_id, "c")] == list(
       range(5, 13))
-  record = metric_logging.read_run_record(tmp_path)
+  record = mlflow_store.read_run_record(tmp_path)
   assert (record.tracking_uri, record.local_run_id) == (
-      metric_logging.LOCAL_STORE, first.run_id)
+      mlflow_store.LOCAL_STORE, first.run_id)
   # Evaluation re-evaluating a step logs it again.
-  evaluation = metric_logging.MlflowWriter(str(tmp_path), "jaxsd",
+  evaluation = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd",
                                            mark_running=False)
   evaluation.write_scalars(3, {"a": 30.0})
   assert (3, 30.0) in _history(tmp_path, first.run_id, "a")
 
 
 def test_run_record_round_trip(tmp_path):
-  record = metric_logging.RunRecord("abc", tracking_uri="http://h:5000/?x=1",
+  record = mlflow_store.RunRecord("abc", tracking_uri="http://h:5000/?x=1",
                                     local_run_id="def")
-  metric_logging.write_run_record(tmp_path, record)
-  assert metric_logging.read_run_record(tmp_path) == record
-  assert (tmp_path / metric_logging.MLFLOW_RUN_FILE).read_text().split(
+  mlflow_store.write_run_record(tmp_path, record)
+  assert mlflow_store.read_run_record(tmp_path) == record
+  assert (tmp_path / mlflow_store.MLFLOW_RUN_FILE).read_text().split(
       "\n")[0] == "abc"  # line 1 stays the bare run id
-  assert metric_logging.tracking_uri(tmp_path) == "http://h:5000/?x=1"
+  assert mlflow_store.tracking_uri(tmp_path) == "http://h:5000/?x=1"

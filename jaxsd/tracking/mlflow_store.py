@@ -1,23 +1,16 @@
-"""Metric writers (clu + MLflow), console progress and memory figures.
-
-Only process 0 writes: other processes get a logging-only writer that drops
-everything but the console.
-"""
-import contextlib
+"""A run's MLflow record: where it lives (mlflow_run.txt), whether the
+server answers, and the MLflow metric writer (bounded HTTP, a local
+fallback, no replayed steps)."""
 import dataclasses
-import datetime
 import os
 import re
-import resource
 import threading
 import time
 import urllib.parse
 from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
-from clu import metric_writers
 from clu.metric_writers import interface
-import jax
 import numpy as np
 
 MLFLOW_RUN_FILE = "mlflow_run.txt"
@@ -531,109 +524,3 @@ class MlflowWriter(interface.MetricWriter):
 def _highest_steps(run) -> Dict[str, int]:
   """{key: highest step logged} of a run, from its latest metric values."""
   return {m.key: m.step for m in run.data.to_proto().metrics}
-
-
-def create_writers(config, workdir: str):
-  """(writer, mlflow_writer or None): clu's default writer (TensorBoard +
-  console) plus MLflow, on process 0; a console-only writer elsewhere."""
-  if jax.process_index() > 0:
-    return metric_writers.create_default_writer(workdir, just_logging=True), None
-  default = metric_writers.create_default_writer(workdir, asynchronous=False)
-  if not config.logging.mlflow:
-    return default, None
-  mlflow_writer = MlflowWriter(workdir, config.logging.experiment_name,
-                               config.logging.run_name)
-  return metric_writers.MultiWriter([default, mlflow_writer]), mlflow_writer
-
-
-def memory_gb() -> float:
-  """Device memory in use (GPU/TPU) where reported, else host RSS, in GiB."""
-  stats = jax.local_devices()[0].memory_stats()
-  if stats and "bytes_in_use" in stats:
-    return stats["bytes_in_use"] / 2**30
-  try:
-    with open("/proc/self/statm") as f:
-      rss_pages = int(f.read().split()[1])
-    return rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30
-  except (OSError, ValueError):
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def peak_memory_gb() -> float:
-  """Peak device memory (GPU/TPU) where reported, else the process's peak
-  RSS, in GiB."""
-  stats = jax.local_devices()[0].memory_stats()
-  if stats and "peak_bytes_in_use" in stats:
-    return stats["peak_bytes_in_use"] / 2**30
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-@contextlib.contextmanager
-def timed(what: str):
-  """Logs how long the block took."""
-  start = time.perf_counter()
-  try:
-    yield
-  finally:
-    logging.info("%s took %.1f s", what, time.perf_counter() - start)
-
-
-class Progress:
-  """Step rate, percentage, ETA and training time; console line.
-
-  `train_seconds` is the wall time spent training, summed over resumed runs
-  (saved in checkpoints) and excluding what runs inside `excluded()`
-  (evaluation, sample grids), so runs compare by training time.
-  """
-
-  def __init__(self, start_step: int, num_steps: int,
-               train_seconds: float = 0.0):
-    self.num_steps = num_steps
-    self._last_step, self._last_time = start_step, time.time()
-    self._train_seconds = train_seconds
-    self._excluded = 0.0  # seconds excluded since the last update
-    self._data_wait = 0.0  # seconds waiting for batches since the last update
-
-  @contextlib.contextmanager
-  def excluded(self):
-    start = time.time()
-    try:
-      yield
-    finally:
-      self._excluded += time.time() - start
-
-  @property
-  def train_seconds(self) -> float:
-    """Training seconds up to now."""
-    return self._train_seconds + max(
-        time.time() - self._last_time - self._excluded, 0.0)
-
-  def add_data_wait(self, seconds: float):
-    """Time the loop waited for the loader's next batch."""
-    self._data_wait += seconds
-
-  def update(self, step: int) -> Dict[str, float]:
-    now = time.time()
-    seconds = max(now - self._last_time - self._excluded, 1e-9)
-    rate = (step - self._last_step) / seconds
-    self._train_seconds += seconds
-    self._last_step, self._last_time, self._excluded = step, now, 0.0
-    data_wait, self._data_wait = self._data_wait, 0.0
-    eta = (self.num_steps - step) / rate if rate > 0 else float("inf")
-    return {"system/steps_per_second": rate,
-            # Share of training time the loop waited for the next batch.
-            "system/data_wait_percent": 100.0 * min(data_wait / seconds, 1.0),
-            "system/progress_percent": 100.0 * step / self.num_steps,
-            "system/eta_seconds": eta,
-            "system/train_seconds": self._train_seconds}
-
-  def line(self, step: int, scalars: Mapping[str, float]) -> str:
-    eta = scalars["system/eta_seconds"]
-    eta_s = (str(datetime.timedelta(seconds=int(eta)))
-             if np.isfinite(eta) else "?")
-    return (f"step {step}/{self.num_steps} "
-            f"({scalars['system/progress_percent']:.1f}%) "
-            f"loss {scalars['train/loss']:.4f} "
-            f"lr {scalars['train/learning_rate']:.2e} "
-            f"{scalars['system/steps_per_second']:.2f} steps/s "
-            f"mem {scalars['system/memory_gb']:.2f} GB ETA {eta_s}")
