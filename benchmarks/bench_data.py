@@ -171,7 +171,7 @@ def data_wait(folder: str, root: str):
   """system/data_wait_percent of a short configs/imagefolder.py run."""
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   from jaxsd.tracking import mlflow_store
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   config = _config("imagefolder", folder, 64, 1)
   config.training.batch_size = 16
   config.training.num_steps = FLAGS.train_steps
@@ -179,7 +179,7 @@ def data_wait(folder: str, root: str):
   config.training.eval_every = config.training.checkpoint_every = 10**9
   config.eval.metrics = ()
   workdir = os.path.join(root, "run")
-  train.train_and_evaluate(config, workdir)
+  diffusion_task.train_and_evaluate(config, workdir)
   client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
   (run,) = client.search_runs(
       [client.get_experiment_by_name("jaxsd").experiment_id])

@@ -114,8 +114,8 @@ def _measure_variant(config, path: str, variant: str):
     config.model.dtype = "bfloat16" if on else "float32"
     info = {"note": "bfloat16 targets GPUs; on CPU it is expected slower"}
   elif path == "compile_cache":
-    from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-    train.enable_compilation_cache()  # JAXSD_COMPILATION_CACHE, set by parent
+    from jaxsd.training import session  # pylint: disable=g-import-not-at-top
+    session.enable_compilation_cache()  # JAXSD_COMPILATION_CACHE, set by parent
   else:
     raise ValueError(f"unknown path {path!r}")
   windows = 1 if path == "compile_cache" else FLAGS.repeats

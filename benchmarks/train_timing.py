@@ -30,6 +30,7 @@ def measure(config, windows: int, steps_per_window: int, donate: bool = True):
   peak memory, parameter count, device."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import setup as build
+  from jaxsd.training import state as ts  # pylint: disable=g-import-not-at-top
   from jaxsd.tracking import memory  # pylint: disable=g-import-not-at-top
   setup = build.TrainSetup(config)
   state = setup.create_train_state(jax.random.key(0))
@@ -56,7 +57,7 @@ def measure(config, windows: int, steps_per_window: int, donate: bool = True):
           "seconds_per_step_windows": times,
           "compile_seconds": max(first - med * k, 0.0),
           "peak_memory_gb": memory.peak_memory_gb(),
-          "params": build.param_count(state.params),
+          "params": ts.param_count(state.params),
           "device": jax.devices()[0].device_kind,
           "device_count": jax.device_count(),
           "xla_flags": os.environ.get("XLA_FLAGS", "")}

@@ -67,21 +67,21 @@ def restore_state(workdir, overrides, step=None):
 
 def _sigterm_at(process: int, step: int):
   """SIGTERM to this process after train step `step` (as SLURM would)."""
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  reached = train._Preemption.reached  # pylint: disable=protected-access
+  from jaxsd.training import preemption as preemption_lib  # pylint: disable=g-import-not-at-top
+  reached = preemption_lib.Preemption.reached  # pylint: disable=protected-access
 
   def patched(self, s):
     if s == step and jax.process_index() == process:
       os.kill(os.getpid(), signal.SIGTERM)
     return reached(self, s)
-  train._Preemption.reached = patched  # pylint: disable=protected-access
+  preemption_lib.Preemption.reached = patched  # pylint: disable=protected-access
 
 
 def run_train(job):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   if job.get("sigterm_at"):
     _sigterm_at(*job["sigterm_at"])
-  state = train.train_and_evaluate(tiny_config(job.get("overrides")),
+  state = diffusion_task.train_and_evaluate(tiny_config(job.get("overrides")),
                                    job["workdir"])
   result = {"step": int(state.step), "devices": jax.device_count(),
             "processes": jax.process_count(), **sharded_fraction(state)}

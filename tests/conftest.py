@@ -105,7 +105,7 @@ def trained_run(tiny_config, tmp_path_factory):
 
   The tiny config checkpoints at steps 2 and 4 and samples at step 4.
   """
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("trained_run"))
-  state = train.train_and_evaluate(tiny_config(), workdir)
+  state = diffusion_task.train_and_evaluate(tiny_config(), workdir)
   return workdir, state

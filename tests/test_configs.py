@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxsd.diffusion import setup as build
+from jaxsd.training import state as ts
 from jaxsd import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,11 +78,11 @@ def _setup(name) -> build.TrainSetup:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_validates_and_builds(name):
   config_checks.validate(_config(name))
-  assert build.param_count(_setup(name).abstract_state.params["unet"]) > 10_000
+  assert ts.param_count(_setup(name).abstract_state.params["unet"]) > 10_000
 
 
 def test_gpu_config_is_larger_than_cpu_config():
-  count = lambda name: build.param_count(_setup(name).abstract_state.params)
+  count = lambda name: ts.param_count(_setup(name).abstract_state.params)
   assert count("mnist_gpu") > 5 * count("mnist")
 
 

@@ -23,7 +23,8 @@ import pytest
 from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import errors
 from jaxsd.tracking import mlflow_store
-from jaxsd.training import workdir as workdir_lib
+from jaxsd.training import lock as lock_lib
+from jaxsd.checkpointing import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from jaxsd.training import workdir
-lock = workdir.Lock({path!r})
+lock = lock_lib.Lock({path!r})
 lock.acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -52,14 +52,14 @@ def test_second_process_on_a_workdir_is_refused_naming_the_holder(tmp_path):
   holder = _hold_in_subprocess(tmp_path)
   try:
     with pytest.raises(errors.WorkdirBusyError) as e:
-      workdir_lib.Lock(tmp_path).acquire()
+      lock_lib.Lock(tmp_path).acquire()
     assert f"PID {holder.pid}" in str(e.value)
     assert os.uname().nodename in str(e.value)
   finally:
     holder.kill()  # as kill -9: the holder cleans nothing up
     holder.wait()
   # A dead holder leaves the lock free (the kernel dropped its flock).
-  lock = workdir_lib.Lock(tmp_path)
+  lock = lock_lib.Lock(tmp_path)
   lock.acquire()
   assert lock.holder()["pid"] == os.getpid()
   lock.release()
@@ -70,12 +70,12 @@ def test_lock_without_flock_judges_the_holder_by_pid(tmp_path):
   holder = _hold_in_subprocess(tmp_path)
   try:
     with pytest.raises(errors.WorkdirBusyError, match=f"PID {holder.pid}"):
-      workdir_lib.Lock(tmp_path, use_flock=False).acquire()
+      lock_lib.Lock(tmp_path, use_flock=False).acquire()
   finally:
     holder.kill()
     holder.wait()
   # Its record stays (kill -9), but its PID is gone: stale, taken over.
-  lock = workdir_lib.Lock(tmp_path, use_flock=False)
+  lock = lock_lib.Lock(tmp_path, use_flock=False)
   assert lock.holder()["pid"] == holder.pid
   lock.acquire()
   assert lock.holder()["pid"] == os.getpid()
@@ -114,18 +114,18 @@ def test_resume_refuses_only_state_shaping_changes(tiny_config, key, value,
                                                    fixed):
   saved = _config_dict(tiny_config)
   new = _config_dict(tiny_config, **{key: value})
-  changed_fixed, changed_free = workdir_lib.config_changes(saved, new)
+  changed_fixed, changed_free = resume.config_changes(saved, new)
   dotted = key.replace("__", ".")
   assert [line.split(":")[0] for line in (changed_fixed if fixed
                                           else changed_free)] == [dotted]
   assert not (changed_free if fixed else changed_fixed)
   if fixed:
     with pytest.raises(errors.ResumeMismatchError) as e:
-      workdir_lib.check_resume(saved, new, "runs/x", 4)
+      resume.check_changes(saved, new, "runs/x", 4)
     assert dotted in str(e.value)
     assert "--workdir" in str(e.value) and "training.init_from" in str(e.value)
   else:
-    workdir_lib.check_resume(saved, new, "runs/x", 4)
+    resume.check_changes(saved, new, "runs/x", 4)
 
 
 # --- Damaged and unwritable checkpoints -------------------------------------
@@ -164,11 +164,11 @@ def _saved_run(workdir, steps=(2, 4)):
 
 def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_taken(
     tmp_path):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.checkpointing import resume  # pylint: disable=g-import-not-at-top
   mngr = _saved_run(str(tmp_path))
   truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "4"))
   abstract = _abstract(_state())
-  state, _, step = train.restore_newest_readable(
+  state, _, step = resume.restore_newest_readable(
       mngr, lambda s: checkpoint.restore(mngr, abstract, s))
   assert step == 2
   np.testing.assert_array_equal(state["params"]["w"],
@@ -180,12 +180,12 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_taken(
 
 
 def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.checkpointing import resume  # pylint: disable=g-import-not-at-top
   mngr = _saved_run(str(tmp_path), steps=(2,))
   truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "2"))
   abstract = _abstract(_state())
   with pytest.raises(errors.CheckpointError, match="rename them back"):
-    train.restore_newest_readable(
+    resume.restore_newest_readable(
         mngr, lambda s: checkpoint.restore(mngr, abstract, s))
   mngr.close()
 
@@ -294,8 +294,8 @@ def _leaves(state):
 @pytest.fixture
 def patient_watchdog(monkeypatch):
   """In-process runs: the SIGTERM watchdog must not end the test process."""
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(train._Preemption, "grace_s", 600.0)  # pylint: disable=protected-access
+  from jaxsd.training import preemption as preemption_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(preemption_lib.Preemption, "grace_s", 600.0)  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
@@ -307,7 +307,7 @@ def patient_watchdog(monkeypatch):
 ])
 def test_a_bad_restart_leaves_the_run_intact(trained_run, tiny_config,
                                              tmp_path, override, key):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
   before = {name: _read(os.path.join(workdir, name))
             for name in ("config.json", "mlflow_run.txt")}
@@ -316,14 +316,14 @@ def test_a_bad_restart_leaves_the_run_intact(trained_run, tiny_config,
     config[section].update(values)
   start = time.time()
   with pytest.raises(errors.JaxsdError) as e:
-    train.train_and_evaluate(config, workdir)
+    diffusion_task.train_and_evaluate(config, workdir)
   assert time.time() - start < 30  # before the model or the data are built
   assert key in str(e.value)
   for name, content in before.items():
     assert _read(os.path.join(workdir, name)) == content, name
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2",
                                                                       "4"]
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK_FILE))
   assert _mlflow_status(workdir) == ["FINISHED"]
 
 
@@ -332,7 +332,7 @@ def test_a_bad_restart_leaves_the_run_intact(trained_run, tiny_config,
 def test_truncated_latest_checkpoint_sampling_names_it_training_falls_back(
     trained_run, tiny_config, tmp_path, patient_watchdog):
   from jaxsd.commands import sample
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
   truncate_array_data(os.path.join(workdir, "checkpoints", "4"))
   with pytest.raises(errors.CheckpointError) as e:
@@ -343,7 +343,7 @@ def test_truncated_latest_checkpoint_sampling_names_it_training_falls_back(
   # Training resumes from step 2 and ends as the uninterrupted run did.
   config = tiny_config()
   config.eval.metrics = ()
-  state = train.train_and_evaluate(config, workdir)
+  state = diffusion_task.train_and_evaluate(config, workdir)
   assert int(state.step) == 4
   for a, b in zip(_leaves(state), _leaves(trained_run[1])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -356,13 +356,14 @@ def test_truncated_latest_checkpoint_sampling_names_it_training_falls_back(
 def test_init_from_starts_a_new_run_from_old_weights(trained_run, tiny_config,
                                                      tmp_path):
   from jaxsd.diffusion import setup as build
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.training.init_from = trained_run[0]
   config.optim.learning_rate = 1e-4  # the new run's optimiser may differ
   setup = build.TrainSetup(config)
   mngr = checkpoint.manager(str(tmp_path / "new"))
-  state, step, _ = train.restore_or_create_state(setup, mngr,
+  state, step, _ = trainer.restore_or_create_state(
+      diffusion_task.DiffusionTask(), setup, mngr,
                                                  jax.random.key(0), None)
   mngr.close()
   assert step == 0 and int(state.step) == 0
@@ -374,7 +375,8 @@ def test_init_from_starts_a_new_run_from_old_weights(trained_run, tiny_config,
   mngr = checkpoint.manager(str(tmp_path / "other"))
   with pytest.raises(errors.ConfigError,
                      match="training.init_from.*model.block_out_channels"):
-    train.restore_or_create_state(setup, mngr, jax.random.key(0), None)
+    trainer.restore_or_create_state(
+      diffusion_task.DiffusionTask(), setup, mngr, jax.random.key(0), None)
   mngr.close()
 
 
@@ -382,29 +384,30 @@ def test_init_from_starts_a_new_run_from_old_weights(trained_run, tiny_config,
 @pytest.mark.mnist
 def test_sigterm_before_the_first_step_stops_the_run_killed(
     trained_run, tiny_config, tmp_path, monkeypatch, patient_watchdog):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
+  from jaxsd.training import trainer  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
-  restore = train.restore_or_create_state
+  restore = trainer.restore_or_create_state
 
   def restore_then_sigterm(*args, **kwargs):
     out = restore(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGTERM)
     return out
-  monkeypatch.setattr(train, "restore_or_create_state", restore_then_sigterm)
+  monkeypatch.setattr(trainer, "restore_or_create_state", restore_then_sigterm)
   config = tiny_config()
   config.training.num_steps = 6
-  assert train.train_and_evaluate(config, workdir) is None
+  assert diffusion_task.train_and_evaluate(config, workdir) is None
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2",
                                                                       "4"]
   assert _mlflow_status(workdir) == ["KILLED"]
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK_FILE))
 
 
 @pytest.mark.slow
 @pytest.mark.mnist
 def test_a_failed_checkpoint_write_ends_the_run_failed(
     trained_run, tiny_config, tmp_path, monkeypatch, patient_watchdog):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
   save = checkpoint.save
 
@@ -417,25 +420,25 @@ def test_a_failed_checkpoint_write_ends_the_run_failed(
   config.training.num_steps = 6
   config.eval.metrics = ()
   with pytest.raises(errors.CheckpointError):
-    train.train_and_evaluate(config, workdir)
+    diffusion_task.train_and_evaluate(config, workdir)
   assert _mlflow_status(workdir) == ["FAILED"]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2",
                                                                       "4"]
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK_FILE))
 
 
 @pytest.mark.mnist
 def test_a_second_training_process_is_refused_before_writing(tiny_config,
                                                              tmp_path):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   holder = _hold_in_subprocess(tmp_path)
   try:
     with pytest.raises(errors.WorkdirBusyError, match=f"PID {holder.pid}"):
-      train.train_and_evaluate(tiny_config(), str(tmp_path))
+      diffusion_task.train_and_evaluate(tiny_config(), str(tmp_path))
   finally:
     holder.kill()
     holder.wait()
-  assert os.listdir(tmp_path) == [workdir_lib.LOCK_FILE]  # the holder's
+  assert os.listdir(tmp_path) == [lock_lib.LOCK_FILE]  # the holder's
 
 
 def _jaxsd_main(workdir, *overrides, env=None, **popen):
@@ -473,7 +476,7 @@ def test_sigterm_while_compiling_stops_within_seconds(tmp_path):
   assert "Traceback" not in stderr
   assert os.listdir(tmp_path / "checkpoints") in ([], ["1"])
   assert _mlflow_status(str(tmp_path)) == ["KILLED"]
-  assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
+  assert not os.path.exists(tmp_path / lock_lib.LOCK_FILE)
 
 
 @pytest.mark.slow
@@ -488,7 +491,7 @@ def test_sigterm_during_evaluation_checkpoints_and_stops(tmp_path):
   assert seconds < 30, stderr[-3000:]
   assert os.listdir(tmp_path / "checkpoints") == ["2"]
   assert _mlflow_status(str(tmp_path)) == ["KILLED"]
-  assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
+  assert not os.path.exists(tmp_path / lock_lib.LOCK_FILE)
 
 
 @pytest.mark.slow

@@ -250,7 +250,7 @@ def test_stored_text_embeddings_train_the_same_loss_as_token_ids(
 def test_cache_with_text_embeddings_trains_the_same_loss(
     tiny_config, vae, tmp_path):
   from jaxsd.commands import cache  # pylint: disable=g-import-not-at-top
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   folder = _imagefolder(str(tmp_path / "images"))
   config = _frozen_text_encoder(_folder_config(tiny_config, vae, folder),
                                 str(tmp_path / "text"))
@@ -263,7 +263,7 @@ def test_cache_with_text_embeddings_trains_the_same_loss(
   assert np.load(os.path.join(out, "00000.context.npy")).shape[0] == 4
   config.data.latent_cache = out
   setup = build.TrainSetup(config)
-  source, cache_loader = train.load_training_data(config, setup.components)
+  source, cache_loader = diffusion_task.load_training_data(config, setup.components)
   image_loader = pipeline.make_loader(config, setup.components.tokenizer,
                                       source)
   step = jax.jit(setup.step_fn())
@@ -286,10 +286,10 @@ def test_cache_with_text_embeddings_trains_the_same_loss(
   other.data.latent_cache = out
   comps = build.build_components(other)
   with pytest.raises(ValueError, match="text embeddings of the text encoder"):
-    train.load_training_data(other, comps)
+    diffusion_task.load_training_data(other, comps)
   other.text.trainable = True
   comps = build.build_components(other)
-  _, loader = train.load_training_data(other, comps)
+  _, loader = diffusion_task.load_training_data(other, comps)
   assert "context" not in loader.next_batch()
   loader.close()
   # --text_embeddings=true without a frozen pretrained encoder: refused.
@@ -305,8 +305,8 @@ def test_tiny_latent_run_trains_samples_and_evaluates(tiny_config, vae,
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   from jaxsd.tracking import mlflow_store
   from jaxsd.commands import sample
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  whole = train.train_and_evaluate(_latent_config(tiny_config, vae),
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
+  whole = diffusion_task.train_and_evaluate(_latent_config(tiny_config, vae),
                                    str(tmp_path / "whole"))
   assert int(whole.step) == 4
   grid = Image.open(tmp_path / "whole" / "samples" / "step_00000004.png")
@@ -332,7 +332,7 @@ def test_a_jaxsd_autoencoder_run_is_an_autoencoder(tiny_config, tmp_path):
   """model.autoencoder=WORKDIR of jaxsd-train-autoencoder: its
   architecture and measured scaling factor; a diffusion workdir is not."""
   from jaxsd.autoencoder import training as autoencoder_training
-  from jaxsd.commands import train_autoencoder  # pylint: disable=g-import-not-at-top
+  from jaxsd.autoencoder import task as autoencoder_task  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   a = config.autoencoder
   a.block_out_channels, a.norm_num_groups, a.latent_channels = (8, 16), 4, 4
@@ -340,7 +340,7 @@ def test_a_jaxsd_autoencoder_run_is_an_autoencoder(tiny_config, tmp_path):
   config.training.num_steps = config.training.checkpoint_every = 2
   config.eval.metrics = ()
   workdir = str(tmp_path / "ae")
-  train_autoencoder.train_autoencoder(config, workdir)
+  autoencoder_task.train_autoencoder(config, workdir)
   frozen = latent.load(workdir)
   want, params, _ = autoencoder_training.load_run(workdir)
   assert frozen.config == want and frozen.config.scaling_factor > 0

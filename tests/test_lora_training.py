@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxsd.diffusion import setup as build
+from jaxsd.training import state as ts
 from jaxsd.models import lora as lora_lib
 
 
@@ -43,7 +44,7 @@ def test_lora_state_holds_adapters_alone_and_steps_train_only_them(
   unet_paths = lora_lib.target_paths(base["unet"], lora_lib.UNET_TARGETS)
   # 4 transformer blocks (down 1, mid 1, up 2) x 2 attentions x 4 targets.
   assert len(unet_paths) == 32
-  assert build.param_count(state.params) < 0.2 * build.param_count(base)
+  assert ts.param_count(state.params) < 0.2 * ts.param_count(base)
   flat = jax.tree_util.tree_leaves_with_path(state.params)
   assert all(path[-1].key in ("down", "up") for path, _ in flat)
   assert len(state.params["text"]["text_model"]["encoder"]["layers"]["0"]
@@ -111,15 +112,15 @@ def test_lora_run_checkpoints_adapters_resumes_and_samples(tiny_config,
                                                            tmp_path):
   from jaxsd.checkpointing import checkpoints as checkpoint  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   config = _lora_config(tiny_config)
   config.eval.metrics = ()
   config.training.num_steps = 2
-  train.train_and_evaluate(config, workdir)
+  diffusion_task.train_and_evaluate(config, workdir)
   config = _lora_config(tiny_config)
   config.eval.metrics = ()
-  state = train.train_and_evaluate(config, workdir)  # resumes 2 -> 4
+  state = diffusion_task.train_and_evaluate(config, workdir)  # resumes 2 -> 4
   assert int(state.step) == 4
   mngr = checkpoint.manager(workdir, read_only=True)
   assert mngr.all_steps() == [2, 4]

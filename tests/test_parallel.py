@@ -197,7 +197,7 @@ def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
   checkpoint with the same key."""
   from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   ref_workdir, ref_states = reference
   workdir = str(tmp_path / "run")
@@ -237,7 +237,7 @@ def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
   generator = generate.Generator.from_config(
       comps, mesh, config.sampling, chunk_size=config.eval.chunk_size)
   metrics = evaluator_lib.evaluate_params(evaluator, generator, params,
-                                          train.eval_key(config, 4))
+                                          diffusion_task.eval_key(config, 4))
   for name in names:
     np.testing.assert_allclose(metrics[name], logged[name], rtol=1e-3,
                                atol=1e-4, err_msg=name)
@@ -245,7 +245,6 @@ def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
 
 _GATHER = """
 import json, sys
-from jaxsd import parallel
 parallel.maybe_initialize_distributed("on")
 import jax
 from jaxsd.data import pipeline

@@ -256,12 +256,12 @@ def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
     pytest.skip("the round trip through PyTorch once (SD 1.x-shaped) keeps "
                 "the suite short; imports of both shapes are tested above")
   from jaxsd.commands import export  # pylint: disable=g-import-not-at-top
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   _, folder = saved_pipeline
   workdir = str(tmp_path / "run")
   config = _finetune_config(tiny_config, folder,
                             _images(str(tmp_path / "images")))
-  train.train_and_evaluate(config, workdir)
+  diffusion_task.train_and_evaluate(config, workdir)
   out = str(tmp_path / "exported")
   export.export(workdir, out)
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(
@@ -293,7 +293,7 @@ def test_lora_export_loads_into_pytorch_with_load_lora_weights(
                 "the suite short; imports of both shapes are tested above")
   from jaxsd.commands import export  # pylint: disable=g-import-not-at-top
   from jaxsd.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   _, folder = saved_pipeline
   workdir = str(tmp_path / "run")
   config = _finetune_config(tiny_config, folder,
@@ -301,7 +301,7 @@ def test_lora_export_loads_into_pytorch_with_load_lora_weights(
   config.model.lora.rank = 4
   config.model.lora.alpha = 8.0
   config.optim.learning_rate = 1e-2  # adapters far from zero in 2 steps
-  train.train_and_evaluate(config, workdir)
+  diffusion_task.train_and_evaluate(config, workdir)
   out = str(tmp_path / "lora")
   path = export.export(workdir, out)
   assert os.path.basename(path) == lora_lib.WEIGHT_NAME

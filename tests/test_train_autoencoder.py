@@ -14,8 +14,10 @@ import pytest
 
 from jaxsd.autoencoder import training as at
 from jaxsd.tracking import mlflow_store
-from jaxsd.training import trainer as train
-from jaxsd.commands import train_autoencoder
+from jaxsd.training import loop as loop_lib
+from jaxsd.training import preemption as preemption_lib
+from jaxsd.checkpointing import run_config
+from jaxsd.autoencoder import task as autoencoder_task
 from jaxsd.data import pipeline as data_pipeline
 
 
@@ -143,11 +145,11 @@ def test_not_an_autoencoder_run(tiny_config, tmp_path):
   empty.mkdir()
   diffusion = tmp_path / "diffusion"
   diffusion.mkdir()
-  train.save_config(tiny_config(), str(diffusion))
+  run_config.save_config(tiny_config(), str(diffusion))
   for workdir in (empty, diffusion, tmp_path / "missing"):
     assert not at.is_autoencoder_run(str(workdir))
     with pytest.raises((ValueError, FileNotFoundError),
-                       match=r"python -m jaxsd\.train_autoencoder") as e:
+                       match=r"jaxsd-train-autoencoder") as e:
       at.load_run(str(workdir))
     assert str(workdir) in str(e.value)
   with pytest.raises(ValueError, match="diffusion"):
@@ -166,14 +168,14 @@ def test_bad_reconstruction_loss_is_refused(tiny_config):
 
 def _run(config, workdir, monkeypatch=None, sigterm_at=None):
   if sigterm_at is not None:
-    reached = train._Preemption.reached  # pylint: disable=protected-access
+    reached = preemption_lib.Preemption.reached  # pylint: disable=protected-access
 
     def patched(self, step):
       if step == sigterm_at:
         os.kill(os.getpid(), signal.SIGTERM)
       return reached(self, step)
-    monkeypatch.setattr(train._Preemption, "reached", patched)  # pylint: disable=protected-access
-  return train_autoencoder.train_autoencoder(config, str(workdir))
+    monkeypatch.setattr(preemption_lib.Preemption, "reached", patched)  # pylint: disable=protected-access
+  return autoencoder_task.train_autoencoder(config, str(workdir))
 
 
 def _mlflow_run(workdir):
@@ -255,7 +257,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     return real(self, local_batch)
   monkeypatch.setattr(at.AutoencoderSetup, "global_batch", poisoned)
   workdir = tmp_path / "nan"
-  with pytest.raises(train.NonFiniteLossError, match="step 3"):
+  with pytest.raises(loop_lib.NonFiniteLossError, match="step 3"):
     _run(_e2e_config(tiny_config), workdir)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
   assert _mlflow_run(workdir)[1].info.status == "FAILED"

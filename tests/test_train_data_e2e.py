@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from jaxsd.tracking import mlflow_store
-from jaxsd.training import trainer as train
+from jaxsd.diffusion import task as diffusion_task
+from jaxsd.training import preemption as preemption_lib
 from jaxsd.data import pipeline as data_pipeline
 
 pytestmark = pytest.mark.slow
@@ -85,14 +86,14 @@ def _leaves(state):
 
 def _run(config, workdir, monkeypatch=None, sigterm_at=None):
   if sigterm_at is not None:
-    reached = train._Preemption.reached  # pylint: disable=protected-access
+    reached = preemption_lib.Preemption.reached  # pylint: disable=protected-access
 
     def patched(self, step):
       if step == sigterm_at:
         os.kill(os.getpid(), signal.SIGTERM)
       return reached(self, step)
-    monkeypatch.setattr(train._Preemption, "reached", patched)  # pylint: disable=protected-access
-  return train.train_and_evaluate(config, str(workdir))
+    monkeypatch.setattr(preemption_lib.Preemption, "reached", patched)  # pylint: disable=protected-access
+  return diffusion_task.train_and_evaluate(config, str(workdir))
 
 
 @pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
@@ -137,7 +138,7 @@ def test_undecodable_images_are_counted_then_stop_the_run(tiny_config,
       f.truncate(40)
   config = _config(tiny_config, "imagefolder", path)
   config.data.max_skipped_fraction = 0.5
-  train.train_and_evaluate(config, str(tmp_path / "tolerated"))
+  diffusion_task.train_and_evaluate(config, str(tmp_path / "tolerated"))
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   client = MlflowClient(
       tracking_uri=mlflow_store.tracking_uri(tmp_path / "tolerated"))
@@ -149,4 +150,4 @@ def test_undecodable_images_are_counted_then_stop_the_run(tiny_config,
   config.data.max_skipped_fraction = 0.01
   with pytest.raises(data_pipeline.TooManySkippedImagesError,
                      match=r"(003|011)\.png"):
-    train.train_and_evaluate(config, str(tmp_path / "stopped"))
+    diffusion_task.train_and_evaluate(config, str(tmp_path / "stopped"))

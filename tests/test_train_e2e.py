@@ -14,7 +14,10 @@ import pytest
 
 from jaxsd.tracking import mlflow_store
 from jaxsd.commands import plot_runs
-from jaxsd.training import trainer as train
+from jaxsd.diffusion import task as diffusion_task
+from jaxsd.training import loop as loop_lib
+from jaxsd.training import preemption as preemption_lib
+from jaxsd.checkpointing import run_config
 from jaxsd.data import pipeline as data_pipeline
 
 pytestmark = pytest.mark.slow
@@ -49,7 +52,7 @@ def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
   workdir, _ = uninterrupted
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert os.path.exists(os.path.join(workdir, "samples", "step_00000004.png"))
-  assert os.path.exists(os.path.join(workdir, train.CONFIG_FILE))
+  assert os.path.exists(os.path.join(workdir, run_config.CONFIG_FILE))
   client, runs = _mlflow_runs(workdir)
   assert len(runs) == 1
   run = runs[0]
@@ -80,20 +83,20 @@ def test_preempted_run_resumes_to_identical_parameters(
     uninterrupted, tiny_config, tmp_path, monkeypatch):
   _, expected = uninterrupted
   workdir = str(tmp_path)
-  reached = train._Preemption.reached
+  reached = preemption_lib.Preemption.reached
 
   def sigterm_at_step_2(self, step):
     if step == 2:
       os.kill(os.getpid(), signal.SIGTERM)  # as SLURM does on preemption
     return reached(self, step)
 
-  monkeypatch.setattr(train._Preemption, "reached", sigterm_at_step_2)
-  stopped = train.train_and_evaluate(_config(tiny_config), workdir)
+  monkeypatch.setattr(preemption_lib.Preemption, "reached", sigterm_at_step_2)
+  stopped = diffusion_task.train_and_evaluate(_config(tiny_config), workdir)
   assert int(stopped.step) == 2
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
-  monkeypatch.setattr(train._Preemption, "reached", reached)
+  monkeypatch.setattr(preemption_lib.Preemption, "reached", reached)
 
-  resumed = train.train_and_evaluate(_config(tiny_config), workdir)
+  resumed = diffusion_task.train_and_evaluate(_config(tiny_config), workdir)
   assert int(resumed.step) == 4
   for a, b in zip(_leaves(resumed), expected):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -139,8 +142,8 @@ def test_nonfinite_loss_stops_without_checkpoint(tiny_config, tmp_path,
 
   monkeypatch.setattr(data_pipeline, "next_model_batch", poisoned)
   config = _config(tiny_config, checkpoint_every=1, log_every=1)
-  with pytest.raises(train.NonFiniteLossError, match="at step 3"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop_lib.NonFiniteLossError, match="at step 3"):
+    diffusion_task.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
   _, runs = _mlflow_runs(str(tmp_path))
   assert runs[0].info.status == "FAILED"

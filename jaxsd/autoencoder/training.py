@@ -14,7 +14,7 @@ is the full config tree; WORKDIR/checkpoints/<step>/{state,meta} are orbax
 checkpoints (jaxsd.checkpointing.checkpoints) whose state is an `AutoencoderTrainState` and
 whose meta holds the run kind, the AutoencoderConfig with the scaling factor
 used from that step on (measured when autoencoder.scaling_factor = 0), and
-the loader's position. The host loop is jaxsd/train_autoencoder.py.
+the loader's position. The task the trainer runs is jaxsd/autoencoder/task.py.
 """
 import dataclasses
 import json
@@ -221,24 +221,6 @@ def make_step_fn(model: ae_lib.AutoencoderKL,
   return step
 
 
-def make_discriminator_optimizer(optim_config, num_steps: int,
-                                 disc_start: int):
-  """The autoencoder's optimiser (ts.make_optimizer) for the
-  discriminator, its schedule shifted by disc_start: the discriminator
-  updates only from then on, so its k-th update is global step
-  disc_start + k and gets that step's learning rate."""
-  schedule = ts.learning_rate_schedule(optim_config, num_steps)
-  offset = max(disc_start, 0)
-  parts = []
-  if optim_config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
-  parts.append(optax.adamw(
-      lambda count: schedule(count + offset), b1=optim_config.b1,
-      b2=optim_config.b2, eps=optim_config.eps,
-      weight_decay=optim_config.weight_decay, mask=ts.weight_decay_mask))
-  return optax.chain(*parts)
-
-
 class AutoencoderSetup:
   """A config's autoencoder, discriminator, optimisers, mesh and step.
 
@@ -256,9 +238,12 @@ class AutoencoderSetup:
     self.discriminator = PatchDiscriminator(a.disc_channels, a.disc_layers)
     num_steps = config.training.num_steps
     self.tx_autoencoder = ts.make_optimizer(config.optim, num_steps)
-    self.tx_discriminator = make_discriminator_optimizer(
-        config.optim, num_steps, a.disc_start)
+    # The discriminator updates only from disc_start on: its k-th update is
+    # global step disc_start + k and gets that step's learning rate.
+    self.tx_discriminator = ts.make_optimizer(
+        config.optim, num_steps, step_offset=max(a.disc_start, 0))
     self.mesh = mesh or parallel.make_mesh(1)
+    self.steps_per_call = 1
     self.replicated = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharding(self.mesh)
     self.abstract_state = jax.tree_util.tree_map(

@@ -5,13 +5,28 @@ Each command (`jaxsd.commands.train`, `jaxsd.commands.sample`, `jaxsd.commands.e
 point calls, so the modules import together (tests, notebooks) without
 DuplicateFlagError over the names they share (workdir, step, seed, ...).
 """
+import logging as logging_std
 import sys
 from typing import Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from jaxsd import errors
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax and tfds (dozens of lines per checkpoint)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        lib in record.pathname for lib in ("/orbax/", "/tensorflow_datasets/"))
+
+
+def quiet_libraries():
+  """The training commands' console: orbax's and tfds's INFO lines off."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
 
 _SHORT_HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?")
 _FULL_HELP = ("--helpfull", "-helpfull")

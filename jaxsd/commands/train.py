@@ -3,8 +3,6 @@
 python -m jaxsd.main --config=configs/mnist.py --workdir=runs/mnist \
     [--config.training.num_steps=1000 ...]
 """
-import logging as logging_std
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -23,21 +21,13 @@ def _define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax and tfds (dozens of lines per checkpoint)."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-        lib in record.pathname for lib in ("/orbax/", "/tensorflow_datasets/"))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
+  cli.quiet_libraries()
+  from jaxsd.diffusion import task  # pylint: disable=g-import-not-at-top
   logging.info("Config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  task.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def run():

@@ -11,15 +11,13 @@ Training, sampling, evaluation, benchmarks and tests all build through
 these, so none of them assembles a state or a step by hand.
 """
 import dataclasses
-import json
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import ml_collections
 import numpy as np
 
 from jaxsd.checkpointing import checkpoints as checkpoint
+from jaxsd.checkpointing import run_config
 from jaxsd import config_checks
 from jaxsd import environment
 from jaxsd.autoencoder import frozen as latent
@@ -182,10 +180,6 @@ def build_components(config) -> Components:
                     lora=lora_lib.from_config(config.model.get("lora")))
 
 
-def param_count(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-
-
 def make_optimizer(config):
   """The config's optimiser (AdamW, warmup-cosine over training.num_steps);
   in LoRA runs over the adapters (the text encoder's if it has some)."""
@@ -317,44 +311,7 @@ def encode_images(autoencoder: latent.FrozenAutoencoder):
   return encode
 
 
-CONFIG_FILE = "config.json"
 _LORA_BASE_STREAM = 0x42415345  # fold_in tag of a random LoRA base's key
-
-
-def load_run_config(workdir: str, step: Optional[int] = None):
-  """The config a run in `workdir` was trained with, resolved for this
-  machine (jaxsd.environment): the one saved inside its checkpoint of
-  `step` (default: the latest), so a damaged or overwritten config.json
-  orphans no checkpoint; WORKDIR/config.json when no checkpoint has one."""
-  saved = _checkpoint_config(workdir, step)
-  path = os.path.join(workdir, CONFIG_FILE)
-  if saved is None:
-    if not os.path.exists(path):
-      raise FileNotFoundError(
-          f"{path} not found: {workdir!r} is not a jaxsd training workdir "
-          "(train with `python -m jaxsd.main --config=... --workdir=...` "
-          "first).")
-    with open(path) as f:
-      saved = json.load(f)
-  return environment.resolve(ml_collections.ConfigDict(saved), reopened=True)
-
-
-def _checkpoint_config(workdir: str, step: Optional[int]):
-  """The config dict in a checkpoint's metadata, or None (no checkpoint,
-  one from before configs were saved in them, or unreadable: then the
-  restore that follows names the damage)."""
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-    return None
-  mngr = checkpoint.manager(workdir, read_only=True)
-  try:
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-      return None
-    return checkpoint.read_meta(mngr, step).get("config")
-  except Exception:  # pylint: disable=broad-except
-    return None
-  finally:
-    mngr.close()
 
 
 def restore_for_inference(workdir: str, mesh, step=None, use_ema=True,
@@ -367,7 +324,7 @@ def restore_for_inference(workdir: str, mesh, step=None, use_ema=True,
   (merge_lora=False: the adapters themselves). `config`: the run's config
   when the caller has read it already (load_run_config(workdir, step)).
   """
-  config = config or load_run_config(workdir, step)
+  config = config or run_config.load_run_config(workdir, step)
   comps = build_components(config)
   replicated = parallel.replicated(mesh)
   base = (jax.eval_shape(comps.init_params, jax.random.key(0))

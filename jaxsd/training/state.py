@@ -15,6 +15,11 @@ class TrainState:
   opt_state: Any
 
 
+def param_count(params) -> int:
+  """The number of parameters (array elements) in a tree."""
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
 def learning_rate_schedule(optim_config, num_steps: int):
   """Linear warmup from 0, then cosine decay to lr * end_learning_rate_factor."""
   peak = optim_config.learning_rate
@@ -34,13 +39,22 @@ def weight_decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_config, num_steps: int, text_trainable: bool = True):
-  """AdamW with warmup-cosine, global-norm clipping, masked weight decay."""
+def make_optimizer(optim_config, num_steps: int, text_trainable: bool = True,
+                   step_offset: int = 0):
+  """AdamW with warmup-cosine, global-norm clipping, masked weight decay.
+
+  `step_offset`: the schedule of an optimiser whose first update is global
+  step `step_offset` (its k-th update gets step offset + k's rate), as the
+  autoencoder's discriminator, which starts late.
+  """
+  schedule = learning_rate_schedule(optim_config, num_steps)
+  if step_offset:
+    schedule = lambda count, s=schedule: s(count + step_offset)
   parts = []
   if optim_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   parts.append(optax.adamw(
-      learning_rate_schedule(optim_config, num_steps), b1=optim_config.b1,
+      schedule, b1=optim_config.b1,
       b2=optim_config.b2, eps=optim_config.eps,
       weight_decay=optim_config.weight_decay, mask=weight_decay_mask))
   tx = optax.chain(*parts)

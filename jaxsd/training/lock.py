@@ -1,12 +1,5 @@
-"""A training run's workdir: one process at a time, and what a resume may
-change.
-
-`Lock` keeps a second training process out of a workdir while the first
-lives (`WORKDIR/train.lock`, naming the holder's PID and host); a dead
-holder never leaves it stuck. `check_resume` compares a new config with the
-one the run's latest checkpoint was trained with, before anything is
-restored or written.
-"""
+"""One training process per workdir: `Lock` (WORKDIR/train.lock, naming the
+holder's PID and host); a dead holder never leaves it stuck."""
 import errno
 import fcntl
 import json
@@ -14,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 
@@ -157,96 +150,3 @@ class Lock:
       pass
     os.close(self._fd)  # drops the flock
     self._fd = None
-
-
-# --- What a resume may change -------------------------------------------------
-
-# Fields that shape the train state or fix what its numbers mean, per kind
-# of run. A resume with any of them changed would fail deep inside the
-# restore or silently train another model; a "." at the end means every
-# field under it.
-FIXED = {
-    "diffusion": ("model.", "text.", "diffusion.prediction_type",
-                  "diffusion.num_timesteps", "diffusion.schedule",
-                  "diffusion.beta_start", "diffusion.beta_end",
-                  "diffusion.rescale_zero_snr", "optim.grad_accum_steps"),
-    "autoencoder": ("autoencoder.block_out_channels",
-                    "autoencoder.layers_per_block",
-                    "autoencoder.latent_channels",
-                    "autoencoder.norm_num_groups",
-                    "autoencoder.mid_block_add_attention",
-                    "autoencoder.use_quant_conv",
-                    "autoencoder.use_post_quant_conv",
-                    "autoencoder.disc_channels", "autoencoder.disc_layers",
-                    "data.num_channels", "optim.grad_accum_steps"),
-}
-# ...except these: where weights were first loaded from (a resume reads
-# them from the checkpoint; a LoRA base and a latent run's autoencoder are
-# checked by fingerprint instead), machine paths, and compute settings that
-# leave the state as it is.
-FREE = ("model.pretrained", "model.pretrained_pipeline", "model.autoencoder",
-        "model.dtype", "model.remat", "model.lora.dropout",
-        "model.lora.base_dtype", "text.pretrained", "text.tokenizer")
-
-
-def _fixed(key: str, kind: str) -> bool:
-  if key in FREE:
-    return False
-  return any(key.startswith(f) if f.endswith(".") else key == f
-             for f in FIXED[kind])
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _normalised(config_dict: Mapping[str, Any]) -> Dict[str, Any]:
-  """Flat {key: value} with tuples as lists, as JSON stores them."""
-  return flatten(json.loads(json.dumps(config_dict, default=str)))
-
-
-def _view(flat: Mapping[str, Any], key: str):
-  value = flat[key]
-  if key == "optim.grad_clip_norm":  # only on/off changes the state
-    return bool(value and value > 0)
-  return value
-
-
-def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any],
-                   kind: str = "diffusion") -> Tuple[List[str], List[str]]:
-  """(fixed keys that differ, other keys that differ), each as "key: saved
-  -> new" lines. Keys new since the run started count as free."""
-  saved, new = _normalised(saved), _normalised(new)
-  fixed, free = [], []
-  for key in sorted(set(saved) & set(new)):
-    if saved[key] == new[key]:
-      continue
-    line = f"{key}: {saved[key]!r} -> {new[key]!r}"
-    state_shaping = _fixed(key, kind) or (
-        key == "optim.grad_clip_norm"
-        and _view(saved, key) != _view(new, key))
-    (fixed if state_shaping else free).append(line)
-  return fixed, free
-
-
-def check_resume(saved: Mapping[str, Any], new: Mapping[str, Any],
-                 workdir: str, step: int, kind: str = "diffusion"):
-  """Raises ResumeMismatchError listing the state-shaping fields the new
-  config changes; logs the other changes, which a resume takes."""
-  fixed, free = config_changes(saved, new, kind)
-  if fixed:
-    raise errors.ResumeMismatchError(
-        f"{workdir} holds a run (latest checkpoint: step {step}) that a "
-        f"resume cannot change in {len(fixed)} setting(s): "
-        + "; ".join(fixed) + ". To resume it, keep the run's values; for a "
-        "new run, give another --workdir (add --config.training.init_from="
-        f"{workdir} to start it from this run's weights, where the "
-        "parameter shapes stay the same).")
-  for line in free:
-    logging.info("Resuming with a changed setting: %s", line)
