@@ -100,7 +100,7 @@ fi
 mkdir -p "$WORKDIR"
 
 # ---- Signals -----------------------------------------------------------------
-# jaxsd.training.trainer checkpoints and stops on SIGTERM. SLURM signals only this
+# jaxsd (its trainer) checkpoints and stops on SIGTERM. SLURM signals only this
 # script (--signal=B:...), so forward SIGTERM to the python processes of the
 # job's steps; scancel --signal does not signal this script itself. srun is
 # not signalled directly: on SIGTERM it may end its tasks instead of passing

@@ -28,6 +28,25 @@ def quiet_libraries():
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+def define_training_flags(config_help: str, workdir_help: str):
+  """--config (a config file, overridable field by field) and --workdir, the
+  flags of the training commands."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, config_help,
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def start_training(argv, train: Callable):
+  """A training command's main: train(config, workdir) from its flags."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_libraries()
+  logging.info("Config:\n%s", flags.FLAGS.config)
+  train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
 _SHORT_HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?")
 _FULL_HELP = ("--helpfull", "-helpfull")
 

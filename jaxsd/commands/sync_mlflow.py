@@ -29,7 +29,7 @@ from absl import logging
 from jaxsd.commands import cli
 from jaxsd import errors
 from jaxsd.tracking import mlflow_store
-from jaxsd.training import workdir as workdir_lib
+from jaxsd.training import lock as lock_lib
 
 FLAGS = flags.FLAGS
 
@@ -58,7 +58,7 @@ def sync(workdir: str, to: str) -> Dict[str, Any]:
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):  # (the lock would create it)
     raise errors.JaxsdError(f"--workdir={workdir} does not exist.")
-  with workdir_lib.Lock(workdir):  # no training run writes meanwhile
+  with lock_lib.Lock(workdir):  # no training run writes meanwhile
     record = _local_record(workdir, to)
     local_uri = mlflow_store.local_tracking_uri(workdir)
     _check_answers(to)

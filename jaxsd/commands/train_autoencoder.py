@@ -12,32 +12,22 @@ and eval/psnr (and eval/rfid, given the FID Inception weights) on
 autoencoder.eval_images held-out images. A diffusion run then uses it with
 --config.model.autoencoder=WORKDIR.
 """
-from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
 from jaxsd.commands import cli
 
-FLAGS = flags.FLAGS
-
 
 def _define_flags():
-  config_flags.DEFINE_config_file(
-      "config", None, "Training configuration file (its autoencoder "
-      "section).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Checkpoints, logs and reconstruction "
-                      "grids go here; an existing workdir is resumed.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_training_flags(
+      "Training configuration file (its autoencoder section).",
+      "Checkpoints, logs and reconstruction grids go here; an existing "
+      "workdir is resumed.")
+  flags.adopt_module_key_flags(cli)  # --help lists them as this command's
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.quiet_libraries()
   from jaxsd.autoencoder import task  # pylint: disable=g-import-not-at-top
-  logging.info("Config:\n%s", FLAGS.config)
-  task.train_autoencoder(FLAGS.config, FLAGS.workdir)
+  cli.start_training(argv, task.train_autoencoder)
 
 
 def run():
