@@ -245,7 +245,6 @@ def train_autoencoder(config, workdir: str, hooks=()):
 def _train(config, workdir: str, preemption, hooks=()):
   config = environment.resolve(config)
   config_checks.validate_autoencoder(config)
-  at.check_config(config)
   train.start_runtime(config)
   tcfg = config.training
   preemption.sync_every = tcfg.log_every
