@@ -25,11 +25,9 @@ loaded) and the command-line flags of jaxsd.commands.sample / jaxsd.commands.eva
 (`check_sampling_flags`, then `check_flags_against_run` once the run's
 config is read).
 """
+from jaxsd import checks
 from jaxsd import parallel
 from jaxsd.autoencoder import checks as autoencoder_checks
-# check_choice: re-exported, as check_int and check_float, for the commands'
-# own flag checks.
-from jaxsd.checks import INT64, check_choice, check_float, check_int, check_interval  # pylint: disable=unused-import,line-too-long
 from jaxsd.data import checks as data_checks
 from jaxsd.diffusion import checks as diffusion_checks
 from jaxsd.evaluation import checks as eval_checks
@@ -37,7 +35,12 @@ from jaxsd.models import checks as model_checks
 from jaxsd.text import checks as text_checks
 from jaxsd.training import checks as training_checks
 
-# Where callers have always found them: the model section owns both.
+# Where callers have always found them: the helpers (the commands check
+# their own flags with them) and the model section's size checks.
+check_choice = checks.check_choice
+check_float = checks.check_float
+check_int = checks.check_int
+check_interval = checks.check_interval
 check_latent_size = model_checks.check_latent_size
 unet_levels = model_checks.unet_levels
 
@@ -110,7 +113,7 @@ def check_sampling_flags(*, num_samples=None, sampler=None, steps=None,
   if step is not None:
     check_int("--step", step, 0, hint="a checkpoint step")
   if seed is not None:
-    check_int("--seed", seed, *INT64)
+    check_int("--seed", seed, *checks.INT64)
   if metrics is not None:
     eval_checks.check_metrics_flag(metrics)
 
