@@ -1,7 +1,10 @@
 """Default configuration: every field jaxsd reads, with documented defaults.
 
-Experiment files (`configs/mnist.py`, ...) start from this tree and override
-fields; any field can also be overridden on the command line, e.g.
+Neutral about the data: an RGB pixel-space model on a folder of captioned
+images (data.path is required: `--config.data.path=DIR`), sampling the
+data's own captions and judged by metrics that take any images. Experiment
+files (`configs/mnist.py`, ...) start from this tree and override fields;
+any field can also be overridden on the command line, e.g.
 `--config.training.num_steps=100`. Unknown keys are errors.
 """
 import ml_collections
@@ -15,18 +18,20 @@ def get_config():
   # Machine-dependent fields are "" here: jaxsd.environment.resolve fills
   # them from the environment when a run starts, and config.json keeps the
   # resolved values.
-  # Folder with the four original MNIST files; builds the dataset offline
-  # ("" = $JAXSD_MNIST_DIR, else download).
+  # data.source="mnist": folder with the four original MNIST files; builds
+  # the dataset offline ("" = $JAXSD_MNIST_DIR, else download).
   data.mnist_dir = ""
   # Where tfds keeps prepared datasets ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets).
   data.tfds_data_dir = ""
-  data.caption_template = "a photograph of the number {label}"
-  data.image_size = 28  # 32 pads 28x28 MNIST with background to 32x32
-  data.random_flip = False  # horizontal flips; wrong for digits
+  # Captions of labelled data (class subfolders, tfds / HF labels): the
+  # fields are {label} (the class index) and {label_name}.
+  data.caption_template = "{label_name}"
+  data.image_size = 64  # square side in pixels, after the crop and resize
+  data.random_flip = False  # horizontal flips; wrong for text and digits
   data.shuffle = True
   # Where the captioned images come from (jaxsd/data/sources.py): mnist |
   # tfds | imagefolder | webdataset | coco | huggingface.
-  data.source = "mnist"
+  data.source = "imagefolder"
   data.name = ""  # tfds name or Hugging Face dataset id
   data.split = "train"
   data.path = ""  # imagefolder / coco image folder / webdataset shards / HF folder
@@ -78,11 +83,11 @@ def get_config():
   # each down/mid/up block's inputs for the backward pass and recomputes the
   # rest, "transformers" only the attention blocks; "none" keeps all.
   model.remat = "none"
-  model.in_channels = 1
-  model.out_channels = 1
+  model.in_channels = 3  # data.num_channels in pixel space
+  model.out_channels = 3
   model.block_out_channels = (64, 128, 128)
-  # Attention at the 28x28 level costs (784 tokens)^2 per head; the default
-  # keeps it to the 14x14 and 7x7 levels (configs/mnist.py to 7x7 alone).
+  # Attention at the full-size level costs (H*W tokens)^2 per head; the
+  # default keeps it to the two halved levels.
   model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D",
                             "CrossAttnDownBlock2D")
   model.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
@@ -215,15 +220,16 @@ def get_config():
   sampling.samples_per_prompt = 2  # per prompt in the periodic grid
   sampling.chunk_size = 64  # images per jitted sampling call (bounds memory)
   # () = the first distinct captions of the training data.
-  sampling.prompts = tuple(f"a photograph of the number {d}" for d in range(10))
+  sampling.prompts = ()
 
   # --- Evaluation (every training.eval_every steps and jaxsd.commands.evaluate) -------
   config.eval = ev = ml_collections.ConfigDict()
-  ev.metrics = ("prompt_accuracy", "fid_mnist", "diversity", "fid_inception",
-                "clip_score")
+  # Metrics that judge any images; MNIST's own (prompt_accuracy, fid_mnist,
+  # diversity): configs/mnist.py.
+  ev.metrics = ("fid_inception", "clip_score")
   ev.num_samples = 1000  # generated images (prompts cycle over eval prompts)
-  # Evaluation prompts: this file's lines; else MNIST's ten digit captions;
-  # else the captions of eval.reference_split, in order.
+  # Evaluation prompts: this file's lines; else (data.source="mnist") the
+  # ten digit captions; else the captions of eval.reference_split, in order.
   ev.prompts_file = ""
   # The held-out split whose real images are the FID reference.
   ev.reference_split = "test"

@@ -10,8 +10,11 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.image_size = 28
+  config.data.source = "mnist"
+  config.data.caption_template = "a photograph of the number {label}"
+  config.data.image_size = 28  # configs/mnist_latent.py pads to 32x32
   config.data.num_channels = 1
+  config.data.random_flip = False  # a flipped digit is another glyph
 
   config.text.max_length = 8  # "a photograph of the number 7" + BOS/EOS
   config.text.hidden_size = 64
@@ -19,6 +22,7 @@ def get_config():
   config.text.num_heads = 4
   config.text.intermediate_size = 256
 
+  config.model.in_channels = config.model.out_channels = 1  # grey pixels
   config.model.block_out_channels = (32, 64, 64)
   config.model.layers_per_block = 1
   config.model.attention_head_dim = 8
@@ -59,6 +63,12 @@ def get_config():
   # noisiest steps it costs diversity (and FID), at the cleanest it does
   # nothing for the prompt (docs/mnist_results.md).
   config.sampling.guidance_interval = (0.2, 0.8)
+  config.sampling.prompts = tuple(f"a photograph of the number {d}"
+                                  for d in range(10))
+  # The MNIST classifier's metrics (jaxsd/evaluation/metrics/) and those
+  # that judge any images.
+  config.eval.metrics = ("prompt_accuracy", "fid_mnist", "diversity",
+                         "fid_inception", "clip_score")
   config.eval.num_samples = 500  # periodic; the headline uses jaxsd.commands.evaluate
   config.eval.chunk_size = 250
   return config

@@ -50,6 +50,10 @@ def get_config(kind: str = "full"):
 
   data = config.data
   data.source = "imagefolder"
+  # Kept from the old MNIST-valued default so this file's run is unchanged;
+  # it captions class subfolders only (data.path/<class>/...), where
+  # "{label_name}" (the folder's name) is likely what you want.
+  data.caption_template = "a photograph of the number {label}"
   data.image_size = 512  # SD 1.x's resolution: 64x64 latents
   data.num_channels = 3
   data.crop = "center"

@@ -16,10 +16,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from jaxsd import xla_flags as xla_flags_lib
+from jaxsd.checks import check_choice, check_int
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 BATCH_AXES = (DATA_AXIS, MODEL_AXIS)  # the batch is split over all devices
+
+
+def check_parallel(config):
+  """parallel.* of a run's config: the valid ranges (jaxsd.config_checks
+  runs it before any device is touched)."""
+  p = config.parallel
+  check_choice("parallel.distributed", p.distributed, ("auto", "on", "off"))
+  check_int("parallel.cpu_devices", p.cpu_devices, 0,
+            hint="0 = one CPU device")
+  check_int("parallel.model_axis_size", p.model_axis_size, 0,
+            hint="0 = all devices")
+  check_int("parallel.fsdp_min_size", p.fsdp_min_size, 0)
 
 
 def hide_gpus_from_tensorflow():

@@ -2,7 +2,8 @@
 
 configs/mnist.py must be the recipe docs/mnist_results.md reports (the block
 between the recipe markers), its model must build and its real train step
-run; every config must validate and build.
+run; every config must validate and build; configs/default.py must stay
+neutral about the data (MNIST's values live in configs/mnist.py).
 """
 import ast
 import functools
@@ -14,9 +15,13 @@ import jax
 import numpy as np
 import pytest
 
+from configs import default
+from configs import mnist
 from jaxsd.diffusion import setup as build
 from jaxsd.training import state as ts
 from jaxsd import config_checks
+from jaxsd.data import sources
+from jaxsd.evaluation import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "mnist_results.md")
@@ -112,3 +117,17 @@ def test_config_traces_its_train_step(name):
     assert "text_embedding" in state.params["unet"]
 
 
+def test_default_config_is_neutral_about_the_data():
+  """default.py is the tree every experiment starts from: none of MNIST's
+  captions, prompts, source or classifier metrics, which a config built on
+  it would silently inherit; it validates, and asks for its data."""
+  config, digits = default.get_config(), mnist.get_config()
+  config_checks.validate(config)
+  for key in ("data.source", "data.caption_template", "sampling.prompts"):
+    assert _lookup(config, key) != _lookup(digits, key), key
+  assert tuple(config.sampling.prompts) == ()  # the data's own captions
+  data_bound = [name for name in config.eval.metrics
+                if metrics_lib.get_metric(name).data_sources]
+  assert not data_bound, f"default eval.metrics judge one dataset: {data_bound}"
+  with pytest.raises(ValueError, match=r"needs data\.path"):
+    sources.make_source(config.data)

@@ -136,7 +136,9 @@ def test_mnist_captions_labels_with_the_template(monkeypatch):
     calls.append(split)
     return images, labels
   monkeypatch.setattr(input_pipeline, "load_mnist", fake_load)
-  source = sources.make_source(_config(), split="test")
+  config = _config(source="mnist",
+                   caption_template="a photograph of the number {label}")
+  source = sources.make_source(config, split="test")
   assert calls == ["test"] and len(source) == 12
   for i, example in enumerate(_examples(source)):
     assert example["caption"] == f"a photograph of the number {labels[i]}"
@@ -145,7 +147,8 @@ def test_mnist_captions_labels_with_the_template(monkeypatch):
   assert source.statistics()["caption_words_median"] == 6
   _assert_pickles(source)
   with pytest.raises(ValueError, match=r"data\.caption_template.*label_name"):
-    sources.make_source(_config(caption_template="a {label_name}"))
+    sources.make_source(_config(source="mnist",
+                                caption_template="a {label_name}"))
 
 
 # ---------------------------------------------------------------------------

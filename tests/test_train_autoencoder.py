@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxsd.autoencoder import training as at
+from jaxsd import config_checks
 from jaxsd.tracking import mlflow_store
 from jaxsd.training import loop as loop_lib
 from jaxsd.training import preemption as preemption_lib
@@ -160,7 +161,7 @@ def test_bad_reconstruction_loss_is_refused(tiny_config):
   config = _config(tiny_config)
   config.autoencoder.reconstruction_loss = "l3"
   with pytest.raises(ValueError, match="reconstruction_loss"):
-    at.check_config(config)
+    config_checks.validate_autoencoder(config)
 
 
 # --- End to end on MNIST ------------------------------------------------------

@@ -42,6 +42,7 @@ RECONSTRUCTION_LOSSES = ("l1", "mse")
 
 
 # --- Config -------------------------------------------------------------------
+# The autoencoder.* ranges are checked in jaxsd/autoencoder/checks.py.
 
 
 def autoencoder_config(config, scaling_factor: Optional[float] = None
@@ -62,27 +63,6 @@ def autoencoder_config(config, scaling_factor: Optional[float] = None
                            else scaling_factor),
       shift_factor=float(a.shift_factor),
       sample_size=config.data.image_size)
-
-
-def check_config(config):
-  """Raises ValueError on autoencoder settings that cannot train."""
-  a = config.autoencoder
-  if a.reconstruction_loss not in RECONSTRUCTION_LOSSES:
-    raise ValueError(
-        f"autoencoder.reconstruction_loss={a.reconstruction_loss!r}; choose "
-        f"one of {RECONSTRUCTION_LOSSES}.")
-  if a.scaling_factor < 0:
-    raise ValueError(f"autoencoder.scaling_factor={a.scaling_factor}; it "
-                     "must be positive, or 0 to measure it.")
-  for width in a.block_out_channels:
-    if width % a.norm_num_groups:
-      raise ValueError(
-          f"autoencoder.block_out_channels={tuple(a.block_out_channels)} must "
-          f"divide by autoencoder.norm_num_groups={a.norm_num_groups}.")
-  autoencoder_config(config).latent_shape(config.data.image_size)
-  if a.disc_start >= 0 and a.disc_layers < 1:
-    raise ValueError(f"autoencoder.disc_layers={a.disc_layers}; the "
-                     "discriminator needs at least 1 layer.")
 
 
 # --- The discriminator --------------------------------------------------------

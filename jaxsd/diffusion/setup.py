@@ -18,11 +18,11 @@ import numpy as np
 
 from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd.checkpointing import run_config
-from jaxsd import config_checks
 from jaxsd import environment
 from jaxsd.autoencoder import frozen as latent
 from jaxsd.models import lora as lora_lib
 from jaxsd import models
+from jaxsd.models import checks as model_checks
 from jaxsd import parallel
 from jaxsd.interop import sd_pipeline
 from jaxsd.text import encoder as text_lib
@@ -172,8 +172,8 @@ def build_components(config) -> Components:
   if config.model.autoencoder:
     autoencoder = latent.load(config.model.autoencoder)
     latent.check_run_config(autoencoder, config)
-    config_checks.check_latent_size(config,
-                                    autoencoder.config.downsample_factor)
+    model_checks.check_latent_size(config,
+                                   autoencoder.config.downsample_factor)
   return Components(config=config, tokenizer=tokenizer, text_encoder=encoder,
                     unet=unet, schedule=schedule, uncond_ids=uncond,
                     autoencoder=autoencoder,

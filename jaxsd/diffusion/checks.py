@@ -1,0 +1,125 @@
+"""The diffusion.* and sampling.* sections of a run's config: valid ranges
+of the schedule, the loss and the samplers; and the sampler flags of
+jaxsd.commands.sample / jaxsd.commands.evaluate that override sampling.*.
+"""
+import inspect
+
+from jaxsd.checks import check_float, check_int, check_interval, wrapped
+from jaxsd.diffusion import losses
+from jaxsd.diffusion import samplers
+from jaxsd.diffusion import schedules
+from jaxsd.diffusion import step as train_step
+from jaxsd.errors import ConfigError
+
+
+def check_diffusion(config):
+  """diffusion.*: the noise schedule, the prediction target and the
+  training loss's weighting and timestep sampling."""
+  d = config.diffusion
+  if d.schedule not in schedules.schedule_names():
+    raise ConfigError(f"diffusion.schedule={d.schedule!r}; "
+                      f"choose one of {schedules.schedule_names()}.")
+  check_int("diffusion.num_timesteps", d.num_timesteps, 2)
+  for key in ("beta_start", "beta_end"):
+    check_float(f"diffusion.{key}", d[key], 0.0, 1.0, high_open=True,
+                hint="0 = the schedule's default")
+  defaults = {"linear": schedules.linear_betas,
+              "scaled_linear": schedules.scaled_linear_betas}
+  if d.schedule in defaults:  # the cosine schedule ignores them
+    # 0 = the schedule function's own default: read it from there, so the
+    # check cannot drift from what the schedule builds.
+    params = inspect.signature(defaults[d.schedule]).parameters
+    start = d.beta_start or params["beta_start"].default
+    end = d.beta_end or params["beta_end"].default
+    if not start < end:
+      raise ConfigError(
+          f"diffusion.beta_start={d.beta_start} and diffusion.beta_end="
+          f"{d.beta_end} give betas from {start} to {end} for the "
+          f"{d.schedule!r} schedule; need 0 < beta_start < beta_end < 1 "
+          "(0 = the schedule's default).")
+  if d.prediction_type not in losses.PREDICTION_TYPES:
+    raise ConfigError(
+        f"diffusion.prediction_type={d.prediction_type!r}; "
+        f"choose one of {losses.PREDICTION_TYPES}.")
+  if d.get("rescale_zero_snr", False) and d.prediction_type != "v_prediction":
+    raise ConfigError(
+        "diffusion.rescale_zero_snr=True makes the last timestep pure noise, "
+        "where an epsilon (or x0 from epsilon) prediction is undefined; set "
+        "diffusion.prediction_type='v_prediction'.")
+  check_float("diffusion.min_snr_gamma", d.min_snr_gamma, 0.0,
+              hint="0 = off, > 0 = min-SNR-gamma weighting (5 is usual)")
+  check_float("diffusion.cfg_dropout", d.cfg_dropout, 0.0, 1.0,
+              high_open=True, hint="the probability of the empty prompt")
+  if d.timestep_sampling not in train_step.TIMESTEP_SAMPLINGS:
+    raise ConfigError(
+        f"diffusion.timestep_sampling={d.timestep_sampling!r}; "
+        f"choose one of {train_step.TIMESTEP_SAMPLINGS}.")
+  check_float("diffusion.logit_mean", d.logit_mean)
+  check_float("diffusion.logit_std", d.logit_std, 0.0, low_open=True)
+
+
+def check_sampler_name(key: str, name):
+  """`name` is a registered sampler; key is "sampling.sampler" or a flag
+  ("--sampler")."""
+  names = samplers.sampler_names()
+  if name not in names:
+    if key.startswith("--"):
+      raise ConfigError(f"{key}={name!r}: Unknown sampler; choose one of "
+                        f"{names}.")
+    raise ConfigError(f"{key}={name!r} is not a known sampler; choose one "
+                      f"of {names}.")
+
+
+def check_guidance_scale(key: str, value) -> float:
+  return check_float(key, value, 0.0, hint=(
+      "0 = unconditional, 1 = no guidance, > 1 = guided; a negative scale "
+      "steers away from the prompt"))
+
+
+def check_eta(key: str, value) -> float:
+  return check_float(key, value, 0.0,
+                     hint="0 = deterministic DDIM, 1 = DDPM's noise")
+
+
+def check_sampling(config):
+  """sampling.*: the sampler, its steps (within diffusion.num_timesteps and
+  its timestep spacing), guidance and the periodic grid's sizes."""
+  s = config.sampling
+  num_timesteps = config.diffusion.num_timesteps
+  check_sampler_name("sampling.sampler", s.sampler)
+  check_int("sampling.num_steps", s.num_steps, 1, num_timesteps,
+            hint=f"at most diffusion.num_timesteps={num_timesteps}")
+  check_guidance_scale("sampling.guidance_scale", s.guidance_scale)
+  check_eta("sampling.eta", s.eta)
+  clip = s.get("clip_x0", True)
+  if not isinstance(clip, bool):
+    check_float("sampling.clip_x0", clip, 0.0,
+                hint="a bool, or a bound c > 0 (0 = off)")
+  spacing = s.get("timestep_spacing", "trailing")
+  if spacing not in samplers.TIMESTEP_SPACINGS:
+    raise ConfigError(f"sampling.timestep_spacing={spacing!r}; "
+                      f"choose one of {samplers.TIMESTEP_SPACINGS}.")
+  offset = s.get("steps_offset", 0)
+  check_int("sampling.steps_offset", offset, 0)
+  wrapped("sampling.steps_offset", samplers.timesteps_for, s.num_steps,
+          num_timesteps, spacing, offset)
+  if s.get("final_alpha", "one") not in samplers.FINAL_ALPHAS:
+    raise ConfigError(f"sampling.final_alpha={s.final_alpha!r}; choose one "
+                      f"of {samplers.FINAL_ALPHAS}.")
+  interval = s.get("guidance_interval", None)
+  if interval is not None:
+    check_interval("sampling.guidance_interval", interval)
+  check_int("sampling.samples_per_prompt", s.samples_per_prompt, 1)
+  check_int("sampling.chunk_size", s.chunk_size, 1,
+            hint="images per jitted sampling call")
+
+
+def check_steps_flag(config, steps: int):
+  """--steps against a run's saved config: within its
+  diffusion.num_timesteps and sampling's timestep spacing."""
+  num_timesteps = config.diffusion.num_timesteps
+  check_int("--steps", steps, 1, num_timesteps,
+            hint=f"the run has diffusion.num_timesteps={num_timesteps}")
+  s = config.sampling
+  wrapped("--steps", samplers.timesteps_for, steps, num_timesteps,
+          s.get("timestep_spacing", "trailing"), s.get("steps_offset", 0))

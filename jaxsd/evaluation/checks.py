@@ -1,0 +1,32 @@
+"""The eval.* section of a run's config: sample counts and the metrics
+(`evaluator.check_config`: their names, their data sources and each one's
+minimum of samples); and the --metrics flag of jaxsd.commands.evaluate.
+"""
+from jaxsd.checks import check_int
+from jaxsd.errors import ConfigError
+from jaxsd.evaluation import evaluator
+from jaxsd.evaluation import metrics as metrics_lib
+
+
+def check_eval(config):
+  """eval.*: sample counts and sizes; the metrics, when any, as the
+  Evaluator will check them (reads a prompts file's lines at most)."""
+  e = config.eval
+  check_int("eval.num_samples", e.num_samples, 1)
+  check_int("eval.chunk_size", e.chunk_size, 1,
+            hint="images per jitted sampling call")
+  check_int("eval.num_clip_samples", e.num_clip_samples, 1)
+  check_int("eval.inception_reference_samples", e.inception_reference_samples,
+            2, hint="a covariance needs at least 2 images")
+  if e.metrics:
+    evaluator.check_config(config)
+
+
+def check_metrics_flag(metrics):
+  """--metrics: one or more registered metric names."""
+  names = metrics_lib.metric_names()
+  unknown = [m for m in metrics if m not in names]
+  if unknown or not metrics:
+    raise ConfigError(f"--metrics={','.join(metrics)}: metrics must be "
+                      f"one or more of {names}"
+                      + (f"; unknown: {unknown}." if unknown else "."))

@@ -1,0 +1,122 @@
+"""The model.* section of a run's config (the UNet and its LoRA): valid
+ranges, and the image size the UNet's levels can halve.
+
+`check_model(config)` runs before anything is built. A latent run's size
+depends on its autoencoder's downsampling, known once it is loaded:
+`check_latent_size(config, factor)` then.
+"""
+from jaxsd import models
+from jaxsd.checks import (check_channels, check_choice, check_float,
+                          check_int, is_int, wrapped)
+from jaxsd.errors import ConfigError
+from jaxsd.models import lora
+from jaxsd.models import unet
+
+
+def unet_levels(config) -> int:
+  """Resolution levels of the UNet (len(model.block_out_channels)): it halves
+  the size at each but the last."""
+  return len(config.model.block_out_channels)
+
+
+def _unet_divisor(config) -> int:
+  return 2 ** (unet_levels(config) - 1)
+
+
+def check_latent_size(config, factor: int) -> int:
+  """A latent run's image size against its autoencoder: data.image_size
+  must divide by the autoencoder's downsampling `factor`, and the latent size
+  image_size / factor by the UNet's 2**(levels - 1). Call once the
+  autoencoder is loaded (its factor is then known); returns the latent size.
+  """
+  size = config.data.image_size
+  check_int("data.image_size", size, 1)
+  if factor < 1 or size % factor:
+    raise ConfigError(
+        f"data.image_size={size} does not divide by the autoencoder's "
+        f"downsampling factor {factor} (model.autoencoder="
+        f"{config.model.autoencoder!r}); choose a multiple of {factor}.")
+  latent_size = size // factor
+  divisor = _unet_divisor(config)
+  if latent_size % divisor:
+    multiple = factor * divisor
+    raise ConfigError(
+        f"data.image_size={size} gives {latent_size}x{latent_size} latents "
+        f"(the autoencoder downsamples {factor}x), which the UNet's "
+        f"{unet_levels(config)} levels (model.block_out_channels="
+        f"{tuple(config.model.block_out_channels)}) cannot halve "
+        f"{unet_levels(config) - 1} times; data.image_size must be a multiple "
+        f"of {multiple} (e.g. {max(multiple, round(size / multiple) * multiple)}"
+        ").")
+  return latent_size
+
+
+def check_model(config):
+  """model.*: the implementation, its architecture, LoRA and remat; a
+  pixel-space UNet's channels and levels against data.num_channels and
+  data.image_size (a latent run's: `check_latent_size`)."""
+  m = config.model
+  wrapped("model.implementation", models.unet_class, m.implementation)
+  wrapped("model.dtype", models.compute_dtype, m.dtype)
+  # Latent runs (an autoencoder, or a pipeline that brings one): the UNet
+  # sees latents, checked by check_latent_size once the autoencoder loads.
+  latent = bool(m.autoencoder or m.get("pretrained_pipeline", ""))
+  check_int("model.in_channels", m.in_channels, 1)
+  check_int("model.out_channels", m.out_channels, 1)
+  channels = check_channels("model.block_out_channels", m.block_out_channels)
+  check_int("model.layers_per_block", m.layers_per_block, 1)
+  heads = m.attention_head_dim
+  if is_int(heads):
+    check_int("model.attention_head_dim", heads, 1,
+              hint="heads per block (diffusers' naming)")
+  else:
+    check_channels("model.attention_head_dim", heads)
+  check_int("model.norm_num_groups", m.norm_num_groups, 1)
+  if m.implementation == "jaxsd":
+    bad = [c for c in channels if c % m.norm_num_groups]
+    if bad:
+      raise ConfigError(
+          f"model.norm_num_groups={m.norm_num_groups} must divide every entry "
+          f"of model.block_out_channels={channels} ({bad} do not split into "
+          "that many groups).")
+  n_blocks = len(channels)
+  for key in ("down_block_types", "up_block_types"):
+    if len(m[key]) != n_blocks:
+      raise ConfigError(
+          f"model.{key} has {len(m[key])} entries but "
+          f"model.block_out_channels has {n_blocks}; give one per level.")
+  if not latent and config.data.num_channels != m.in_channels:
+    raise ConfigError(
+        f"data.num_channels={config.data.num_channels} but "
+        f"model.in_channels={m.in_channels}: a pixel-space UNet "
+        "denoises the images themselves; set both to 1 (grey) or 3 (RGB).")
+  if not latent:
+    divisor = _unet_divisor(config)
+    size = config.data.image_size
+    if size % divisor:
+      fits = max(divisor, round(size / divisor) * divisor)
+      raise ConfigError(
+          f"data.image_size={size} must be a multiple of {divisor} (the UNet "
+          f"halves it at each of its {n_blocks} levels but the last: "
+          f"model.block_out_channels={channels}); e.g. data.image_size="
+          f"{fits}, or use fewer levels.")
+  pooling = m.pooled_text_embedding
+  if pooling and pooling not in unet.TEXT_POOLINGS:
+    raise ConfigError(f"model.pooled_text_embedding={pooling!r}; choose '' "
+                      f"(off) or one of {unet.TEXT_POOLINGS}.")
+  lora_config = m.get("lora")
+  if lora_config is not None:
+    check_int("model.lora.rank", lora_config.rank, 0,
+              hint="0 = no LoRA, full training")
+    check_float("model.lora.alpha", lora_config.alpha, 0.0,
+                hint="the update is scaled by alpha / rank; 0 = rank")
+    check_float("model.lora.dropout", lora_config.dropout, 0.0, 1.0,
+                high_open=True)
+    check_choice("model.lora.base_dtype",
+                 lora_config.get("base_dtype", "float32"),
+                 sorted(lora.BASE_DTYPES))
+  wrapped("model.lora", lora.from_config, lora_config)  # targets, base_dtype
+  remat = wrapped("model.remat", unet.remat_policy, m.get("remat", "none"))
+  if remat != "none" and m.implementation != "jaxsd":
+    raise ConfigError(f"model.remat={remat!r} is a jaxsd UNet feature; set "
+                      "model.implementation='jaxsd' or model.remat='none'.")
