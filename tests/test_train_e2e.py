@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxsd.tracking import mlflow_store
-from jaxsd.commands import plot_runs
+from jaxsd.tracking import plots as plot_runs
 from jaxsd.training import trainer as train
 from jaxsd.data import pipeline as data_pipeline
 
