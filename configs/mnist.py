@@ -59,6 +59,6 @@ def get_config():
   # noisiest steps it costs diversity (and FID), at the cleanest it does
   # nothing for the prompt (docs/mnist_results.md).
   config.sampling.guidance_interval = (0.2, 0.8)
-  config.eval.num_samples = 500  # periodic; the headline uses jaxsd.commands.evaluate
+  config.eval.num_samples = 500  # periodic; the headline uses jaxsd-evaluate
   config.eval.chunk_size = 250
   return config

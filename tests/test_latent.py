@@ -150,7 +150,7 @@ def _folder_config(tiny_config, vae, folder):
 @pytest.mark.slow
 def test_cache_trains_the_same_loss_as_encoding_on_the_fly(
     tiny_config, vae, tmp_path):
-  from jaxsd.commands import cache  # pylint: disable=g-import-not-at-top
+  from jaxsd.autoencoder import latent_cache as cache  # pylint: disable=g-import-not-at-top
   folder = _imagefolder(str(tmp_path / "images"))
   config = _folder_config(tiny_config, vae, folder)
   out = str(tmp_path / "cache")
@@ -249,7 +249,7 @@ def test_stored_text_embeddings_train_the_same_loss_as_token_ids(
 @pytest.mark.slow
 def test_cache_with_text_embeddings_trains_the_same_loss(
     tiny_config, vae, tmp_path):
-  from jaxsd.commands import cache  # pylint: disable=g-import-not-at-top
+  from jaxsd.autoencoder import latent_cache as cache  # pylint: disable=g-import-not-at-top
   from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   folder = _imagefolder(str(tmp_path / "images"))
   config = _frozen_text_encoder(_folder_config(tiny_config, vae, folder),
@@ -304,7 +304,7 @@ def test_tiny_latent_run_trains_samples_and_evaluates(tiny_config, vae,
                                                      tmp_path):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   from jaxsd.tracking import mlflow_store
-  from jaxsd.commands import sample
+  from jaxsd.diffusion import sample_run as sample  # pylint: disable=g-import-not-at-top
   from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   whole = train.train_and_evaluate(_latent_config(tiny_config, vae),
                                    str(tmp_path / "whole"))
