@@ -77,7 +77,8 @@ def get_config():
   # A diffusers Stable Diffusion pipeline folder (model_index.json, unet/,
   # vae/, text_encoder/, tokenizer/, scheduler/; PyTorch weights) to start
   # from: it sets model.pretrained, model.autoencoder, the architecture,
-  # text.*, diffusion.* and the DDIM sampling settings (jaxsd/sd_pipeline.py).
+  # text.*, diffusion.* and the DDIM sampling settings
+  # (jaxsd/interop/sd_pipeline.py).
   model.pretrained_pipeline = ""
   # Gradient checkpointing (models/unet.py UNet.remat): "blocks" keeps only
   # each down/mid/up block's inputs for the backward pass and recomputes the
@@ -112,7 +113,7 @@ def get_config():
   # jaxsd autoencoder workdir (jaxsd-train-autoencoder). "" = pixel
   # space.
   model.autoencoder = ""
-  # LoRA (jaxsd/lora.py): rank > 0 trains low-rank adapters on the target
+  # LoRA (jaxsd/models/lora.py): rank > 0 trains low-rank adapters on the target
   # projections only; the base weights stay frozen (base_dtype) and out of
   # the checkpoints, which hold the adapters and a fingerprint of the base.
   model.lora = lora = ml_collections.ConfigDict()
@@ -199,7 +200,7 @@ def get_config():
   training.init_from = ""
   training.init_from_step = -1  # that run's checkpoint step; -1 = latest
 
-  # --- Sampling (periodic grids and jaxsd.commands.sample) -------------------------
+  # --- Sampling (periodic grids and jaxsd-sample) ----------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"
   sampling.num_steps = 50
@@ -222,7 +223,7 @@ def get_config():
   # () = the first distinct captions of the training data.
   sampling.prompts = ()
 
-  # --- Evaluation (every training.eval_every steps and jaxsd.commands.evaluate) -------
+  # --- Evaluation (every training.eval_every steps and jaxsd-evaluate) --------
   config.eval = ev = ml_collections.ConfigDict()
   # Metrics that judge any images; MNIST's own (prompt_accuracy, fid_mnist,
   # diversity): configs/mnist.py.

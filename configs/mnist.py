@@ -69,6 +69,6 @@ def get_config():
   # that judge any images.
   config.eval.metrics = ("prompt_accuracy", "fid_mnist", "diversity",
                          "fid_inception", "clip_score")
-  config.eval.num_samples = 500  # periodic; the headline uses jaxsd.commands.evaluate
+  config.eval.num_samples = 500  # periodic; the headline uses jaxsd-evaluate
   config.eval.chunk_size = 250
   return config

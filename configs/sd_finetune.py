@@ -17,7 +17,7 @@ any jaxsd data source, fully or with LoRA; 512 px, for GPUs.
 
 model.pretrained_pipeline sets the architecture, the autoencoder, the text
 encoder, the tokenizer, the schedule and the DDIM settings from the folder
-(jaxsd/sd_pipeline.py); the fields below are the training recipe.
+(jaxsd/interop/sd_pipeline.py); the fields below are the training recipe.
 Memory: bf16 compute with f32 master weights and gradient checkpointing of
 the UNet's blocks (benchmarks/README.md has the measured figures).
 """

@@ -25,3 +25,8 @@ class ResumeMismatchError(JaxsdError, ValueError):
 
 class CheckpointError(JaxsdError):
   """A checkpoint cannot be read or written."""
+
+
+class OutputExistsError(JaxsdError, FileExistsError):
+  """An output is there already and the command was not told to replace
+  it."""

@@ -17,9 +17,9 @@ import ml_collections
 import pytest
 
 from jaxsd import config_checks
-from jaxsd.commands import evaluate
-from jaxsd.commands import sample
+from jaxsd.diffusion import sample_run as sample
 from jaxsd.errors import ConfigError
+from jaxsd.evaluation import checkpoints as evaluate
 from jaxsd.evaluation import evaluator as evaluator_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

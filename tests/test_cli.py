@@ -24,11 +24,14 @@ def test_all_commands_import_together_without_defining_flags():
   by_module = flags.FLAGS.flags_by_module_dict()
   # Their flags come with run(), not with import.
   assert not any(by_module.get(name) for name in COMMANDS)
-  from jaxsd.commands import evaluate
-  from jaxsd.commands import sample  # pylint: disable=g-import-not-at-top
-  assert callable(sample.generate_for_prompts) and callable(sample.read_prompts)
-  assert callable(evaluate.evaluate_checkpoints)
-  assert callable(evaluate.write_tables)
+  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import sample_run
+  from jaxsd.evaluation import checkpoints
+  # pylint: enable=g-import-not-at-top
+  assert callable(sample_run.generate_for_prompts)
+  assert callable(sample_run.read_prompts)
+  assert callable(checkpoints.evaluate_checkpoints)
+  assert callable(checkpoints.write_tables)
   assert all(callable(m.run) for m in modules)
 
 

@@ -331,7 +331,7 @@ def test_a_bad_restart_leaves_the_run_intact(trained_run, tiny_config,
 @pytest.mark.mnist
 def test_truncated_latest_checkpoint_sampling_names_it_training_falls_back(
     trained_run, tiny_config, tmp_path, patient_watchdog):
-  from jaxsd.commands import sample
+  from jaxsd.diffusion import sample_run as sample  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(trained_run, tmp_path)
   truncate_array_data(os.path.join(workdir, "checkpoints", "4"))

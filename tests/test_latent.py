@@ -150,7 +150,7 @@ def _folder_config(tiny_config, vae, folder):
 @pytest.mark.slow
 def test_cache_trains_the_same_loss_as_encoding_on_the_fly(
     tiny_config, vae, tmp_path):
-  from jaxsd.commands import cache  # pylint: disable=g-import-not-at-top
+  from jaxsd.autoencoder import latent_cache as cache  # pylint: disable=g-import-not-at-top
   folder = _imagefolder(str(tmp_path / "images"))
   config = _folder_config(tiny_config, vae, folder)
   out = str(tmp_path / "cache")
@@ -249,7 +249,7 @@ def test_stored_text_embeddings_train_the_same_loss_as_token_ids(
 @pytest.mark.slow
 def test_cache_with_text_embeddings_trains_the_same_loss(
     tiny_config, vae, tmp_path):
-  from jaxsd.commands import cache  # pylint: disable=g-import-not-at-top
+  from jaxsd.autoencoder import latent_cache as cache  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   folder = _imagefolder(str(tmp_path / "images"))
   config = _frozen_text_encoder(_folder_config(tiny_config, vae, folder),
@@ -304,7 +304,7 @@ def test_tiny_latent_run_trains_samples_and_evaluates(tiny_config, vae,
                                                      tmp_path):
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
   from jaxsd.tracking import mlflow_store
-  from jaxsd.commands import sample
+  from jaxsd.diffusion import sample_run as sample  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   whole = diffusion_task.train_and_evaluate(_latent_config(tiny_config, vae),
                                    str(tmp_path / "whole"))
@@ -366,7 +366,7 @@ def test_mnist_latent_config_validates_and_traces_its_step(tmp_path):
   from jaxsd import config_checks
   from jaxsd import environment  # pylint: disable=g-import-not-at-top
   ae_run = environment.resolve(mnist_latent.get_config("autoencoder"))
-  config_checks.validate_autoencoder(ae_run)
+  autoencoder_training.check_config(ae_run)
   arch = autoencoder_training.autoencoder_config(ae_run, scaling_factor=0.8)
   config = environment.resolve(mnist_latent.get_config())
   config.model.autoencoder = write_vae(str(tmp_path / "vae"), arch)

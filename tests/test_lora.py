@@ -1,6 +1,6 @@
-"""LoRA adapters (jaxsd/lora.py): merging, the intercepted train-time
-forward, gradients, and diffusers' file format against PyTorch diffusers +
-peft as the oracle."""
+"""LoRA adapters (jaxsd/models/lora.py): merging, the intercepted train-time
+forward, gradients, and diffusers' file format (jaxsd/interop/lora_format.py)
+against PyTorch diffusers + peft as the oracle."""
 import json
 import os
 
@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxsd.interop import lora_format
 from jaxsd.models import lora
 from jaxsd.models import unet as unet_lib
 
@@ -291,17 +292,17 @@ def test_gradients_reach_the_adapters_only(mlp):
 
 
 def test_diffusers_module_names():
-  assert lora.diffusers_module_name(
+  assert lora_format.diffusers_module_name(
       ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1",
        "to_out_0")) == ("down_blocks.0.attentions.0.transformer_blocks.0."
                         "attn1.to_out.0")
-  assert lora.diffusers_module_name(
+  assert lora_format.diffusers_module_name(
       ("mid_block", "attentions_0", "transformer_blocks_1", "attn2", "to_k")
   ) == "mid_block.attentions.0.transformer_blocks.1.attn2.to_k"
-  assert lora.diffusers_module_name(
+  assert lora_format.diffusers_module_name(
       ("text_model", "encoder", "layers", "11", "self_attn", "q_proj")
   ) == "text_model.encoder.layers.11.self_attn.q_proj"
-  assert lora.diffusers_module_name(("time_embedding", "linear_1")) == (
+  assert lora_format.diffusers_module_name(("time_embedding", "linear_1")) == (
       "time_embedding.linear_1")
 
 
@@ -312,7 +313,7 @@ def test_state_dict_round_trip(tmp_path, tiny_unet, mlp):
       jax.random.key(0), unet_params, lora.UNET_TARGETS, RANK))
   text_adapters = trained(lora.init_adapters(
       jax.random.key(1), mlp_params, ["to_q"], RANK), seed=2)
-  sd = lora.to_diffusers_state_dict(unet_adapters)
+  sd = lora_format.to_diffusers_state_dict(unet_adapters)
   name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
   down = unet_adapters["down_blocks_0"]["attentions_0"][
       "transformer_blocks_0"]["attn1"]["to_q"]["down"]
@@ -320,35 +321,35 @@ def test_state_dict_round_trip(tmp_path, tiny_unet, mlp):
   assert sd[name + ".lora_A.weight"].shape == (RANK, 16)
   assert sd[name + ".lora_B.weight"].shape == (16, RANK)
   assert len(sd) == len(flat(unet_adapters))  # lora_A, lora_B per module
-  assert_trees_close(lora.from_diffusers_state_dict(sd, unet_params),
+  assert_trees_close(lora_format.from_diffusers_state_dict(sd, unet_params),
                      unet_adapters, atol=0.0)
 
-  path = lora.save_diffusers_lora(str(tmp_path), unet_adapters, text_adapters,
-                                  alpha=ALPHA)
+  path = lora_format.save_diffusers_lora(str(tmp_path), unet_adapters,
+                                         text_adapters, alpha=ALPHA)
   assert os.path.basename(path) == "pytorch_lora_weights.safetensors"
-  u, t, alpha = lora.load_diffusers_lora(str(tmp_path), unet_params,
-                                         mlp_params)
+  u, t, alpha = lora_format.load_diffusers_lora(str(tmp_path), unet_params,
+                                                mlp_params)
   assert alpha == ALPHA
   assert_trees_close(u, unet_adapters, atol=0.0)
   assert_trees_close(t, text_adapters, atol=0.0)
-  assert lora.load_diffusers_lora(path, unet_params)[1] is None
+  assert lora_format.load_diffusers_lora(path, unet_params)[1] is None
 
   # Without metadata diffusers takes alpha = r, and so do we.
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   bare = str(tmp_path / "bare.safetensors")
   safetensors.numpy.save_file(sd, bare)
-  assert lora.load_diffusers_lora(bare, unet_params)[2] == RANK
+  assert lora_format.load_diffusers_lora(bare, unet_params)[2] == RANK
 
   with pytest.raises(ValueError, match="not a Dense layer"):
-    lora.from_diffusers_state_dict(
+    lora_format.from_diffusers_state_dict(
         {"unet.nope.to_q.lora_A.weight": np.zeros((RANK, 16)),
          "unet.nope.to_q.lora_B.weight": np.zeros((16, RANK))}, unet_params)
   with pytest.raises(ValueError, match="do not fit"):
-    lora.from_diffusers_state_dict(
+    lora_format.from_diffusers_state_dict(
         {name + ".lora_A.weight": np.zeros((RANK, 7)),
          name + ".lora_B.weight": np.zeros((16, RANK))}, unet_params)
   with pytest.raises(ValueError, match="kohya"):
-    lora.from_diffusers_state_dict(
+    lora_format.from_diffusers_state_dict(
         {"unet.x.alpha": np.zeros(())}, unet_params)
 
 
@@ -411,13 +412,13 @@ def test_diffusers_load_lora_weights_fuses_to_our_merge(tmp_path):
       jax.random.key(0), unet_params, lora.UNET_TARGETS, RANK), seed=1)
   text_adapters = trained(lora.init_adapters(
       jax.random.key(1), text_params, lora.TEXT_TARGETS, RANK), seed=2)
-  lora.save_diffusers_lora(str(tmp_path), unet_adapters, text_adapters,
-                           alpha=ALPHA)
+  lora_format.save_diffusers_lora(str(tmp_path), unet_adapters,
+                                  text_adapters, alpha=ALPHA)
   before = {"unet": {k: v.clone() for k, v in unet.state_dict().items()},
             "text": {k: v.clone() for k, v in text.state_dict().items()}}
 
   # (offline, as the tests run, diffusers needs the file's name)
-  pipe.load_lora_weights(str(tmp_path), weight_name=lora.WEIGHT_NAME)
+  pipe.load_lora_weights(str(tmp_path), weight_name=lora_format.WEIGHT_NAME)
   pipe.fuse_lora()
   pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
 
@@ -427,7 +428,7 @@ def test_diffusers_load_lora_weights_fuses_to_our_merge(tmp_path):
       ("text", text, text_params, text_adapters, lambda p: p,
        lora.TEXT_TARGETS)):
     merged = flat(lora.merge(params, adapters, ALPHA))
-    targeted = {lora.diffusers_module_name(p) + ".weight"
+    targeted = {lora_format.diffusers_module_name(p) + ".weight"
                 for p in lora.target_paths(params, targets)}
     after = model.state_dict()
     assert after.keys() == before[name].keys()
@@ -457,12 +458,12 @@ def test_metadata_is_what_diffusers_reads(tmp_path, mlp):
   peft = pytest.importorskip("peft")
   _, params, _ = mlp
   adapters = lora.init_adapters(jax.random.key(0), params, ["to_q"], RANK)
-  path = lora.save_diffusers_lora(str(tmp_path), unet_adapters=adapters,
-                                  alpha=ALPHA)
+  path = lora_format.save_diffusers_lora(str(tmp_path),
+                                         unet_adapters=adapters, alpha=ALPHA)
   # pylint: disable-next=g-import-not-at-top
   from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
   metadata = _load_sft_state_dict_metadata(path)
-  assert metadata == json.loads(json.dumps(lora.lora_metadata(
+  assert metadata == json.loads(json.dumps(lora_format.lora_metadata(
       adapters, ALPHA)))
   config = peft.LoraConfig(**{k.removeprefix("unet."): v
                               for k, v in metadata.items()})

@@ -195,6 +195,7 @@ def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
   step 4 (both sample, process 0 scores): eval/* is logged once, in the
   run's one MLflow run, and equals a single-process evaluation of the same
   checkpoint with the same key."""
+  from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
@@ -229,7 +230,7 @@ def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
     history = client.get_metric_history(run.info.run_id, f"eval/{name}")
     assert [m.step for m in history] == [4], name
     logged[name] = history[0].value
-  config = build.load_run_config(workdir)
+  config = run_config.load_run_config(workdir)
   evaluator = evaluator_lib.Evaluator(config).prepare()
   mesh = parallel.make_mesh()
   _, comps, params, _ = build.restore_for_inference(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxsd.commands import sample
+from jaxsd.diffusion import sample_run as sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a photograph of the number 3", ""]

@@ -1,11 +1,11 @@
-"""jaxsd.commands.sync_mlflow: a workdir's local MLflow run copied to a tracking
+"""jaxsd.tracking.sync: a workdir's local MLflow run copied to a tracking
 server (here another SQLite store: the sync works for any tracking URI)."""
 import numpy as np
 import pytest
 
 from jaxsd import errors
 from jaxsd.tracking import mlflow_store
-from jaxsd.commands import sync_mlflow
+from jaxsd.tracking import sync as sync_mlflow
 
 
 @pytest.fixture(autouse=True)

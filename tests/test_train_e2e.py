@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxsd.tracking import mlflow_store
-from jaxsd.commands import plot_runs
+from jaxsd.tracking import plots as plot_runs
 from jaxsd.diffusion import task as diffusion_task
 from jaxsd.training import loop as loop_lib
 from jaxsd.training import preemption as preemption_lib

@@ -20,15 +20,9 @@ a run with the same text encoder reads them instead of encoding captions
 every step. float16 halves their size (SD's 77x768 context: 118 KB
 instead of 236 KB per caption) at a rounding of the context.
 """
-import os
-import time
-
+from absl import app
 from absl import flags
-from absl import logging
-import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 from jaxsd.commands import cli
 
@@ -50,193 +44,17 @@ def _define_flags():
   flags.mark_flags_as_required(["config", "out"])
 
 
-def _check(config):
-  data = config.data
-  if not config.model.autoencoder:
-    raise ValueError("model.autoencoder is empty: a latent cache holds an "
-                     "autoencoder's latents; name the autoencoder "
-                     "(--config.model.autoencoder=...).")
-  if data.random_flip or data.crop != "center":
-    raise ValueError(
-        f"data.random_flip={data.random_flip}, data.crop={data.crop!r}: a "
-        "latent cache holds one encoding per image, so random flips and "
-        "crops cannot vary per epoch. Set data.random_flip=False and "
-        "data.crop='center' for cached runs.")
-  if data.latent_cache:
-    raise ValueError("data.latent_cache is set: cache the images, not a "
-                     "cache (drop --config.data.latent_cache).")
-
-
-def wants_text_embeddings(config, text_embeddings: str = "auto") -> bool:
-  """Whether the cache stores text embeddings (see the module docstring)."""
-  frozen = bool(config.text.pretrained) and not config.text.trainable
-  if text_embeddings == "auto":
-    return frozen
-  if text_embeddings == "true" and not frozen:
-    raise ValueError(
-        f"--text_embeddings=true needs a frozen pretrained text encoder, but "
-        f"text.pretrained={config.text.pretrained!r} and text.trainable="
-        f"{config.text.trainable}: a trained (or randomly initialised) "
-        "encoder's embeddings change during the run. Set text.pretrained and "
-        "text.trainable=False, or --text_embeddings=false.")
-  if text_embeddings not in ("true", "false"):
-    raise ValueError(f"--text_embeddings={text_embeddings!r}; choose auto, "
-                     "true or false.")
-  return text_embeddings == "true"
-
-
-class _TextEmbedder:
-  """The run's frozen text encoder over captions, distinct ones once."""
-
-  def __init__(self, config, batch_size: int, dtype: str):
-    from jaxsd.autoencoder import frozen as latent
-    from jaxsd.text import encoder as text_lib  # pylint: disable=g-import-not-at-top
-    self.tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
-    encoder = text_lib.TextEncoder(config.text,
-                                   text_lib.vocab_size(self.tokenizer))
-    self.params = encoder.init(jax.random.key(0))  # pretrained: no rng use
-    self.max_length = config.text.max_length
-    self.fingerprint = latent.text_fingerprint(self.params, self.max_length)
-    self.shape = [self.max_length, encoder.hidden_size]
-    self.batch_size, self.dtype = batch_size, np.dtype(dtype)
-    self._tokenize = text_lib.tokenize
-    self._encode = jax.jit(encoder)
-
-  def __call__(self, captions):
-    """captions -> (context [u, L, D] of the distinct ones, index per
-    caption)."""
-    rows = {}
-    index = [rows.setdefault(c, len(rows)) for c in captions]
-    distinct = list(rows)
-    out = []
-    for i in range(0, len(distinct), self.batch_size):
-      chunk = distinct[i:i + self.batch_size]
-      ids = self._tokenize(self.tokenizer, chunk + [chunk[-1]] * (
-          self.batch_size - len(chunk)), self.max_length)
-      out.append(np.asarray(jax.device_get(
-          self._encode(self.params, jnp.asarray(ids))))[:len(chunk)])
-    return np.concatenate(out).astype(self.dtype), index
-
-
-def _examples(source):
-  from jaxsd.data import sources  # pylint: disable=g-import-not-at-top
-  if isinstance(source, sources.StreamSource):
-    yield from iter(source)
-  else:
-    for i in range(len(source)):
-      yield source[i]
-
-
-def write_cache(config, out: str, batch_size: int = 64,
-                shard_size: int = 4096, text_embeddings: str = "auto",
-                embedding_dtype: str = "float32"):
-  """Encodes config's data with model.autoencoder (and, see
-  `wants_text_embeddings`, its captions with the frozen text encoder) into
-  `out`; returns the CacheInfo written."""
-  from jaxsd import config_checks
-  from jaxsd import environment
-  from jaxsd.autoencoder import frozen as latent  # pylint: disable=g-import-not-at-top
-  from jaxsd.data import latent_cache, pipeline, transforms  # pylint: disable=g-import-not-at-top
-  from jaxsd.interop import sd_pipeline  # pylint: disable=g-import-not-at-top
-  config = sd_pipeline.resolve(environment.resolve(config))
-  config_checks.validate(config)
-  _check(config)
-  frozen = latent.load(config.model.autoencoder)
-  latent.check_run_config(frozen, config)
-  config_checks.check_latent_size(config, frozen.config.downsample_factor)
-  embed = (_TextEmbedder(config, batch_size, embedding_dtype)
-           if wants_text_embeddings(config, text_embeddings) else None)
-  source = pipeline.make_source(config)
-  transform = transforms.ImageTransform(
-      image_size=config.data.image_size, num_channels=config.data.num_channels,
-      pad_small=config.data.source == "mnist")
-  os.makedirs(out, exist_ok=True)
-  info_path = os.path.join(out, latent_cache.INFO_FILE)
-  if os.path.exists(info_path):
-    os.remove(info_path)  # incomplete until written again
-  encode = jax.jit(lambda p, x: frozen.encode(p, x))
-  total = len(source) if hasattr(source, "__len__") else None
-  shards, pending = [], {"mean": [], "logvar": [], "captions": [], "keys": []}
-  images, captions, keys = [], [], []
-  count, start = 0, time.perf_counter()
-
-  def flush_batch():
-    n = len(images)
-    batch = np.stack(images + [images[-1]] * (batch_size - n))
-    mean, logvar = jax.device_get(encode(frozen.params, jnp.asarray(batch)))
-    pending["mean"].append(mean[:n])
-    pending["logvar"].append(logvar[:n])
-    pending["captions"] += captions
-    pending["keys"] += keys
-    images.clear(), captions.clear(), keys.clear()
-
-  def flush_shard():
-    name = f"{len(shards):05d}"
-    mean = np.concatenate(pending["mean"])
-    context, index = embed(pending["captions"]) if embed else (None, None)
-    latent_cache.write_shard(out, name, mean,
-                             np.concatenate(pending["logvar"]),
-                             pending["captions"], pending["keys"],
-                             context, index)
-    shards.append({"name": name, "examples": len(mean)})
-    for v in pending.values():
-      v.clear()
-
-  for example in _examples(source):
-    key = str(example.get("key", count))
-    image = transform(example["image"], key)
-    if image is None:
-      raise ValueError(
-          f"Image {key!r} does not decode. A latent cache keeps example i of "
-          "the data as its example i, so it cannot skip it: fix or remove the "
-          "file, then write the cache again.")
-    images.append(image)
-    captions.append(transforms.caption_of(example, key))
-    keys.append(key)
-    count += 1
-    if len(images) == batch_size:
-      flush_batch()
-      if sum(len(m) for m in pending["mean"]) >= shard_size:
-        flush_shard()
-      if count % (batch_size * 20) == 0:
-        rate = count / (time.perf_counter() - start)
-        eta = (f", ETA {(total - count) / rate:.0f} s" if total else "")
-        logging.info("cache: %d%s examples, %.0f/s%s", count,
-                     f"/{total}" if total else "", rate, eta)
-  if images:
-    flush_batch()
-  if pending["mean"]:
-    flush_shard()
-  if not count:
-    raise ValueError("The data holds no examples to cache.")
-  info = latent_cache.CacheInfo(
-      examples=count, shards=shards,
-      latent_shape=list(frozen.latent_shape(config.data.image_size)),
-      autoencoder=config.model.autoencoder,
-      autoencoder_fingerprint=frozen.fingerprint(),
-      data=latent_cache.data_fields(config.data))
-  if embed:
-    info.text_fingerprint = embed.fingerprint
-    info.text_encoder = config.text.pretrained
-    info.context_shape = embed.shape
-    info.context_dtype = embedding_dtype
-  info.save(out)
-  logging.info("Wrote a latent cache of %d examples in %d shards to %s in "
-               "%.1f s%s.", count, len(shards), out,
-               time.perf_counter() - start,
-               " with text embeddings" if embed else "")
-  return info
-
-
 def main(argv):
   if len(argv) > 1:
-    raise ValueError(f"Unexpected arguments: {argv[1:]}")
-  write_cache(FLAGS.config, FLAGS.out, FLAGS.batch_size, FLAGS.shard_size,
-              FLAGS.text_embeddings, FLAGS.embedding_dtype)
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from jaxsd.autoencoder import latent_cache  # pylint: disable=g-import-not-at-top
+  latent_cache.write_cache(FLAGS.config, FLAGS.out, FLAGS.batch_size,
+                           FLAGS.shard_size, FLAGS.text_embeddings,
+                           FLAGS.embedding_dtype)
 
 
 def run():
-  """The `jaxsd-cache` command (`jaxsd-cache`)."""
+  """The `jaxsd-cache` command."""
   cli.run(main, _define_flags)
 
 

@@ -1,9 +1,10 @@
 """How jaxsd's commands start: flags defined on entry, help that lists them.
 
-Each command (`jaxsd.commands.train`, `jaxsd.commands.sample`, `jaxsd.commands.evaluate`,
-`jaxsd.commands.plot_runs`) defines its absl flags in a function that only its entry
-point calls, so the modules import together (tests, notebooks) without
-DuplicateFlagError over the names they share (workdir, step, seed, ...).
+Each command in jaxsd/commands/ (train, sample, evaluate, ...) is flags,
+then one call into the library that owns its concept. It defines its absl
+flags in a function that only its entry point calls, so the modules import
+together (tests, notebooks) without DuplicateFlagError over the names they
+share (workdir, step, seed, ...).
 """
 import logging as logging_std
 import sys
@@ -64,7 +65,7 @@ def _help_asked(argv) -> str:
 
 
 def define_sampler_flags():
-  """The sampling flags jaxsd.commands.sample and jaxsd.commands.evaluate share; each
+  """The sampling flags jaxsd-sample and jaxsd-evaluate share; each
   defaults to the run's own `sampling` setting."""
   flags.DEFINE_string("sampler", None, "ddpm | ddim | dpmpp_2m "
                       "(default: the run's sampling.sampler).")

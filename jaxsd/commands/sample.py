@@ -5,13 +5,8 @@ jaxsd-sample --workdir=runs/mnist \
     --sampler=dpmpp_2m --steps=25 --guidance_scale=3.0 --seed=0 \
     --out=samples.png
 """
-import os
-from typing import List, Optional, Sequence
-
 from absl import app
 from absl import flags
-from absl import logging
-import jax
 
 from jaxsd.commands import cli
 
@@ -39,99 +34,25 @@ def _define_flags():
   flags.mark_flags_as_required(["workdir"])
 
 
-def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]
-                 ) -> List[str]:
-  out = list(prompts)
-  if prompts_file:
-    with open(prompts_file) as f:
-      out += [line.rstrip("\n") for line in f if line.strip()]
-  if not out:
-    raise ValueError("No prompts: pass --prompt (repeatable) or "
-                     "--prompts_file with one prompt a line.")
-  return out
-
-
-def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
-                         num_samples: int, seed: int = 0,
-                         sampler: Optional[str] = None,
-                         steps: Optional[int] = None,
-                         guidance_scale: Optional[float] = None,
-                         eta: Optional[float] = None,
-                         guidance_interval=None,
-                         step: Optional[int] = None, use_ema: bool = True,
-                         chunk_size: Optional[int] = None,
-                         lora_scale: float = 1.0):
-  """Images [len(prompts) * num_samples, H, W, C] in [-1, 1], prompt-major,
-  and the checkpoint step they came from. A LoRA run's adapters are merged
-  into its base at lora_scale."""
-  from jaxsd import config_checks  # pylint: disable=g-import-not-at-top
-  # The flags first, before the workdir is read or anything built.
-  config_checks.check_sampling_flags(
-      num_samples=num_samples, sampler=sampler, steps=steps,
-      guidance_scale=guidance_scale, eta=eta,
-      guidance_interval=guidance_interval, chunk_size=chunk_size,
-      lora_scale=lora_scale, step=step, seed=seed)
-  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
-  from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
-  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  # The checkpoint's config, read once: the flags are checked against the
-  # run's schedule before anything is restored.
-  config = build.load_run_config(workdir, step)
-  config_checks.check_flags_against_run(config, steps=steps)
-  mesh = parallel.make_mesh()
-  config, comps, params, step = build.restore_for_inference(
-      workdir, mesh, step=step, use_ema=use_ema, lora_scale=lora_scale,
-      config=config)
-  generator = generate.Generator.from_config(
-      comps, mesh, config.sampling, chunk_size=chunk_size, sampler=sampler,
-      num_steps=steps, guidance_scale=guidance_scale, eta=eta,
-      guidance_interval=guidance_interval)
-  all_prompts = [p for p in prompts for _ in range(num_samples)]
-  images = generator(params, all_prompts, jax.random.key(seed))
-  return images, step
-
-
-def _slug(text: str) -> str:
-  keep = "".join(c if c.isalnum() else "_" for c in text.strip())
-  return keep[:60] or "empty"
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from jaxsd.tracking import images as images_lib  # pylint: disable=g-import-not-at-top
-  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  parallel.maybe_initialize_distributed("auto")
-  prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
-  images, step = generate_for_prompts(
-      FLAGS.workdir, prompts, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
-      sampler=FLAGS.sampler, steps=FLAGS.steps,
+  from jaxsd.diffusion import sample_run  # pylint: disable=g-import-not-at-top
+  done = sample_run.sample_run(
+      FLAGS.workdir, FLAGS.prompt, FLAGS.out, prompts_file=FLAGS.prompts_file,
+      num_samples=FLAGS.num_samples, save_individual=FLAGS.save_individual,
+      seed=FLAGS.seed, sampler=FLAGS.sampler, steps=FLAGS.steps,
       guidance_scale=FLAGS.guidance_scale, eta=FLAGS.eta, step=FLAGS.step,
-      guidance_interval=FLAGS.guidance_interval,
-      use_ema=FLAGS.use_ema, chunk_size=FLAGS.chunk_size,
-      lora_scale=FLAGS.lora_scale)
-  if jax.process_index() != 0:
-    return
-  grid = images_lib.prompt_rows_grid(images, prompts)
-  images_lib.save_png_atomic(grid, FLAGS.out)
-  if FLAGS.save_individual:
-    stem = os.path.splitext(FLAGS.out)[0]
-    pixels = images_lib.to_uint8(images)
-    for i, img in enumerate(pixels):
-      prompt = prompts[i // FLAGS.num_samples]
-      name = f"{stem}_{_slug(prompt)}_{i % FLAGS.num_samples:03d}.png"
-      mode = "L" if img.shape[-1] == 1 else "RGB"
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      images_lib.save_png_atomic(
-          Image.fromarray(img[..., 0] if mode == "L" else img, mode), name)
-  logging.info("Wrote %d images of checkpoint step %d to %s", len(images),
-               step, FLAGS.out)
-  print(f"Wrote {FLAGS.out} ({len(prompts)} prompts x {FLAGS.num_samples}, "
-        f"checkpoint step {step})")
+      guidance_interval=FLAGS.guidance_interval, use_ema=FLAGS.use_ema,
+      chunk_size=FLAGS.chunk_size, lora_scale=FLAGS.lora_scale)
+  if done:
+    prompts, step = done
+    print(f"Wrote {FLAGS.out} ({len(prompts)} prompts x {FLAGS.num_samples}, "
+          f"checkpoint step {step})")
 
 
 def run():
-  """The `jaxsd-sample` command (`jaxsd-sample`)."""
+  """The `jaxsd-sample` command."""
   cli.run(main, _define_flags)
 
 

@@ -1,6 +1,6 @@
 """Prompts in, images out: text encoding, guided sampling, sharding, chunks.
 
-Used by training's periodic sample grid, `jaxsd.commands.sample` and evaluation.
+Used by training's periodic sample grid, `jaxsd-sample` and evaluation.
 """
 import functools
 from typing import Optional, Sequence, Tuple

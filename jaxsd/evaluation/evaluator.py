@@ -58,7 +58,7 @@ def check_config(config, num_samples_key: str = "eval.num_samples"
   """Raises ConfigError unless every metric of eval.metrics exists, judges
   data.source, and gets at least its minimum of eval.num_samples
   (`Metric.min_samples`); reads no data (a prompts file's lines at most).
-  num_samples_key: what the error calls the sample count (jaxsd.commands.evaluate:
+  num_samples_key: what the error calls the sample count (jaxsd-evaluate:
   "--num_samples"). Returns {name: a new instance} of the metrics."""
   ev = config.eval
   unknown = set(ev.metrics) - set(metric_names())

@@ -222,7 +222,7 @@ class MlflowWriter(interface.MetricWriter):
   store recorded there, so a resumed run logs where it started; else a new
   run in `default_tracking_uri` (MLFLOW_TRACKING_URI, else
   WORKDIR/mlflow.db). For an existing run a different MLFLOW_TRACKING_URI is
-  not followed (a warning says so): `jaxsd.commands.sync_mlflow` moves a run.
+  not followed (a warning says so): `jaxsd-sync-mlflow` moves a run.
 
   A server that does not answer: an http(s) store is probed first
   (`probe`, at most PROBE_DEADLINE_S). If it does not answer, or opening the

@@ -1,0 +1,124 @@
+"""Sampling from a trained run: prompts in, images (and PNG files) out.
+
+- `read_prompts(prompts, prompts_file)`: the prompts of the command line.
+- `generate_for_prompts(workdir, prompts, ...)`: images [N, H, W, C] in
+  [-1, 1] from a checkpoint of the run (its EMA params by default).
+- `write_samples(images, prompts, num_samples, out)`: the PNG grid (a row
+  per prompt) and optionally each image.
+- `sample_run(workdir, prompts, out, ...)`: all three, what `jaxsd-sample`
+  does.
+"""
+import os
+from typing import List, Optional, Sequence, Tuple
+
+from absl import logging
+import jax
+
+
+def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]
+                 ) -> List[str]:
+  """`prompts` then the non-blank lines of `prompts_file` (if given)."""
+  out = list(prompts)
+  if prompts_file:
+    with open(prompts_file) as f:
+      out += [line.rstrip("\n") for line in f if line.strip()]
+  if not out:
+    raise ValueError("No prompts: pass --prompt (repeatable) or "
+                     "--prompts_file with one prompt a line.")
+  return out
+
+
+def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
+                         num_samples: int, seed: int = 0,
+                         sampler: Optional[str] = None,
+                         steps: Optional[int] = None,
+                         guidance_scale: Optional[float] = None,
+                         eta: Optional[float] = None,
+                         guidance_interval=None,
+                         step: Optional[int] = None, use_ema: bool = True,
+                         chunk_size: Optional[int] = None,
+                         lora_scale: float = 1.0):
+  """Images [len(prompts) * num_samples, H, W, C] in [-1, 1], prompt-major,
+  and the checkpoint step they came from. A LoRA run's adapters are merged
+  into its base at lora_scale."""
+  from jaxsd import config_checks  # pylint: disable=g-import-not-at-top
+  # The flags first, before the workdir is read or anything built.
+  config_checks.check_sampling_flags(
+      num_samples=num_samples, sampler=sampler, steps=steps,
+      guidance_scale=guidance_scale, eta=eta,
+      guidance_interval=guidance_interval, chunk_size=chunk_size,
+      lora_scale=lora_scale, step=step, seed=seed)
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
+  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
+  # The checkpoint's config, read once: the flags are checked against the
+  # run's schedule before anything is restored.
+  config = build.load_run_config(workdir, step)
+  config_checks.check_flags_against_run(config, steps=steps)
+  mesh = parallel.make_mesh()
+  config, comps, params, step = build.restore_for_inference(
+      workdir, mesh, step=step, use_ema=use_ema, lora_scale=lora_scale,
+      config=config)
+  generator = generate.Generator.from_config(
+      comps, mesh, config.sampling, chunk_size=chunk_size, sampler=sampler,
+      num_steps=steps, guidance_scale=guidance_scale, eta=eta,
+      guidance_interval=guidance_interval)
+  all_prompts = [p for p in prompts for _ in range(num_samples)]
+  images = generator(params, all_prompts, jax.random.key(seed))
+  return images, step
+
+
+def _slug(text: str) -> str:
+  keep = "".join(c if c.isalnum() else "_" for c in text.strip())
+  return keep[:60] or "empty"
+
+
+def write_samples(images, prompts: Sequence[str], num_samples: int,
+                  out: str, save_individual: bool = False) -> List[str]:
+  """Writes `out`, a PNG grid with a row per prompt, and with
+  save_individual each image as <out stem>_<prompt>_<i>.png beside it.
+
+  images: [len(prompts) * num_samples, H, W, C] in [-1, 1], prompt-major.
+  Returns the paths written (the grid first).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxsd.tracking import images as images_lib  # pylint: disable=g-import-not-at-top
+  grid = images_lib.prompt_rows_grid(images, prompts)
+  images_lib.save_png_atomic(grid, out)
+  written = [out]
+  if save_individual:
+    stem = os.path.splitext(out)[0]
+    for i, img in enumerate(images_lib.to_uint8(images)):
+      prompt = prompts[i // num_samples]
+      name = f"{stem}_{_slug(prompt)}_{i % num_samples:03d}.png"
+      mode = "L" if img.shape[-1] == 1 else "RGB"
+      images_lib.save_png_atomic(
+          Image.fromarray(img[..., 0] if mode == "L" else img, mode), name)
+      written.append(name)
+  return written
+
+
+def sample_run(workdir: str, prompts: Sequence[str], out: str, *,
+               prompts_file: Optional[str] = None, num_samples: int,
+               save_individual: bool = False, **generate_kwargs
+               ) -> Optional[Tuple[List[str], int]]:
+  """`jaxsd-sample`: joins the other processes of a multi-process launch,
+  samples `num_samples` images per prompt (`prompts`, then the lines of
+  `prompts_file`) from the run in `workdir` (`generate_for_prompts`'s
+  keywords) and, on process 0, writes them (`write_samples`).
+
+  Returns (the prompts, the checkpoint step sampled) on process 0, None on
+  the others.
+  """
+  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
+  parallel.maybe_initialize_distributed("auto")
+  prompts = read_prompts(prompts, prompts_file)
+  images, step = generate_for_prompts(workdir, prompts,
+                                      num_samples=num_samples,
+                                      **generate_kwargs)
+  if jax.process_index() != 0:
+    return None
+  write_samples(images, prompts, num_samples, out, save_individual)
+  logging.info("Wrote %d images of checkpoint step %d to %s", len(images),
+               step, out)
+  return prompts, step
