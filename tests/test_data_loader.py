@@ -424,7 +424,7 @@ def test_stream_workers_resume_and_corrupt_images():
     resumed.set_state(state)
     _assert_same(_take(resumed, 5), batches[4:])
   with _stream(ShardSource(), **kwargs) as other:
-    with pytest.raises(ValueError, match="workers=2 but this run has 0"):
+    with pytest.raises(ValueError, match="workers=2, this run has 0"):
       other.set_state(state)
 
 

@@ -32,8 +32,10 @@ def manager(workdir: str, keep: Optional[int] = None,
       max_to_keep=keep, create=not read_only, read_only=read_only,
       # Saves happen exactly when the train loop asks.
       save_interval_steps=1)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+  mngr = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "meta"))
+  mngr.jaxsd_keep = keep  # what save() makes room for (orbax keeps it private)
+  return mngr
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any,
@@ -41,6 +43,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any,
   """Writes the checkpoint of `step` and waits until it is complete, so a
   failure is this call's: its partial folder is removed and CheckpointError
   says why, what it needs and the last good step."""
+  _make_room(mngr, step)
   try:
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -48,6 +51,19 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any,
     mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
     raise _save_failed(mngr, step, state, e) from e
+
+
+def _make_room(mngr: ocp.CheckpointManager, step: int):
+  """Deletes, before writing `step`, the oldest checkpoints that orbax would
+  delete right after it (beyond `keep`), so that a nearly full disk has
+  their space for the new one. Only when `keep` >= 2: the newest good
+  checkpoint always survives a save that fails."""
+  keep = getattr(mngr, "jaxsd_keep", None)
+  if not keep or keep < 2:
+    return
+  older = sorted(s for s in mngr.all_steps() if s < step)
+  for old in older[:max(len(older) + 1 - keep, 0)]:
+    mngr.delete(old)
 
 
 def _no_space(e: BaseException) -> bool:
@@ -94,6 +110,16 @@ def _remove_partial(directory: str, step: int, settle_s: float = 10.0):
     time.sleep(0.1)
 
 
+def remove_partial_saves(directory: str):
+  """Removes every unfinished save's temporary folder in `directory` (what a
+  run stopped mid-save leaves), a few times over while the writers that
+  made them may still be ending."""
+  for _ in range(3):
+    for path in glob.glob(os.path.join(directory, "*.orbax-checkpoint-tmp*")):
+      shutil.rmtree(path, ignore_errors=True)
+    time.sleep(0.1)
+
+
 def _save_failed(mngr, step: int, state: Any, e: Exception
                  ) -> errors.CheckpointError:
   directory = str(mngr.directory)
@@ -110,13 +136,15 @@ def _save_failed(mngr, step: int, state: Any, e: Exception
   last = (f"the last good checkpoint is step {max(good)}, intact" if good
           else "there is no earlier checkpoint")
   if _no_space(e):
-    free = shutil.disk_usage(directory).free
+    need, free = _nbytes(state), shutil.disk_usage(directory).free
     return errors.CheckpointError(
         f"Checkpoint of step {step} could not be written to {directory}: no "
-        f"space left on the device (it needs about {_nbytes(state) / 1e6:.0f} "
-        f"MB, {free / 1e6:.0f} MB free); the partial checkpoint was removed "
-        f"and {last}. Free some space (or lower training.keep_checkpoints) "
-        "and start the same command again: it resumes from there.")
+        f"space left on the device (it needs about {need / 1e6:.0f} MB, "
+        f"{free / 1e6:.0f} MB free there); the partial checkpoint was removed "
+        f"and {last}. Free at least {max(need - free, 0) / 1e6 + 1:.0f} MB on "
+        "that disk (older checkpoints beyond training.keep_checkpoints are "
+        "already deleted before each save), then start the same command "
+        "again: it resumes from there.")
   return errors.CheckpointError(
       f"Checkpoint of step {step} could not be written to {directory} "
       f"({type(e).__name__}: {first_line(e)}); the partial checkpoint was "

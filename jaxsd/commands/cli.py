@@ -17,11 +17,22 @@ from absl import logging
 from jaxsd import errors
 
 class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax and tfds (dozens of lines per checkpoint)."""
+  """Drops INFO chatter of orbax and tfds (dozens of lines per checkpoint),
+  and the tracebacks of orbax's errors: a failed save (a full disk) is
+  logged by each of its writer threads and asyncio tasks, and jaxsd's own
+  one-line error says what happened and what to do."""
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-        lib in record.pathname for lib in ("/orbax/", "/tensorflow_datasets/"))
+    if record.name == "asyncio" and "/orbax/" in record.getMessage():
+      return False  # the failed save's tasks, reported again when collected
+    if not any(lib in record.pathname
+               for lib in ("/orbax/", "/tensorflow_datasets/")):
+      return True
+    if record.levelno < logging_std.WARNING:
+      return False
+    if "/orbax/" in record.pathname and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def quiet_libraries():

@@ -41,6 +41,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from jaxsd import errors
 from jaxsd.data import transforms
 
 PREFETCH_BATCHES = 2
@@ -105,6 +106,21 @@ def _arrays(element) -> Dict[str, np.ndarray]:
           if k in ("image", "latent_mean", "latent_logvar", "context")}
 
 
+# A saved loader state's fields: the setting each comes from.
+STATE_FIELD_SETTINGS = {
+    "global_batch_size": "training.batch_size",
+    "seed": "training.seed",
+    "shuffle": "data.shuffle",
+    "examples": "the number of examples in the data",
+    "shuffle_buffer": "data.shuffle_buffer",
+    "cycle_length": "data.cycle_length",
+    "workers": "data.workers",
+    "process_index": "this process's index",
+    "process_count": "the number of processes",
+    "shards": "the number of data shards",
+}
+
+
 class _LoaderBase:
   """Tokenisation, skip counting and statistics shared by both loaders."""
 
@@ -139,14 +155,18 @@ class _LoaderBase:
 
   def _check_state(self, state, fields):
     if state.get("kind") != self.kind:
-      raise ValueError(f"A {state.get('kind')!r} loader state cannot resume "
-                       f"a {self.kind!r} loader.")
+      raise errors.ResumeMismatchError(
+          f"The checkpoint's data position is of a {state.get('kind')!r} "
+          f"source, this run's data is a {self.kind!r} one: resume with the "
+          "run's data (or start a new --workdir).")
     for name, value in fields.items():
       if state.get(name) != value:
-        raise ValueError(
-            f"The saved data position has {name}={state.get(name)!r} but this "
-            f"run has {value!r}; resume with the same {name} (or start a new "
-            "workdir).")
+        setting = STATE_FIELD_SETTINGS.get(name, name)
+        raise errors.ResumeMismatchError(
+            f"The checkpoint's data position was saved with {name}="
+            f"{state.get(name)!r}, this run has {value!r} ({setting}): resume "
+            "with the run's value, or start a new --workdir (with "
+            "--config.training.init_from=OLD_WORKDIR to keep its weights).")
     self._batches = int(state["batches"])
     self._skipped = int(state["skipped"])
     self._skipped_keys = list(state["skipped_keys"])

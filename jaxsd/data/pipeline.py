@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from jaxsd import errors
 from jaxsd import parallel
 from jaxsd.text import encoder as text_lib
 from jaxsd.data import loader as loader_lib
@@ -133,7 +134,7 @@ def restore_state(loader, meta: Dict[str, Any]) -> None:
   if "data_states" in meta:
     states = meta["data_states"]
     if len(states) != jax.process_count():
-      raise ValueError(
+      raise errors.ResumeMismatchError(
           f"The checkpoint's streamed data position was saved by "
           f"{len(states)} processes; resume with the same number "
           f"({jax.process_count()} now).")

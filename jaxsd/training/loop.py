@@ -122,10 +122,9 @@ class LogProgress(Chore):
         "data/skipped": self.loader.statistics()["skipped"],
         **self.progress.update(loop.step)})
     self.writer.write_scalars(loop.step, scalars)
+    extra = self.console_extra(scalars) if self.console_extra else None
     line = self.progress.line(loop.step, scalars)
-    if self.console_extra is not None:
-      line = f"{line} {self.console_extra(scalars)}"
-    logging.info(line)
+    logging.info(f"{line} {extra}" if extra else line)
 
 
 class SaveCheckpoint(Chore):
@@ -223,8 +222,8 @@ def run_loop(*, state, start_step: int, num_steps: int, steps_per_call: int,
     if loop.preempted:
       status.value = "KILLED"
       if not loop.last:
-        logging.warning("Stopped at step %d after preemption; the next "
-                        "start resumes here.", step)
+        logging.warning("Stopped at step %d (%s); the next start resumes "
+                        "here.", step, preemption.signal_name or "preempted")
         break
   preemption.stopping = True
   return state

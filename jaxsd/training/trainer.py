@@ -166,14 +166,14 @@ def train_and_evaluate(config, workdir: str, task: Task,
   workdir locked, the model and the data; only then the workdir is
   written. `hooks`: callables hook(step) run after each call of the step
   (tests stop a run at a chosen step through them). Returns the final
-  state, or None when a SIGTERM stopped the run before its loop or during
-  an evaluation."""
+  state, or None when a SIGTERM or Ctrl-C stopped the run before its loop
+  or during an evaluation."""
   preemption = preemption_lib.Preemption()
   try:
     return _train(config, workdir, task, preemption, hooks)
   except preemption_lib.Preempted:
-    logging.warning("Stopped by SIGTERM; the next start resumes from the "
-                    "last checkpoint.")
+    logging.warning("Stopped by %s; the next start resumes from the last "
+                    "checkpoint.", preemption.signal_name or "a signal")
     return None
   finally:
     preemption.restore()
@@ -197,6 +197,11 @@ def _train(config, workdir: str, task: Task,
     preemption.check()
     source, loader = task.load_data(config, setup)
     stack.callback(loader.close)
+    if checked_step is not None:
+      # What the data cannot resume (another batch size, other data) stops
+      # here, before config.json or the MLflow run are touched.
+      data_pipeline.restore_state(loader,
+                                  resume.latest_readable_meta(workdir)[1])
     preemption.check()
     writer, status = stack.enter_context(
         session.run_session(config, workdir, preemption))
@@ -204,6 +209,9 @@ def _train(config, workdir: str, task: Task,
     keys = loop_lib.RunKeys.from_seed(tcfg.seed)
     mngr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints)
     stack.callback(session.close_manager, mngr)
+    # A second Ctrl-C mid-save leaves no folder that looks like a checkpoint.
+    preemption.on_abort.append(
+        lambda: checkpoint.remove_partial_saves(str(mngr.directory)))
     state, start_step, train_seconds = restore_or_create_state(
         task, setup, mngr, keys.init, loader, workdir=workdir,
         checked_step=checked_step)
