@@ -154,8 +154,11 @@ def _missing_config_file(argv) -> Optional[errors.ConfigError]:
 
 
 def _exit_with(error: errors.JaxsdError):
-  """Prints `error` as one line on stderr and exits 1."""
-  sys.stderr.write(f"jaxsd: error: {error}\n")
+  """Prints `error` as one line on stderr and exits 1 (a message that
+  quotes a library's several lines is joined into one)."""
+  text = " ".join(line.strip() for line in str(error).splitlines()
+                  if line.strip())
+  sys.stderr.write(f"jaxsd: error: {text}\n")
   sys.stderr.flush()
   sys.exit(1)
 

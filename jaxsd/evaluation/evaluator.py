@@ -197,8 +197,9 @@ def any_metric_runs(evaluator: Evaluator) -> bool:
 
 def nothing_runs_message(evaluator: Evaluator) -> str:
   """Why no metric of eval.metrics can run (process 0 knows the reasons)."""
-  reasons = "; ".join(f"{name}: {why}" for name, why in
-                      evaluator.skipped.items()) or "see process 0's log"
+  reasons = "; ".join(f"{name}: {' '.join(why.split())}"  # one line
+                      for name, why in evaluator.skipped.items()
+                      ) or "see process 0's log"
   return (f"None of eval.metrics {list(evaluator.eval_config.metrics)} can "
           f"run on this machine ({reasons})")
 
