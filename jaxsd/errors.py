@@ -30,3 +30,16 @@ class CheckpointError(JaxsdError):
 class OutputExistsError(JaxsdError, FileExistsError):
   """An output is there already and the command was not told to replace
   it."""
+
+
+class DataError(JaxsdError, ValueError):
+  """The training data cannot be read as configured (a folder without
+  images, an image without a caption, too many undecodable files)."""
+
+
+class NotWritableError(JaxsdError, OSError):
+  """A folder jaxsd must write to (the workdir, eval/) refuses writes."""
+
+
+class NothingToEvaluateError(JaxsdError):
+  """None of the metrics asked for can run on this machine."""

@@ -22,7 +22,6 @@ instead of 236 KB per caption) at a rounding of the context.
 """
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from jaxsd.commands import cli
 
@@ -30,9 +29,10 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file(
-      "config", None, "The training configuration whose data and "
-      "model.autoencoder to cache.", lock_config=True)
+  cli.define_config_file_flag(
+      "config", "The training configuration whose data and "
+      "model.autoencoder to cache.")
+  flags.adopt_module_key_flags(cli)  # --help lists --config as this command's
   flags.DEFINE_string("out", None, "The cache folder (created).")
   flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
   flags.DEFINE_integer("shard_size", 4096, "Examples per shard.")

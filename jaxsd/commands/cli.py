@@ -7,8 +7,9 @@ together (tests, notebooks) without DuplicateFlagError over the names they
 share (workdir, step, seed, ...).
 """
 import logging as logging_std
+import os
 import sys
-from typing import Callable
+from typing import Callable, List, Optional
 
 from absl import app
 from absl import flags
@@ -40,12 +41,23 @@ def quiet_libraries():
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+# Flags naming a config file (define_config_file_flag): `run` checks their
+# files exist before absl parses anything.
+_CONFIG_FILE_FLAGS = set()
+
+
+def define_config_file_flag(name: str, help_text: str):
+  """--name=FILE[:arg]: a Python config file, overridable field by field
+  (--name.section.key=value)."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(name, None, help_text, lock_config=True)
+  _CONFIG_FILE_FLAGS.add(name)
+
+
 def define_training_flags(config_help: str, workdir_help: str):
   """--config (a config file, overridable field by field) and --workdir, the
   flags of the training commands."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, config_help,
-                                  lock_config=True)
+  define_config_file_flag("config", config_help)
   flags.DEFINE_string("workdir", None, workdir_help)
   flags.mark_flags_as_required(["config", "workdir"])
 
@@ -116,7 +128,50 @@ def run(main: Callable, define_flags: Callable[[], None]):
     if asked == "short":
       sys.stdout.write("\nTry --helpfull to get a list of all flags.\n")
     sys.exit(0)
+  missing = _missing_config_file(sys.argv)
+  if missing:
+    _exit_with(missing)
   app.run(_explaining(main))
+
+
+def _missing_config_file(argv) -> Optional[errors.ConfigError]:
+  """The error for a config-file flag in argv whose file is not there.
+
+  Checked before absl parses the flags: ml_collections turns a missing file
+  into a config that raises on first use (a 50-line stack from wherever that
+  is), or, with a --config.x override, into a stack from the flag parser.
+  """
+  names = [name for name in _CONFIG_FILE_FLAGS if name in flags.FLAGS]
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg == "--":
+      break
+    for name in names:
+      value = None
+      if arg.startswith((f"--{name}=", f"-{name}=")):
+        value = arg.split("=", 1)[1]
+      elif arg in (f"--{name}", f"-{name}") and i + 1 < len(args):
+        value = args[i + 1]
+      if value is None:
+        continue
+      path = value.split(":", 1)[0]
+      if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        return errors.ConfigError(
+            f"--{name}={value}: the config file {path!r} {what} (relative "
+            f"paths start at {os.getcwd()}); give a Python config file with "
+            f"get_config(), e.g. --{name}=configs/mnist.py.")
+  return None
+
+
+def _exit_with(error: errors.JaxsdError):
+  """Prints `error` as one line on stderr and exits 1 (a message that
+  quotes a library's several lines is joined into one)."""
+  text = " ".join(line.strip() for line in str(error).splitlines()
+                  if line.strip())
+  sys.stderr.write(f"jaxsd: error: {text}\n")
+  sys.stderr.flush()
+  sys.exit(1)
 
 
 def _explaining(main: Callable) -> Callable:
@@ -125,7 +180,5 @@ def _explaining(main: Callable) -> Callable:
     try:
       return main(argv)
     except errors.JaxsdError as e:
-      sys.stderr.write(f"jaxsd: error: {e}\n")
-      sys.stderr.flush()
-      sys.exit(1)
+      _exit_with(e)
   return wrapped

@@ -3,7 +3,8 @@
 jaxsd-evaluate --workdir=runs/mnist [--all_checkpoints | --step=N]
     [--num_samples=1000] [--metrics=prompt_accuracy,fid_mnist,...]
 
-Prints one JSON object per checkpoint on stdout ({"step": ..., metric: ...}),
+Prints one JSON object per checkpoint on stdout ({"step": ..., metric: ...})
+as it is scored (--all_checkpoints skips a damaged checkpoint, warning),
 writes WORKDIR/eval/checkpoints.{csv,md} comparing the checkpoints, and logs
 eval/* at each step (and the table) to the run's MLflow run.
 """
@@ -36,15 +37,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from jaxsd.evaluation import checkpoints  # pylint: disable=g-import-not-at-top
-  results = checkpoints.evaluate_run(
+  def print_result(result):  # as each checkpoint is scored
+    print(json.dumps(result), file=sys.stdout, flush=True)
+
+  checkpoints.evaluate_run(
       FLAGS.workdir, all_checkpoints=FLAGS.all_checkpoints, step=FLAGS.step,
       mlflow=FLAGS.mlflow, num_samples=FLAGS.num_samples,
       metrics=FLAGS.metrics, sampler=FLAGS.sampler, sampler_steps=FLAGS.steps,
       guidance_scale=FLAGS.guidance_scale,
       guidance_interval=FLAGS.guidance_interval, seed=FLAGS.seed,
-      use_ema=FLAGS.use_ema)
-  for r in results or ():
-    print(json.dumps(r), file=sys.stdout, flush=True)
+      use_ema=FLAGS.use_ema, on_result=print_result)
 
 
 def run():

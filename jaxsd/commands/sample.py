@@ -17,7 +17,9 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "Training workdir holding "
                       "checkpoints/ and config.json.")
   flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for several. "
-                            "An empty prompt samples unconditionally.")
+                            "An empty prompt samples unconditionally. "
+                            "Default (no --prompt or --prompts_file): the "
+                            "run's own sample-grid prompts.")
   flags.DEFINE_string("prompts_file", None, "A file with one prompt a line.")
   flags.DEFINE_integer("num_samples", 16, "Images per prompt.")
   cli.define_sampler_flags()

@@ -45,7 +45,7 @@ from jaxsd import errors
 from jaxsd.data import transforms
 
 PREFETCH_BATCHES = 2
-MAX_SKIPPED_KEYS = 10  # keys of skipped images kept for statistics()
+MAX_SKIPPED_KEYS = 10  # distinct keys of skipped images kept for statistics()
 _ENDLESS = 2 ** 62  # length of the position range given to Grain
 
 
@@ -141,8 +141,10 @@ class _LoaderBase:
   def _deliver(self, element) -> Dict[str, np.ndarray]:
     self._batches += 1
     self._skipped += len(element["skipped"])
-    room = MAX_SKIPPED_KEYS - len(self._skipped_keys)
-    self._skipped_keys += list(element["skipped"][:max(room, 0)])
+    for key in element["skipped"]:  # distinct: a later epoch reads it again
+      if (len(self._skipped_keys) < MAX_SKIPPED_KEYS
+          and key not in self._skipped_keys):
+        self._skipped_keys.append(key)
     ids = np.asarray(self._tokenize_fn(list(element["caption"])))
     if ids.ndim != 2 or len(ids) != self.local_batch_size:
       raise ValueError(f"tokenize_fn returned shape {ids.shape} for "

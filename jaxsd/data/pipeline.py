@@ -91,8 +91,9 @@ def next_model_batch(loader, steps: int = 1) -> Dict[str, np.ndarray]:
   return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
 
 
-class TooManySkippedImagesError(RuntimeError):
-  pass
+class TooManySkippedImagesError(errors.DataError):
+  """More of the data's images did not decode than data.max_skipped_fraction
+  allows."""
 
 
 def check_skipped(loader, max_fraction: float) -> None:
@@ -103,13 +104,15 @@ def check_skipped(loader, max_fraction: float) -> None:
   too_many = bool(stats["skipped"]) and stats["skipped_fraction"] > max_fraction
   if not parallel.any_process(too_many):
     return
+  # Distinct: an undecodable image read again in a later epoch is one file.
+  first = list(dict.fromkeys(stats["skipped_keys"]))
   raise TooManySkippedImagesError(
       (f"{stats['skipped']} images ({100 * stats['skipped_fraction']:.1f}% "
        f"of those read) did not decode" if too_many else
        "Another process's images did not decode (its log names them)")
-      + f", more than data.max_skipped_fraction={max_fraction}; the first: "
-      f"{stats['skipped_keys']}. Fix or remove the files, or raise "
-      "data.max_skipped_fraction.")
+      + f", more than data.max_skipped_fraction={max_fraction}"
+      + (f"; the first: {', '.join(first)}" if first else "")
+      + ". Fix or remove the files, or raise data.max_skipped_fraction.")
 
 
 # --- Loader state in checkpoints ------------------------------------------------

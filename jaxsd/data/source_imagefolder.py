@@ -14,7 +14,8 @@ image's caption comes from, in this order:
    sorted class folders).
 
 An image left without a caption, a metadata row naming a missing image, or a
-missing column is a ValueError naming the file. Captions are stripped of
+missing column is a `jaxsd.errors.DataError` (a ValueError) naming the file
+and the fix. Captions are stripped of
 surrounding whitespace. The folder has no splits: point `data.path` at the
 split's folder. Examples carry the file's bytes, decoded later in the loader.
 """
@@ -24,6 +25,7 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 from jaxsd.data import sources
+from jaxsd.errors import DataError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 HOW_TO_CAPTION = (
@@ -31,7 +33,7 @@ HOW_TO_CAPTION = (
     "data.path with file_name and text columns (data.caption_key names "
     "another caption column); a .txt file with the same stem beside each "
     "image (cat.jpg + cat.txt); or class subfolders data.path/<class>/ with "
-    "data.caption_template using {label_name} (folder name) / {label}.")
+    "data.caption_template using {label_name} (folder name) / {label}")
 
 
 def list_images(root: str) -> List[str]:
@@ -64,11 +66,13 @@ def _metadata_rows(path: str) -> List[Tuple[int, Dict[str, object]]]:
           try:
             row = json.loads(line)
           except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {number} is not JSON ({e}); each "
+            raise DataError(f"{path} line {number} is not JSON ({e}); each "
                              "line must be an object with file_name and the "
                              "caption column.") from None
           if not isinstance(row, dict):
-            raise ValueError(f"{path} line {number} is not a JSON object.")
+            raise DataError(f"{path} line {number} is not a JSON object; "
+                            "each line must be an object with file_name and "
+                            "the caption column.")
           rows.append((number, row))
   else:
     with open(path, encoding="utf-8", newline="") as f:
@@ -84,29 +88,40 @@ def _metadata_captions(root: str, images: Sequence[str], caption_key: str
   if not present:
     return {}
   if len(present) > 1:
-    raise ValueError(f"data.path={root!r} has both {present[0]} and "
+    raise DataError(f"data.path={root!r} has both {present[0]} and "
                      f"{present[1]}; keep one metadata file.")
   path = os.path.join(root, present[0])
   column = caption_key or "text"
   known = set(images)
   captions = {}
-  for number, row in _metadata_rows(path):
+  rows = _metadata_rows(path)
+  # Whether any row has the caption column: if none does, the column has
+  # another name (data.caption_key); if some do, the others lack a caption.
+  column_exists = any(row.get(column) is not None for _, row in rows)
+  for number, row in rows:
     where = f"{path} {'line' if path.endswith('.jsonl') else 'row'} {number}"
     if "file_name" not in row:
-      raise ValueError(f"{where} has no file_name column (columns: "
+      raise DataError(f"{where} has no file_name column (columns: "
                        f"{sorted(row)}); name each image in file_name.")
     if column not in row or row[column] is None:
-      raise ValueError(
+      if column_exists:
+        raise DataError(
+            f"{where} ({row['file_name']!r}) has no {column!r} caption, "
+            f"though other rows have one; give every row its caption in "
+            f"{column!r} (or remove the row and its image).")
+      raise DataError(
           f"{where} has no {column!r} caption column (columns: "
-          f"{sorted(row)}); set data.caption_key to the caption column.")
+          f"{sorted(row)}) and no row has one; name each image's caption "
+          f"{column!r}, or set data.caption_key to the column that holds "
+          "the captions.")
     name = _normalise(str(row["file_name"]))
     if name not in known:
-      raise ValueError(
+      raise DataError(
           f"{where} names {name!r}, which is not an image under "
           f"data.path={root!r} (.jpg/.jpeg/.png/.webp); fix the file_name or "
           "add the image.")
     if name in captions:
-      raise ValueError(f"{where} names {name!r} a second time; give each "
+      raise DataError(f"{where} names {name!r} a second time; give each "
                        "image one row.")
     captions[name] = sources.to_text(row[column]).strip()
   return captions
@@ -142,7 +157,7 @@ class ImageFolderSource(sources.RandomAccessSource):
                                 "a folder of captioned images")
     images = list_images(root)
     if not images:
-      raise ValueError(
+      raise DataError(
           f"data.path={root!r} holds no images (.jpg, .jpeg, .png, .webp, "
           "searched recursively); point data.path at the image folder.")
     caption_key = sources.config_field(data_config, "caption_key")
@@ -153,9 +168,14 @@ class ImageFolderSource(sources.RandomAccessSource):
       captions = cls._class_captions(root, images, data_config)
     missing = [name for name in images if name not in captions]
     if missing:
-      raise ValueError(
+      metadata = [m for m in METADATA_FILES
+                  if os.path.isfile(os.path.join(root, m))]
+      how = (f"add a row for each to {metadata[0]} (or a .txt caption beside "
+             "it), or remove those images" if metadata else HOW_TO_CAPTION)
+      raise DataError(
           f"{len(missing)} of {len(images)} images under data.path={root!r} "
-          f"have no caption, e.g. {missing[0]!r}. {HOW_TO_CAPTION}")
+          f"have no caption, e.g. {missing[0]!r}"
+          f"{f' (no row in {metadata[0]})' if metadata else ''}; {how}.")
     return cls(root, images, [captions[name] for name in images])
 
   @staticmethod

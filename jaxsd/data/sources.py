@@ -44,6 +44,7 @@ from absl import logging
 import numpy as np
 
 from jaxsd import registry
+from jaxsd.errors import ConfigError
 from jaxsd.data import transforms
 
 Example = Dict[str, Any]  # {"image": bytes | uint8 [H, W, C], "caption", "key"}
@@ -165,21 +166,21 @@ def config_field(data_config, name: str, default: Any = "") -> Any:
 
 def require_path(data_config, field: str, what: str, directory: bool = True
                  ) -> str:
-  """The existing folder (or file) `data.<field>`, else a ValueError."""
+  """The existing folder (or file) `data.<field>`, else a ConfigError (a ValueError)."""
   path = config_field(data_config, field)
   source = config_field(data_config, "source")
   if not path:
-    raise ValueError(f"data.source={source!r} needs data.{field}: {what}; set "
+    raise ConfigError(f"data.source={source!r} needs data.{field}: {what}; set "
                      f"--config.data.{field}=...")
   path = os.path.expanduser(path)
   if not os.path.exists(path):
-    raise ValueError(f"data.{field}={path!r} does not exist; it should be "
+    raise ConfigError(f"data.{field}={path!r} does not exist; it should be "
                      f"{what}.")
   if directory and not os.path.isdir(path):
-    raise ValueError(f"data.{field}={path!r} is not a folder; it should be "
+    raise ConfigError(f"data.{field}={path!r} is not a folder; it should be "
                      f"{what}.")
   if not directory and not os.path.isfile(path):
-    raise ValueError(f"data.{field}={path!r} is not a file; it should be "
+    raise ConfigError(f"data.{field}={path!r} is not a file; it should be "
                      f"{what}.")
   return path
 
@@ -189,7 +190,7 @@ def template_fields(template: str) -> List[str]:
   try:
     parsed = list(string.Formatter().parse(template))
   except ValueError as e:
-    raise ValueError(f"data.caption_template={template!r} is not a valid "
+    raise ConfigError(f"data.caption_template={template!r} is not a valid "
                      f"format string ({e}).") from None
   names = []
   for _, field, _, _ in parsed:
@@ -197,7 +198,7 @@ def template_fields(template: str) -> List[str]:
       continue
     root = field.split(".")[0].split("[")[0]
     if not root or root.isdigit():
-      raise ValueError(f"data.caption_template={template!r} has a positional "
+      raise ConfigError(f"data.caption_template={template!r} has a positional "
                        "field {}; name the field, e.g. {label_name}.")
     names.append(root)
   return names
@@ -205,11 +206,11 @@ def template_fields(template: str) -> List[str]:
 
 def check_template(template: str, available: Sequence[str], source: str
                    ) -> str:
-  """`template` if it names only fields in `available`, else a ValueError."""
+  """`template` if it names only fields in `available`, else a ConfigError (a ValueError)."""
   unknown = sorted(set(template_fields(template)) - set(available))
   if unknown:
     offers = ("{" + "}, {".join(available) + "}") if available else "none"
-    raise ValueError(
+    raise ConfigError(
         f"data.caption_template={template!r} names {unknown}, which the "
         f"{source} source does not have (its template fields: {offers}); "
         "change the template or caption the data another way.")

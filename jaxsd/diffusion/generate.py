@@ -2,9 +2,12 @@
 
 Used by training's periodic sample grid, `jaxsd-sample` and evaluation.
 """
+import datetime
 import functools
-from typing import Optional, Sequence, Tuple
+import time
+from typing import Callable, Optional, Sequence, Tuple
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -14,6 +17,35 @@ from jaxsd import parallel
 from jaxsd.text import encoder as text_lib
 from jaxsd.diffusion.setup import Components
 from jaxsd.diffusion import samplers
+
+
+class ProgressLog:
+  """A Generator's `progress` callback: logs (process 0) images done of the
+  total, the rate and the ETA at most every `every_s` seconds, and the last
+  chunk when an earlier line was logged (a long generation is never
+  silent; a short one adds nothing)."""
+
+  def __init__(self, what: str, every_s: float = 10.0,
+               clock: Callable[[], float] = time.perf_counter):
+    self.what, self.every_s, self._clock = what, every_s, clock
+    self._start = self._last = clock()
+    self._logged = False
+
+  def __call__(self, done: int, total: int):
+    now = self._clock()
+    finished = done >= total
+    if jax.process_index() != 0 or not (
+        now - self._last >= self.every_s or (finished and self._logged)):
+      return
+    self._last, self._logged = now, True
+    elapsed = max(now - self._start, 1e-9)
+    rate = done / elapsed
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    eta_s = (str(datetime.timedelta(seconds=int(eta))) if eta < float("inf")
+             else "?")
+    logging.info("%s: %d/%d images (%.0f%%), %.2f images/s, %s", self.what,
+                 done, total, 100.0 * done / max(total, 1), rate,
+                 f"done in {elapsed:.0f} s" if finished else f"ETA {eta_s}")
 
 
 class Generator:
@@ -120,13 +152,16 @@ class Generator:
 
   def __call__(self, params, prompts: Sequence[str], rng,
                input_ids: Optional[np.ndarray] = None,
-               noise: Optional[np.ndarray] = None) -> np.ndarray:
+               noise: Optional[np.ndarray] = None,
+               progress: Optional[Callable[[int, int], None]] = None
+               ) -> np.ndarray:
     """Images float32 [len(prompts), H, W, C] in [-1, 1] (host numpy).
 
     Chunk i uses the key fold_in(rng, i): the same prompts, rng and chunk
     size give the same images. noise [len(prompts), *image_shape]: the
     initial x_T instead of a draw (e.g. the latents another implementation
-    starts from).
+    starts from). progress(images done, total) is called after each chunk
+    (`ProgressLog` logs it).
     """
     ids = self.tokenize(prompts) if input_ids is None else input_ids
     n = len(ids)
@@ -149,5 +184,7 @@ class Generator:
                             self._autoencoder_params, start)
       out.append(np.asarray(multihost_utils.process_allgather(
           images, tiled=True))[:size - pad])
+      if progress is not None:
+        progress(min(lo + size, n), n)
     return np.concatenate(out, 0) if out else np.zeros((0,) + tuple(
         self.components.pixel_shape), np.float32)

@@ -1,6 +1,7 @@
 """Sampling from a trained run: prompts in, images (and PNG files) out.
 
 - `read_prompts(prompts, prompts_file)`: the prompts of the command line.
+- `run_prompts(workdir)`: the run's own sample-grid prompts (the default).
 - `generate_for_prompts(workdir, prompts, ...)`: images [N, H, W, C] in
   [-1, 1] from a checkpoint of the run (its EMA params by default).
 - `write_samples(images, prompts, num_samples, out)`: the PNG grid (a row
@@ -14,18 +15,52 @@ from typing import List, Optional, Sequence, Tuple
 from absl import logging
 import jax
 
+from jaxsd.errors import ConfigError
+
 
 def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]
                  ) -> List[str]:
   """`prompts` then the non-blank lines of `prompts_file` (if given)."""
   out = list(prompts)
   if prompts_file:
+    if not os.path.isfile(prompts_file):
+      raise ConfigError(f"--prompts_file={prompts_file!r} does not exist; "
+                        "give a file with one prompt a line.")
     with open(prompts_file) as f:
       out += [line.rstrip("\n") for line in f if line.strip()]
   if not out:
-    raise ValueError("No prompts: pass --prompt (repeatable) or "
-                     "--prompts_file with one prompt a line.")
+    raise ConfigError("No prompts: pass --prompt (repeatable) or "
+                      "--prompts_file with one prompt a line.")
   return out
+
+
+def run_prompts(workdir: str, step: Optional[int] = None) -> List[str]:
+  """The prompts of the run's own sample grid, as training draws it
+  (diffusion/task.py grid_prompts): its sampling.prompts, else the first
+  distinct captions of its training data."""
+  from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
+  from jaxsd.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task  # pylint: disable=g-import-not-at-top
+  config = run_config.load_run_config(workdir, step)
+  source, where = None, "its sampling.prompts"
+  if not config.sampling.prompts:
+    where = f"the first captions of its data (data.source={config.data.source})"
+    try:
+      source = data_pipeline.make_source(config)
+    except (OSError, ValueError) as e:
+      raise ConfigError(
+          f"No --prompt given, and the run's grid prompts are the captions "
+          f"of its data (data.source={config.data.source!r}), which cannot "
+          f"be read here ({type(e).__name__}: {str(e).splitlines()[0]}); "
+          "pass --prompt (repeatable) or --prompts_file.") from None
+  prompts = task.grid_prompts(config, source)
+  if not prompts:
+    raise ConfigError("No --prompt given, and the run has no grid prompts "
+                      "(its data has no captions); pass --prompt or "
+                      "--prompts_file.")
+  logging.info("No --prompt: sampling the run's own grid prompts (%s): %s",
+               where, prompts)
+  return prompts
 
 
 def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
@@ -53,7 +88,8 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   # The checkpoint's config, read once: the flags are checked against the
   # run's schedule before anything is restored.
-  config = build.load_run_config(workdir, step)
+  from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
+  config = run_config.load_run_config(workdir, step)
   config_checks.check_flags_against_run(config, steps=steps)
   mesh = parallel.make_mesh()
   config, comps, params, step = build.restore_for_inference(
@@ -104,7 +140,7 @@ def sample_run(workdir: str, prompts: Sequence[str], out: str, *,
                ) -> Optional[Tuple[List[str], int]]:
   """`jaxsd-sample`: joins the other processes of a multi-process launch,
   samples `num_samples` images per prompt (`prompts`, then the lines of
-  `prompts_file`) from the run in `workdir` (`generate_for_prompts`'s
+  `prompts_file`; neither: the run's grid prompts, `run_prompts`) from the run in `workdir` (`generate_for_prompts`'s
   keywords) and, on process 0, writes them (`write_samples`).
 
   Returns (the prompts, the checkpoint step sampled) on process 0, None on
@@ -112,7 +148,10 @@ def sample_run(workdir: str, prompts: Sequence[str], out: str, *,
   """
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed("auto")
-  prompts = read_prompts(prompts, prompts_file)
+  if prompts or prompts_file:
+    prompts = read_prompts(prompts, prompts_file)
+  else:  # the run's own sample-grid prompts
+    prompts = run_prompts(workdir, generate_kwargs.get("step"))
   images, step = generate_for_prompts(workdir, prompts,
                                       num_samples=num_samples,
                                       **generate_kwargs)

@@ -174,10 +174,24 @@ def make_evaluator(config):
 
 
 def prepare_evaluator(evaluator):
-  """Loads the evaluator's networks on process 0, the one that scores."""
-  if evaluator is not None and jax.process_index() == 0:
+  """Loads the evaluator's networks on process 0, the one that scores.
+
+  Returns the evaluator, or None when none of its metrics can run here
+  (their weights missing offline): said once, and the run then has no
+  evaluation chore, so it generates no images nothing would score.
+  """
+  if evaluator is None:
+    return None
+  if jax.process_index() == 0:
     with progress_lib.timed("eval setup (networks, reference statistics)"):
       evaluator.prepare()
+  if evaluator_lib.any_metric_runs(evaluator):
+    return evaluator
+  logging.warning(
+      "%s; evaluation is off for this run (no images are generated for it). "
+      "Make their weights available, or set eval.metrics=() to start without "
+      "this warning.", evaluator_lib.nothing_runs_message(evaluator))
+  return None
 
 
 # --- The task -------------------------------------------------------------------
@@ -222,14 +236,14 @@ class DiffusionTask(trainer.Task):
 
   def chores(self, run):
     config = run.config
-    prepare_evaluator(self.evaluator)
+    evaluator = prepare_evaluator(self.evaluator)
     generator = generate.Generator.from_config(run.setup.components,
                                                run.setup.mesh, config.sampling)
     chores = [WriteSampleGrid(config, grid_prompts(config, run.source),
                               generator, run.keys, run.workdir, run.writer,
                               run.progress)]
-    if self.evaluator is not None:
-      chores.append(Evaluate(config, self.evaluator, generator, run.keys,
+    if evaluator is not None:
+      chores.append(Evaluate(config, evaluator, generator, run.keys,
                              run.writer, run.progress))
     return chores
 

@@ -10,7 +10,7 @@
 """
 import csv
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 # Columns of the comparison table, in order.
 TABLE_KEYS = ("step", "prompt_accuracy", "fid_mnist", "diversity",
@@ -34,19 +34,31 @@ def check_flags(*, num_samples=None, metrics=None, sampler=None,
 def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
                          num_samples=None, metrics=None, sampler=None,
                          sampler_steps=None, guidance_scale=None,
-                         guidance_interval=None, seed=0, use_ema=True
+                         guidance_interval=None, seed=0, use_ema=True,
+                         skip_unreadable: bool = False,
+                         on_result: Optional[Callable[[Dict[str, float]],
+                                                      None]] = None
                          ) -> List[Dict[str, float]]:
   """Evaluates the given checkpoint steps (default: latest) of a run.
 
   In a multi-process run every process samples its share and process 0
-  scores; the others return [].
+  scores; the others return []. on_result(result) is called on process 0
+  as each checkpoint is scored. skip_unreadable: a damaged checkpoint is
+  skipped with a warning naming it (CheckpointError if none reads), else
+  it is a CheckpointError naming the readable ones.
+
+  Raises:
+    NothingToEvaluateError: none of the metrics can run here (before any
+      checkpoint is read or image generated).
   """
   check_flags(num_samples=num_samples, metrics=metrics, sampler=sampler,
               sampler_steps=sampler_steps, guidance_scale=guidance_scale,
               guidance_interval=guidance_interval, seed=seed, steps=steps)
   # pylint: disable=g-import-not-at-top
   import jax
+  from absl import logging
   from jaxsd import config_checks
+  from jaxsd import errors
   from jaxsd import parallel
   from jaxsd.checkpointing import checkpoints as checkpoint
   from jaxsd.checkpointing import run_config
@@ -79,13 +91,25 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
     raise FileNotFoundError(f"No checkpoint for steps {missing} in {workdir}; "
                             f"available: {available or 'none'}.")
   mesh = parallel.make_mesh()
-  if jax.process_index() == 0:  # the process that scores
-    evaluator.prepare()
+  if not evaluator_lib.any_metric_runs(evaluator):  # process 0 prepares
+    raise errors.NothingToEvaluateError(
+        f"{evaluator_lib.nothing_runs_message(evaluator)}; make their "
+        "weights available, or choose others with --metrics (known: "
+        f"{', '.join(evaluator_lib.metric_names())}).")
   results = []
   generator = None
+  skipped = []
   for step in steps:
-    _, comps, params, _ = build.restore_for_inference(
-        workdir, mesh, step=step, use_ema=use_ema)
+    try:
+      _, comps, params, _ = build.restore_for_inference(
+          workdir, mesh, step=step, use_ema=use_ema)
+    except errors.CheckpointError as e:
+      if not skip_unreadable:
+        raise
+      logging.warning("Skipping checkpoint step %d, which cannot be read: "
+                      "%s", step, checkpoint.first_line(e))
+      skipped.append(step)
+      continue
     if generator is None:
       generator = generate.Generator.from_config(
           comps, mesh, config.sampling, chunk_size=config.eval.chunk_size,
@@ -94,7 +118,19 @@ def evaluate_checkpoints(workdir: str, steps: Optional[List[int]] = None, *,
     out = evaluator_lib.evaluate_params(evaluator, generator, params,
                                         jax.random.key(seed))
     if out is not None:
-      results.append({"step": step, **out})
+      result = {"step": step, **out}
+      results.append(result)
+      logging.info("Checkpoint step %d: %s", step, ", ".join(
+          f"{k}={v:.4g}" for k, v in out.items() if "/" not in k))
+      if on_result is not None:
+        on_result(result)
+  if skipped and len(skipped) == len(steps):
+    raise errors.CheckpointError(
+        f"None of the checkpoints {skipped} in {workdir} can be read (see "
+        "the warnings above); train again, or restore them from a copy.")
+  if skipped:
+    logging.warning("Skipped unreadable checkpoints %s; scored %s.", skipped,
+                    [s for s in steps if s not in skipped])
   return results
 
 
@@ -145,15 +181,22 @@ def evaluate_run(workdir: str, *, all_checkpoints: bool = False,
                  step: Optional[int] = None, mlflow: bool = True,
                  num_samples=None, metrics=None, sampler=None,
                  sampler_steps=None, guidance_scale=None,
-                 guidance_interval=None, seed=0, use_ema=True
+                 guidance_interval=None, seed=0, use_ema=True,
+                 on_result: Optional[Callable[[Dict[str, float]], None]] = None
                  ) -> Optional[List[Dict[str, float]]]:
   """`jaxsd-evaluate`: joins the other processes of a multi-process launch,
-  evaluates every checkpoint (all_checkpoints), `step`, or the latest, and
-  on process 0 writes WORKDIR/eval/checkpoints.{csv,md} and (mlflow) logs
-  them to the run's MLflow run.
+  evaluates every checkpoint (all_checkpoints: a damaged one is skipped
+  with a warning), `step`, or the latest, and on process 0 writes
+  WORKDIR/eval/checkpoints.{csv,md} and (mlflow) logs them to the run's
+  MLflow run. on_result(result) is called on process 0 as each checkpoint
+  is scored, before anything is written.
 
   Returns the results on process 0 (see `evaluate_checkpoints`), None on
   the others.
+
+  Raises:
+    NotWritableError: WORKDIR/eval cannot be written (after the results
+      were handed to on_result and logged).
   """
   # pylint: disable=g-import-not-at-top
   import jax
@@ -161,6 +204,7 @@ def evaluate_run(workdir: str, *, all_checkpoints: bool = False,
   from jaxsd import parallel
   from jaxsd.checkpointing import checkpoints as checkpoint
   from jaxsd.errors import ConfigError
+  from jaxsd.errors import NotWritableError
   # pylint: enable=g-import-not-at-top
   if all_checkpoints and step is not None:
     raise ConfigError("Give --all_checkpoints or --step, not both.")
@@ -181,10 +225,19 @@ def evaluate_run(workdir: str, *, all_checkpoints: bool = False,
       workdir, steps, num_samples=num_samples, metrics=metrics,
       sampler=sampler, sampler_steps=sampler_steps,
       guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-      seed=seed, use_ema=use_ema)
+      seed=seed, use_ema=use_ema, skip_unreadable=all_checkpoints,
+      on_result=on_result)
   if jax.process_index() != 0:
     return None
-  tables = write_tables(results, os.path.join(workdir, "eval"))
+  out_dir = os.path.join(workdir, "eval")
+  try:
+    tables = write_tables(results, out_dir)
+  except OSError as e:
+    raise NotWritableError(
+        f"Cannot write the evaluation tables to {out_dir} "
+        f"({type(e).__name__}: {e.strerror or e}); the results above were "
+        "not saved there nor logged to MLflow. Make that folder writable (or "
+        "free space) and evaluate again, or keep the printed results.") from None
   if mlflow:
     log_to_mlflow(workdir, results, tables)
   logging.info("Wrote %s and %s", *tables)

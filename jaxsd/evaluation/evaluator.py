@@ -116,6 +116,11 @@ class Evaluator:
     """The configured metrics, less those skipped so far."""
     return tuple(m for m in self.eval_config.metrics if m not in self._skipped)
 
+  @property
+  def skipped(self) -> Dict[str, str]:
+    """{metric: why} of the metrics skipped so far (networks unavailable)."""
+    return dict(self._skipped)
+
   def classifier(self):
     return self.context.classifier()
 
@@ -178,19 +183,48 @@ class Evaluator:
     return out
 
 
+def any_metric_runs(evaluator: Evaluator) -> bool:
+  """Whether any metric of eval.metrics can run, on every process (a
+  collective: all must call it): process 0, which scores, prepares them
+  (`Evaluator.prepare`) and its answer is everyone's. Evaluation generates
+  images only when it is True."""
+  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
+  runs = False
+  if jax.process_index() == 0:
+    runs = bool(evaluator.prepare().metrics)
+  return parallel.any_process(runs)
+
+
+def nothing_runs_message(evaluator: Evaluator) -> str:
+  """Why no metric of eval.metrics can run (process 0 knows the reasons)."""
+  reasons = "; ".join(f"{name}: {' '.join(why.split())}"  # one line
+                      for name, why in evaluator.skipped.items()
+                      ) or "see process 0's log"
+  return (f"None of eval.metrics {list(evaluator.eval_config.metrics)} can "
+          f"run on this machine ({reasons})")
+
+
 def evaluate_params(evaluator: Evaluator, generate_fn: Callable, params, rng
                     ) -> Optional[Dict[str, float]]:
   """Samples eval.num_samples images (prompts cycling over the digits) with
-  generate_fn(params, prompts, rng) and evaluates them; adds
-  seconds (total) and sampling_seconds.
+  generate_fn(params, prompts, rng, progress=...) and evaluates them; adds
+  seconds (total) and sampling_seconds. The generation's progress (images
+  done, rate, ETA) is logged every ~10 s.
 
   Every process must call it: sampling is sharded over all devices and the
   images gathered (generate.Generator). Process 0 alone computes the
   metrics, which take no collective step, and the others return None.
+  Callers check `any_metric_runs` first: images no metric scores are not
+  worth generating.
   """
+  from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   prompts = evaluator.context.prompts(evaluator.eval_config.num_samples)
-  images = generate_fn(params, prompts, rng)
+  if jax.process_index() == 0:
+    logging.info("Evaluation: generating %d images for %s.", len(prompts),
+                 ", ".join(evaluator.metrics))
+  images = generate_fn(params, prompts, rng,
+                       progress=generate.ProgressLog("Evaluation"))
   sampling = time.perf_counter() - start
   if jax.process_index() != 0:
     return None

@@ -3,7 +3,8 @@
 Both of `torch.save`'s formats: the zip archive (torch >= 1.6: `data.pkl` plus
 one raw file per storage) and the legacy stream (pickles, then each storage as
 an int64 element count and raw bytes). Only tensors, containers and plain
-values are unpickled; any other global is refused, as torch's weights_only.
+values are unpickled; any other global is refused, as torch's weights_only
+(`RefusedPickleError`, naming the file).
 """
 import collections
 import io
@@ -15,6 +16,8 @@ from typing import Any, Dict
 
 import ml_dtypes
 import numpy as np
+
+from jaxsd import errors
 
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32,
@@ -95,6 +98,11 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+  """A global or persistent id the unpicklers do not allow (the file's path
+  is added by load_torch_file)."""
+
+
 class _Unpickler(pickle.Unpickler):
   """Resolves torch's globals to the stand-ins above; refuses all others."""
 
@@ -107,11 +115,11 @@ class _Unpickler(pickle.Unpickler):
       return _ALLOWED_GLOBALS[module, name]
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(name)
-    raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+    raise _Refused(f"refusing to unpickle {module}.{name}")
 
   def persistent_load(self, pid):
     if not isinstance(pid, tuple) or pid[0] != "storage":
-      raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+      raise _Refused(f"refusing to unpickle the persistent id {pid!r}")
     storage_type, key, _location, numel = pid[1:5]
     key = str(key)
     if key not in self.storages:
@@ -168,7 +176,7 @@ class _PlainUnpickler(pickle.Unpickler):
   that names a callable there cannot run it."""
 
   def find_class(self, module, name):
-    raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+    raise _Refused(f"refusing to unpickle {module}.{name}")
 
 
 def _plain_load(f) -> Any:
@@ -197,9 +205,25 @@ def _load_legacy(path: str) -> Any:
   return obj
 
 
+class RefusedPickleError(errors.JaxsdError, pickle.UnpicklingError):
+  """A torch file whose pickle names something other than tensors and plain
+  values (code it would run when loaded): refused, nothing of it run."""
+
+
 def load_torch_file(path: str) -> Any:
-  """Unpickles a torch.save file with every tensor as a numpy array."""
-  obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+  """Unpickles a torch.save file with every tensor as a numpy array.
+
+  Raises:
+    RefusedPickleError: the file's pickle names any other global.
+  """
+  try:
+    obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+  except _Refused as e:
+    raise RefusedPickleError(
+        f"{path}: {e}; torch weights hold only tensors and plain values, so "
+        "this file is not plain weights (loading it with torch would run "
+        "that code). Nothing of it was run: use weights from a source you "
+        "trust, preferably as .safetensors.") from None
   return _materialise(obj)
 
 

@@ -79,10 +79,27 @@ class Lock:
     except OSError:
       return False
 
+  def _not_writable(self, e: OSError) -> errors.NotWritableError:
+    workdir = os.path.dirname(self.path)
+    return errors.NotWritableError(
+        f"Cannot write the workdir {workdir} ({os.strerror(e.errno)}: "
+        f"creating {e.filename or self.path}); a run writes its lock, "
+        "checkpoints and logs there: make it writable (or mount it "
+        "read-write), or train in another --workdir.")
+
+  def _open(self) -> int:
+    """The lock file's descriptor (created, with its folders)."""
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise self._not_writable(e) from None
+      raise
+
   def acquire(self):
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = self._open()
       locked = self._flock(fd)
       if locked is False:
         holder = self.holder()
