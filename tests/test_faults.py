@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
+from jaxsd.training import lock as lock_lib
 lock = lock_lib.Lock({path!r})
 lock.acquire()
 print("held", flush=True)

@@ -120,13 +120,11 @@ class AutoencoderTask(trainer.Task):
   def build(self, config):
     return at.AutoencoderSetup(config)
 
-  def load_data(self, config, setup):
+  def make_loader(self, config, setup, source):
     tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
-    source = data_pipeline.make_source(config)
-    loader = data_pipeline.make_loader(
+    return data_pipeline.make_loader(
         config, tokenizer, source, process_index=jax.process_index(),
         process_count=jax.process_count())
-    return source, loader
 
   def start_session(self, workdir, setup):
     if jax.process_index() == 0:

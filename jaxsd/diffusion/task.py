@@ -36,11 +36,12 @@ def eval_key(config, step: int):
   return jax.random.fold_in(keys.eval, step)
 
 
-def load_training_data(config, components: build.Components):
-  """(source, this process's loader) of the config's training data; with
-  data.latent_cache the loader reads the cache (checked against the data
-  and the autoencoder), the source stays the images' (previews, prompts)."""
-  source = data_pipeline.make_source(config)
+def load_training_data(config, components: build.Components, source=None):
+  """(source, this process's loader) of the config's training data (`source`:
+  the config's, when made already); with data.latent_cache the loader reads
+  the cache (checked against the data and the autoencoder), the source
+  stays the images' (previews, prompts)."""
+  source = source or data_pipeline.make_source(config)
   read = source
   if config.data.latent_cache:
     read = data_pipeline.make_latent_cache_source(
@@ -219,8 +220,8 @@ class DiffusionTask(trainer.Task):
   def build(self, config):
     return build.TrainSetup(config)
 
-  def load_data(self, config, setup):
-    return load_training_data(config, setup.components)
+  def make_loader(self, config, setup, source):
+    return load_training_data(config, setup.components, source)[1]
 
   def check_checkpoint(self, setup, meta, step):
     resume.check_run_meta(meta, run_meta(setup.components), step,

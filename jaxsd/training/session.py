@@ -41,8 +41,8 @@ class RunStatus:
 
 @contextlib.contextmanager
 def holding_workdir(workdir: str, preemption: Preemption):
-  """The workdir's lock (workdir.Lock), taken once by process 0 (every
-  process stops if it is held elsewhere) and released on the way out. The
+  """The workdir's lock (lock.Lock), taken once by process 0 (every
+  process stops if it is held elsewhere or cannot be written) and released on the way out. The
   lock file is all a start writes before its checks are done: a workdir
   this start created is removed again if it stops with nothing in it."""
   created = not os.path.exists(workdir)
@@ -51,11 +51,11 @@ def holding_workdir(workdir: str, preemption: Preemption):
     lock = lock_lib.Lock(workdir)
     try:
       lock.acquire()
-    except errors.WorkdirBusyError as e:
+    except errors.JaxsdError as e:  # held elsewhere, or not writable
       lock, busy = None, e
   if parallel.any_process(busy is not None):
     raise busy or errors.WorkdirBusyError(
-        f"{workdir} is in use by another training process (see process 0's "
+        f"{workdir} cannot be taken by this training run (see process 0's "
         "message).")
   if lock is not None:
     preemption.on_abort.append(lock.release)

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import logging
 import jax
@@ -70,8 +70,9 @@ class Task:
   def build(self, config):
     raise NotImplementedError
 
-  def load_data(self, config, setup) -> Tuple[Any, Any]:
-    """(source, this process's loader) of the training data."""
+  def make_loader(self, config, setup, source):
+    """This process's loader of the training data from `source` (the
+    config's data source, data_pipeline.make_source)."""
     raise NotImplementedError
 
   def start_session(self, workdir: str, setup) -> None:
@@ -188,6 +189,9 @@ def _train(config, workdir: str, task: Task,
   preemption.sync_every = tcfg.log_every
   parallel.check_batch_size(tcfg.batch_size, task.grad_accum_steps(config))
   checked_step = resume.check_resume(config, workdir, task.kind)
+  # The data first: a data fault (an empty folder, a missing file) is named
+  # in seconds, before the model is built.
+  source = data_pipeline.make_source(config)
   preemption.check()
   with contextlib.ExitStack() as stack:
     stack.enter_context(session.holding_workdir(workdir, preemption))
@@ -195,7 +199,7 @@ def _train(config, workdir: str, task: Task,
     logging.info("%d processes, %d devices (%s)", jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
     preemption.check()
-    source, loader = task.load_data(config, setup)
+    loader = task.make_loader(config, setup, source)
     stack.callback(loader.close)
     if checked_step is not None:
       # What the data cannot resume (another batch size, other data) stops
