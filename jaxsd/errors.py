@@ -25,3 +25,8 @@ class ResumeMismatchError(JaxsdError, ValueError):
 
 class CheckpointError(JaxsdError):
   """A checkpoint cannot be read or written."""
+
+
+class TokenizerError(JaxsdError, ValueError):
+  """A tokenizer folder jaxsd cannot read (names the folder and the files
+  it expected)."""
