@@ -47,7 +47,7 @@ class InceptionFID(registry.Metric):
     if image_size not in self._references:
       n = ctx.eval_config.inception_reference_samples
       name = ctx.reference_name()
-      # Unpadded MNIST keeps the cache name it has always had.
+      # Unpadded MNIST: no size in the name (its form before sizes were added).
       extra = (f"n{n}" if image_size == 28 and name.startswith("mnist-")
                else f"n{n}-{image_size}px")
 
