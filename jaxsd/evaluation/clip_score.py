@@ -222,13 +222,21 @@ def _download(name: str):
   return (*_load_folder(folder), folder)
 
 
-def _tokenizer(name_or_folder: str):
+def _tokenizer(name_or_folder: str, snapshot: Optional[str] = None):
   """The CLIP tokenizer of a folder (either layout, jaxsd.text.encoder) or
-  a hub id (CLIPTokenizer)."""
+  a hub id: from its cached `snapshot` folder when that holds one, else
+  CLIPTokenizer from the cache or the hub."""
   import transformers  # pylint: disable=g-import-not-at-top
+  from jaxsd.errors import TokenizerError  # pylint: disable=g-import-not-at-top
   from jaxsd.text import encoder as text_lib  # pylint: disable=g-import-not-at-top
   if os.path.isdir(name_or_folder):
     return text_lib.load_tokenizer_folder(name_or_folder)
+  if snapshot is not None:
+    try:
+      text_lib.tokenizer_class(snapshot)
+      return text_lib.load_tokenizer_folder(snapshot)
+    except TokenizerError:  # weights cached, the tokenizer not (yet)
+      pass
   try:  # the Hugging Face cache, without touching the network
     return transformers.CLIPTokenizer.from_pretrained(name_or_folder,
                                                       local_files_only=True)
@@ -263,14 +271,17 @@ def load_clip_scorer(model_name_or_path: str = DEFAULT_CLIP_MODEL,
     TokenizerError: a tokenizer folder jaxsd cannot read.
   """
   folder = _local_folder(model_name_or_path)
-  if folder is not None and _has_weights(folder):
+  # A folder given is read (or refused); a hub id's snapshot only when it
+  # holds weights (a cache may hold a repo's tokenizer alone).
+  if folder is not None and (os.path.isdir(model_name_or_path)
+                             or _has_weights(folder)):
     model, params = _load_folder(folder)
-  elif folder is not None and os.path.isdir(model_name_or_path):
-    raise WeightsUnavailableError(
-        f"no CLIP weights in {folder}: expected {clip_convert.FLAX_WEIGHTS}, "
-        "model.safetensors or pytorch_model.bin")
   else:
     model, params, folder = _download(model_name_or_path)
-  tokenizer = _tokenizer(tokenizer_name_or_path or folder
-                         or model_name_or_path)
+  if tokenizer_name_or_path:
+    tokenizer = _tokenizer(tokenizer_name_or_path)
+  elif os.path.isdir(model_name_or_path):
+    tokenizer = _tokenizer(model_name_or_path)
+  else:  # a hub id, maybe in the Hugging Face cache
+    tokenizer = _tokenizer(model_name_or_path, snapshot=folder)
   return CLIPScorer(model, tokenizer, params)
