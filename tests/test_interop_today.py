@@ -66,16 +66,27 @@ def test_tokenizer_json_only_gives_the_slow_tokenizers_ids(fast_only,
                                 text_lib.empty_prompt_ids(tokenizer, 77))
 
 
-def test_save_tokenizer_writes_both_layouts(fast_only, tokenizer, tmp_path):
-  """An export of a run whose tokenizer came from tokenizer.json alone
-  still holds vocab.json + merges.txt for transformers 4 (diffusers 0.39)."""
+@pytest.mark.parametrize("source", ["fast_only", "legacy"])
+def test_save_tokenizer_writes_both_layouts(source, fast_only, tokenizer,
+                                            tmp_path):
+  """An export holds vocab.json + merges.txt for transformers 4 (diffusers
+  0.39) and tokenizer.json for transformers 5, whichever layout the run's
+  tokenizer was read from."""
   out = str(tmp_path / "tokenizer")
-  text_lib.save_tokenizer(text_lib.load_tokenizer(fast_only), out)
+  text_lib.save_tokenizer(text_lib.load_tokenizer(
+      fast_only if source == "fast_only" else TOKENIZER_DIR), out)
   assert {"tokenizer.json", "vocab.json", "merges.txt",
           "tokenizer_config.json"} <= set(os.listdir(out))
-  slow = transformers.CLIPTokenizer.from_pretrained(out)
-  np.testing.assert_array_equal(text_lib.tokenize(slow, PROMPTS, 77),
-                                text_lib.tokenize(tokenizer, PROMPTS, 77))
+  want = text_lib.tokenize(tokenizer, PROMPTS, 77)
+  for cls in (transformers.CLIPTokenizer, transformers.CLIPTokenizerFast):
+    np.testing.assert_array_equal(
+        text_lib.tokenize(cls.from_pretrained(out), PROMPTS, 77), want)
+  only_json = str(tmp_path / "only_json")
+  os.makedirs(only_json)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(out, name), only_json)
+  np.testing.assert_array_equal(
+      text_lib.tokenize(text_lib.load_tokenizer(only_json), PROMPTS, 77), want)
 
 
 def _one_line_error(folder):

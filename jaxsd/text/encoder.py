@@ -5,7 +5,9 @@ tokenizer's `vocab.json` + `merges.txt` (and usually `tokenizer.json` too);
 transformers 5 (and so a pipeline saved by today's PyTorch diffusers) writes
 `tokenizer.json` + `tokenizer_config.json` only. `load_tokenizer` reads the
 first with `CLIPTokenizer`, the second with `CLIPTokenizerFast`; both give
-the same token ids. `save_tokenizer` writes both layouts.
+the same token ids (tests/test_interop_today.py), except for CJK text, which
+the slow tokenizer without `ftfy` installed splits character by character.
+`save_tokenizer` writes both layouts.
 
 The encoder is fresh, or pretrained (`text.pretrained`): a hub id or folder of
 Flax weights (flax_model.msgpack) through transformers, or a folder of
@@ -105,18 +107,18 @@ def save_tokenizer(tokenizer, folder: str):
   transformers 5 (and the fast tokenizer), vocab.json + merges.txt for
   transformers 4's CLIPTokenizer, which a diffusers 0.39 pipeline loads.
 
-  A fast tokenizer read from tokenizer.json alone cannot write the slow
-  files through save_pretrained; its BPE model writes them instead.
+  A slow tokenizer writes no tokenizer.json: the fast one converted from its
+  files does. A fast tokenizer read from tokenizer.json alone cannot write
+  the slow files through save_pretrained: its BPE model writes them.
   """
+  import transformers  # pylint: disable=g-import-not-at-top
   tokenizer.save_pretrained(folder)
-  if all(os.path.isfile(os.path.join(folder, f))
-         for f in SLOW_TOKENIZER_FILES):
-    return
-  backend = getattr(tokenizer, "backend_tokenizer", None)
-  if backend is None:
-    raise TokenizerError(f"{type(tokenizer).__name__} wrote no "
-                         f"{' + '.join(SLOW_TOKENIZER_FILES)} to {folder}.")
-  backend.model.save(folder)
+  if not tokenizer.is_fast:
+    transformers.CLIPTokenizerFast.from_pretrained(folder).save_pretrained(
+        folder, legacy_format=False)
+  elif not all(os.path.isfile(os.path.join(folder, f))
+               for f in SLOW_TOKENIZER_FILES):
+    tokenizer.backend_tokenizer.model.save(folder)
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int,
