@@ -43,3 +43,8 @@ class NotWritableError(JaxsdError, OSError):
 
 class NothingToEvaluateError(JaxsdError):
   """None of the metrics asked for can run on this machine."""
+
+
+class TokenizerError(JaxsdError, ValueError):
+  """A tokenizer folder jaxsd cannot read (names the folder and the files
+  it expected)."""

@@ -128,8 +128,10 @@ def test_clip_score_matches_hand_computation(scorer, tiny_clip_dir, images):
       scorer.cosine_similarities(images, PROMPTS, batch_size=4), cosines,
       atol=1e-5)
   expected = max(cosines.mean(), 0.0)
-  assert got["clip_similarity"] == pytest.approx(expected, abs=1e-5)
+  assert got["clip_cosine"] == pytest.approx(cosines.mean(), abs=1e-5)
   assert got["clip_score"] == pytest.approx(100 * expected, abs=1e-3)
+  assert got["clip_s"] == pytest.approx(
+      2.5 * np.maximum(cosines, 0).mean(), abs=1e-5)
   assert expected > 0.05 and np.ptp(cosines) > 0.05  # a non-trivial check
 
 
@@ -161,8 +163,23 @@ def test_score_is_clipped_at_zero(scorer, images):
       flipped.cosine_similarities(images, PROMPTS, batch_size=4), -cosines,
       atol=1e-6)
   assert cosines.mean() > 0
-  assert flipped.score(images, PROMPTS, batch_size=4) == {
-      "clip_similarity": 0.0, "clip_score": 0.0}
+  got = flipped.score(images, PROMPTS, batch_size=4)
+  assert got["clip_score"] == 0.0
+  assert got["clip_cosine"] == pytest.approx(-cosines.mean(), abs=1e-6)
+  # CLIP-S clips each pair: the pairs whose flipped cosine is positive count.
+  assert got["clip_s"] == pytest.approx(
+      2.5 * np.maximum(-cosines, 0).mean(), abs=1e-6)
+
+
+def test_the_three_figures_by_hand():
+  """torchmetrics clips the mean, CLIP-S (Hessel et al.) each term, and the
+  cosine is not clipped."""
+  got = clip_score.clip_scores([0.3, -0.1])
+  assert got == pytest.approx(
+      {"clip_score": 10.0, "clip_s": 0.375, "clip_cosine": 0.1})
+  got = clip_score.clip_scores([-0.3, 0.1])
+  assert got == pytest.approx(
+      {"clip_score": 0.0, "clip_s": 0.125, "clip_cosine": -0.1})
 
 
 def test_preprocess_resizes_and_normalises():

@@ -5,6 +5,8 @@ reader -> state-dict converter -> Flax; the PyTorch model loads the same state
 dict natively.
 """
 import collections
+import hashlib
+import logging
 import os
 import time
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jaxsd import errors
 from jaxsd import hub
 from jaxsd.evaluation import inception
 from jaxsd.models import torch_checkpoint
@@ -371,3 +374,111 @@ def test_download_checks_hash_and_writes_atomically(tmp_path, monkeypatch):
   finally:
     server.shutdown()
     server.server_close()
+
+
+# --- Weights known by their hash -------------------------------------------
+
+
+def _sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _standard_named(path, folder):
+  """The random weights under pytorch-fid's file name, in `folder`."""
+  folder.mkdir(exist_ok=True)
+  os.symlink(path, folder / inception.FID_WEIGHTS_FILE)
+  return str(folder / inception.FID_WEIGHTS_FILE)
+
+
+def test_standard_file_name_with_another_hash_is_refused(
+    random_inception, tmp_path, monkeypatch):
+  """A file named pt_inception-2015-12-05-6726825d.pth whose sha256 does not
+  start with 6726825d (here: random weights) is refused, found in the cache
+  or given, in one line naming it."""
+  _, path = random_inception
+  monkeypatch.delenv("JAXSD_FID_INCEPTION_WEIGHTS", raising=False)
+  monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+  standard = _standard_named(path, tmp_path / "cache")
+  for kwargs in (dict(cache_dir=str(tmp_path / "cache"), allow_download=False),
+                 dict(weights_path=standard)):
+    with pytest.raises(inception.InceptionWeightsError) as info:
+      inception.load_fid_inception(**kwargs)
+    message = str(info.value)
+    assert isinstance(info.value, errors.JaxsdError) and "\n" not in message
+    assert message.startswith(f"{standard} is named as pytorch-fid's")
+    assert f"starts with {_sha256(path)[:8]}, not 6726825d" in message
+
+
+def test_the_standard_hash_loads_without_a_warning(random_inception, tmp_path,
+                                                   monkeypatch, caplog):
+  _, path = random_inception
+  sha256 = _sha256(path)
+  # These random weights play the published file.
+  monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256_PREFIX", sha256[:8])
+  standard = _standard_named(path, tmp_path / "cache")
+  with caplog.at_level(logging.WARNING):
+    net = inception.load_fid_inception(weights_path=standard)
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+  assert net.identity == f"{inception.IDENTITY}-sha256-{sha256[:16]}"
+
+
+def test_other_weights_are_used_with_a_warning_naming_them(random_inception,
+                                                           caplog):
+  _, path = random_inception
+  with caplog.at_level(logging.WARNING):
+    net = inception.load_fid_inception(weights_path=path)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  assert len(warnings) == 1
+  assert warnings[0].startswith(f"FID Inception weights {path} (sha256 "
+                                f"{_sha256(path)[:16]}...) are not "
+                                "pytorch-fid's")
+  assert net.identity.endswith(_sha256(path)[:16])
+
+
+def test_reference_statistics_are_never_shared_between_weights(
+    random_inception, tmp_path, monkeypatch):
+  """fid_inception caches reference statistics per weights file: a second
+  file computes its own, and the first's are reused only with the first."""
+  import types  # pylint: disable=g-import-not-at-top
+  from jaxsd.evaluation.metrics import fid_inception  # pylint: disable=g-import-not-at-top
+  torch_model, path = random_inception
+  state = torch_model.state_dict()
+  state["Conv2d_1a_3x3.conv.weight"] = state["Conv2d_1a_3x3.conv.weight"] * 2
+  other = str(tmp_path / "other_inception.pth")
+  torch.save(state, other, _use_new_zipfile_serialization=False)
+
+  # Features that depend on the weights, without running the network.
+  def features(self, images, batch_size=50):
+    del batch_size
+    kernel = self.variables["params"]["Conv2d_1a_3x3"]["conv"]["kernel"]
+    flat = np.asarray(images, np.float32).reshape(len(images), -1)[:, :8]
+    return flat * float(np.abs(kernel).sum())
+  monkeypatch.setattr(inception.InceptionFeatures, "__call__", features)
+  computed = []
+
+  def ctx_for(weights):
+    def real_images(n, size):
+      computed.append(weights)
+      return np.random.RandomState(0).uniform(-1, 1, (n, size, size, 1))
+    return types.SimpleNamespace(
+        eval_config=types.SimpleNamespace(inception_weights=weights,
+                                          inception_reference_samples=6),
+        cache_dir=str(tmp_path / "cache"),
+        config=types.SimpleNamespace(data=types.SimpleNamespace(image_size=8)),
+        reference_name=lambda: "imagefolder-shapes-test",
+        real_images=real_images)
+
+  stats = {}
+  for weights in (path, other, path):
+    metric = fid_inception.InceptionFID()
+    metric.prepare(ctx_for(weights))
+    stats.setdefault(weights, []).append(metric.reference(ctx_for(weights), 8))
+  assert computed == [path, other]  # the third start reused the first's
+  np.testing.assert_array_equal(stats[path][0][0], stats[path][1][0])
+  assert not np.allclose(stats[path][0][0], stats[other][0][0])
+  files = sorted(os.listdir(tmp_path / "cache" / "fid_stats"))
+  assert len(files) == 2
+  for weights in (path, other):
+    assert sum(_sha256(weights)[:16] in f for f in files) == 1

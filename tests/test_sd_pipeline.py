@@ -27,7 +27,9 @@ transformers = pytest.importorskip("transformers")
 
 from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxsd import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxsd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _interop_layouts as layouts  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 diffusers.utils.logging.set_verbosity_error()
 transformers.logging.set_verbosity_error()
@@ -171,6 +173,44 @@ def test_ddim_sampling_matches_the_pytorch_pipeline(tiny_config,
                     noise=_torch_latents(2, seed=1).numpy().transpose(
                         0, 2, 3, 1))
   assert np.abs((other + 1) / 2 - want).max() > 10 * IMAGE_TOL
+
+
+def test_pipeline_saved_by_transformers_5_imports(tiny_config, saved_pipeline,
+                                                  tmp_path):
+  """diffusers 0.42 + transformers 5 write tokenizer/ as tokenizer.json +
+  tokenizer_config.json only and the text encoder's keys without
+  `text_model.`: the folder imports, tokenizes as the pipeline's tokenizer
+  and encodes as its text encoder."""
+  pipe, folder = saved_pipeline
+  if "sd2" in folder:
+    pytest.skip("the layout is the text side's; one pipeline shape is enough")
+  new = tmp_path / "pipeline"
+  shutil.copytree(folder, new)
+  shutil.rmtree(new / "tokenizer")
+  layouts.fast_only_tokenizer(os.path.join(folder, "tokenizer"),
+                              str(new / "tokenizer"))
+  layouts.drop_text_prefix(str(new / "text_encoder"))
+  config = _config(tiny_config, str(new))
+  comps = build.build_components(config)
+  assert isinstance(comps.tokenizer, transformers.CLIPTokenizerFast)
+  assert config.text.max_length == 77
+  ids = pipe.tokenizer(PROMPTS + [""], padding="max_length", max_length=77,
+                       truncation=True, return_tensors="np").input_ids
+  np.testing.assert_array_equal(
+      comps.tokenizer(PROMPTS + [""], padding="max_length", max_length=77,
+                      truncation=True, return_tensors="np").input_ids, ids)
+  with torch.no_grad():
+    want = pipe.text_encoder(torch.from_numpy(ids))[0].numpy()
+  params = comps.init_params(jax.random.key(0))
+  got = np.asarray(comps.encode(params, ids.astype(np.int32)))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  # A tokenizer folder neither layout reads: one line naming what it needs.
+  os.remove(new / "tokenizer" / "tokenizer.json")
+  with pytest.raises(errors.TokenizerError,
+                     match=f"Cannot read the CLIP tokenizer in {new}/tokenizer"
+                     ": it holds tokenizer_config.json; expected "
+                     "tokenizer.json"):
+    build.build_components(_config(tiny_config, str(new)))
 
 
 def test_bad_pipeline_folders_are_clear_errors(tiny_config, saved_pipeline,

@@ -9,7 +9,8 @@ Metrics are registered by name in jaxsd/evaluation/metrics/, one module each
   diversity        mean pairwise classifier-feature distance within a prompt,
                    and its ratio to real digits'
   fid_inception    standard FID (pytorch-fid Inception weights) to MNIST test
-  clip_score       mean image-prompt cosine similarity under a CLIP model
+  clip_score       100 x mean image-prompt cosine under a CLIP model
+                   (torchmetrics' CLIPScore; also clip_s, clip_cosine)
 The evaluator knows none of them by name: it prepares and calls whatever the
 config lists, through the shared `EvalContext`. A metric whose network is
 unavailable (weights missing offline) is skipped with one log line and logs
@@ -161,7 +162,7 @@ class Evaluator:
     Returns flat names: each metric's entries (prompt_accuracy,
     prompt_accuracy/<d>, prompt_accuracy_min, fid_mnist, diversity,
     diversity/<d>, diversity_ratio(/<d>, _min), fid_inception, clip_score,
-    clip_score_x100), seconds/<metric>, and seconds/mnist_classifier for the
+    clip_s, clip_cosine), seconds/<metric>, and seconds/mnist_classifier for the
     classifier's pass shared by its metrics.
     """
     images = np.asarray(images, np.float32)

@@ -166,6 +166,7 @@ def cached_statistics(cache_dir: str, name: str,
 
 def reference_statistics_name(feature_identity: str, split: str,
                               extra: Optional[str] = None) -> str:
-  """Cache key for reference statistics: feature network, data split, extras."""
+  """Cache key for reference statistics: feature network (its identity names
+  its weights too, e.g. the Inception's sha256 prefix), data split, extras."""
   parts = [feature_identity, split] + ([extra] if extra else [])
   return "-".join(parts)

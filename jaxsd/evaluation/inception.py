@@ -5,7 +5,23 @@ with published ones: torchvision's Inception3 with the FID patches (average
 pools that exclude padding, a max pool in the last block) up to the 2048-d
 global average pool ("pool3"). NHWC; submodule names follow the PyTorch state
 dict, so `state_dict_to_variables` is a rename plus kernel transposes.
+
+Weights are known by their content, not their name. pytorch-fid's file
+carries the first 8 hex digits of its sha256 in its name
+(`pt_inception-2015-12-05-6726825d.pth`, torch.hub's check_hash
+convention), and that is checked:
+- a file of that name (found in the cache, torch.hub's cache,
+  $JAXSD_FID_INCEPTION_WEIGHTS or eval.inception_weights) whose sha256 does
+  not start with 6726825d is refused (InceptionWeightsError): a damaged
+  download or another network under the standard name;
+- a file of any other name is used (it is asked for on purpose, by
+  eval.inception_weights or $JAXSD_FID_INCEPTION_WEIGHTS), with a warning
+  naming it when its sha256 is not the standard one: its FIDs do not compare
+  with published ones.
+`InceptionFeatures.identity` holds the weights' sha256 prefix, so the cached
+reference statistics of one weights file are never used with another.
 """
+import hashlib
 import logging
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -17,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import environment
+from jaxsd.errors import JaxsdError
 from jaxsd.models import torch_checkpoint
 from jaxsd.hub import WeightsUnavailableError, download
 
@@ -27,6 +44,13 @@ FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's check_hash convention
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 IDENTITY = "fid-inception-v3-2015-12-05"
+# Hex digits of the weights' sha256 in InceptionFeatures.identity: 64 bits,
+# enough that two weights files never share a cache entry by chance.
+FINGERPRINT_DIGITS = 16
+
+
+class InceptionWeightsError(JaxsdError):
+  """A file named as pytorch-fid's standard weights holds other bytes."""
 
 
 def _pad(ph: int, pw: int):
@@ -267,6 +291,49 @@ def _candidate_paths(cache_dir: Optional[str]) -> Sequence[str]:
   return paths
 
 
+_SHA256_MEMO: Dict[Tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+  """The file's sha256, hex (remembered per path, size and mtime: one read
+  of ~95 MB, about 0.3 s, per process)."""
+  stat = os.stat(path)
+  key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+  if key not in _SHA256_MEMO:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    _SHA256_MEMO[key] = digest.hexdigest()
+  return _SHA256_MEMO[key]
+
+
+def check_weights_file(path: str) -> str:
+  """The weights file's sha256 after the checks in the module docstring.
+
+  Raises:
+    InceptionWeightsError: the file has the standard name but not its hash.
+  """
+  sha256 = file_sha256(path)
+  standard = sha256.startswith(FID_WEIGHTS_SHA256_PREFIX)
+  if os.path.basename(path) == FID_WEIGHTS_FILE and not standard:
+    raise InceptionWeightsError(
+        f"{path} is named as pytorch-fid's Inception weights but its sha256 "
+        f"starts with {sha256[:8]}, not {FID_WEIGHTS_SHA256_PREFIX}: a damaged "
+        f"or different file. Delete it (jaxsd downloads the real one from "
+        f"{FID_WEIGHTS_URL}), or rename it and set eval.inception_weights to "
+        "use it on purpose.")
+  if not standard:
+    logging.warning(
+        "FID Inception weights %s (sha256 %s...) are not pytorch-fid's %s "
+        "(sha256 %s...): FIDs computed with them do not compare with "
+        "published ones; "
+        "reference statistics are cached for this file alone.", path,
+        sha256[:FINGERPRINT_DIGITS], FID_WEIGHTS_FILE,
+        FID_WEIGHTS_SHA256_PREFIX)
+  return sha256
+
+
 def fid_weights_path(weights_path: Optional[str] = None,
                      cache_dir: Optional[str] = None,
                      allow_download: bool = True) -> str:
@@ -275,7 +342,8 @@ def fid_weights_path(weights_path: Optional[str] = None,
   Looks at `weights_path` (only there, when given), then
   `$JAXSD_FID_INCEPTION_WEIGHTS`, `cache_dir`, and torch.hub's cache; else
   downloads `FID_WEIGHTS_URL` into `cache_dir` when GitHub answers within a
-  few seconds.
+  few seconds (its sha256 checked). The path is not checked here:
+  `check_weights_file` does that.
 
   Raises:
     WeightsUnavailableError: no file, and no download possible.
@@ -298,13 +366,33 @@ def fid_weights_path(weights_path: Optional[str] = None,
                   sha256_prefix=FID_WEIGHTS_SHA256_PREFIX)
 
 
-class InceptionFeatures:
-  """Host-side FID Inception: batched, jitted pool3 features of numpy images."""
+def variables_sha256(variables) -> str:
+  """sha256 of the variables' names and float32 bytes: the fingerprint of
+  weights that come from no file."""
+  digest = hashlib.sha256()
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  for key in sorted(flat):
+    digest.update("/".join(key).encode())
+    digest.update(np.ascontiguousarray(flat[key], np.float32).tobytes())
+  return digest.hexdigest()
 
-  def __init__(self, variables, resize_input: bool = True):
+
+class InceptionFeatures:
+  """Host-side FID Inception: batched, jitted pool3 features of numpy images.
+
+  Attributes:
+    identity: names the network and its weights in cached statistics,
+      `fid-inception-v3-2015-12-05-sha256-<16 hex digits>`: the weights
+      file's sha256 (`sha256`), else the variables' own
+      (`variables_sha256`).
+  """
+
+  def __init__(self, variables, resize_input: bool = True,
+               sha256: Optional[str] = None):
     self.model = FIDInceptionV3(resize_input=resize_input)
     self.variables = variables
-    self.identity = IDENTITY
+    sha256 = sha256 or variables_sha256(variables)
+    self.identity = f"{IDENTITY}-sha256-{sha256[:FINGERPRINT_DIGITS]}"
     self._apply = jax.jit(self.model.apply)
 
   def __call__(self, images, batch_size: int = 50) -> np.ndarray:
@@ -334,13 +422,20 @@ def load_fid_inception(weights_path: Optional[str] = None,
                        resize_input: bool = True) -> InceptionFeatures:
   """The FID Inception with pytorch-fid's published weights (no torch needed).
 
+  The weights file is checked by its sha256 (see the module docstring), and
+  the result's `identity` carries that hash.
+
   Raises:
     WeightsUnavailableError: weights missing and not downloadable (offline);
       callers skip Inception-FID with one log line.
+    InceptionWeightsError: a file of the standard name with another hash.
   """
   path = fid_weights_path(weights_path, cache_dir, allow_download)
-  logging.info("loading FID Inception weights from %s", path)
+  sha256 = check_weights_file(path)
+  logging.info("loading FID Inception weights from %s (sha256 %s...)", path,
+               sha256[:FINGERPRINT_DIGITS])
   model = FIDInceptionV3(resize_input=resize_input)
   variables = state_dict_to_variables(
       torch_checkpoint.load_state_dict(path), model)
-  return InceptionFeatures(variables, resize_input=resize_input)
+  return InceptionFeatures(variables, resize_input=resize_input,
+                           sha256=sha256)

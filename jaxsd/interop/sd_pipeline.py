@@ -10,6 +10,12 @@ A pipeline folder (what `StableDiffusionPipeline.save_pretrained` writes):
     tokenizer/          CLIPTokenizer
     scheduler/          scheduler_config.json
 
+Both generations of PyTorch's stack are read: diffusers <= 0.39 with
+transformers 4 (tokenizer/ holds vocab.json + merges.txt; text encoder keys
+`text_model.*`) and diffusers 0.42 with transformers 5 (tokenizer/ holds
+tokenizer.json + tokenizer_config.json only; keys without the `text_model.`
+prefix). See jaxsd/text/encoder.py and jaxsd/models/clip_convert.py.
+
 `resolve(config)` points a run at such a folder: model.pretrained (the UNet,
 converted by name, jaxsd/models/unet_convert.py), model.autoencoder (the
 VAE), text.pretrained and text.tokenizer, the architecture fields that the
@@ -19,7 +25,8 @@ pipeline does. Weights are read from `.safetensors` first; a `.bin` only
 through the weights-only unpickler: nothing in a downloaded folder runs.
 
 `write(out, ...)` writes a jaxsd run back as such a folder (safetensors),
-which PyTorch's `StableDiffusionPipeline.from_pretrained(out)` loads.
+which PyTorch's `StableDiffusionPipeline.from_pretrained(out)` loads; its
+tokenizer/ holds both layouts, so either generation of the stack reads it.
 """
 import json
 import os
@@ -97,7 +104,11 @@ def resolve(config):
   from jaxsd.models import autoencoder as ae_lib  # pylint: disable=g-import-not-at-top
   from jaxsd.models import clip_convert  # pylint: disable=g-import-not-at-top
   from jaxsd.models import unet_convert  # pylint: disable=g-import-not-at-top
+  from jaxsd.text import encoder as text_lib  # pylint: disable=g-import-not-at-top
   check_folder(path)
+  # A tokenizer folder neither layout reads fails here, before any weights
+  # are read (TokenizerError naming the files expected).
+  text_lib.tokenizer_class(os.path.join(path, "tokenizer"))
   changed: Dict[str, Any] = {}
   m, t = config.model, config.text
 
@@ -222,7 +233,7 @@ def write(out: str, config, components, params, overwrite: bool = False):
                         sample_size=config.data.image_size)
   text_lib.save_text_encoder(components.text_encoder.config, params["text"],
                              os.path.join(tmp, "text_encoder"))
-  components.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+  text_lib.save_tokenizer(components.tokenizer, os.path.join(tmp, "tokenizer"))
   os.makedirs(os.path.join(tmp, "scheduler"))
   with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump(scheduler_config.to_diffusers(

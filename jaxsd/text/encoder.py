@@ -1,5 +1,14 @@
 """Text side: CLIP tokenizer and transformers' FlaxCLIPTextModel.
 
+A tokenizer folder comes in two layouts: transformers 4 writes the slow
+tokenizer's `vocab.json` + `merges.txt` (and usually `tokenizer.json` too);
+transformers 5 (and so a pipeline saved by today's PyTorch diffusers) writes
+`tokenizer.json` + `tokenizer_config.json` only. `load_tokenizer` reads the
+first with `CLIPTokenizer`, the second with `CLIPTokenizerFast`; both give
+the same token ids (tests/test_interop_today.py), except for CJK text, which
+the slow tokenizer without `ftfy` installed splits character by character.
+`save_tokenizer` writes both layouts.
+
 The encoder is fresh, or pretrained (`text.pretrained`): a hub id or folder of
 Flax weights (flax_model.msgpack) through transformers, or a folder of
 PyTorch weights (a `text_encoder/` folder or an SD pipeline folder holding
@@ -15,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import hub
+from jaxsd.errors import TokenizerError
 from jaxsd.models import clip_convert
+
+# The slow tokenizer's files (transformers 4's layout) and the fast one's.
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+FAST_TOKENIZER_FILE = "tokenizer.json"
 
 
 def _from_pretrained(cls, name: str, what: str, config_key: str, **kwargs):
@@ -35,14 +49,76 @@ def _from_pretrained(cls, name: str, what: str, config_key: str, **kwargs):
   return cls.from_pretrained(name, **kwargs)
 
 
+def tokenizer_class(folder: str):
+  """The transformers class that reads the tokenizer folder: CLIPTokenizer
+  when it holds vocab.json and merges.txt, else CLIPTokenizerFast when it
+  holds tokenizer.json.
+
+  Raises:
+    TokenizerError: neither layout is complete (the message names the folder,
+      the files it holds and the ones expected).
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  if all(os.path.isfile(os.path.join(folder, f))
+         for f in SLOW_TOKENIZER_FILES):
+    return transformers.CLIPTokenizer
+  if os.path.isfile(os.path.join(folder, FAST_TOKENIZER_FILE)):
+    return transformers.CLIPTokenizerFast
+  held = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+  raise TokenizerError(
+      f"Cannot read the CLIP tokenizer in {folder}: it holds "
+      f"{', '.join(held) if held else 'no files'}; expected "
+      f"{FAST_TOKENIZER_FILE} (transformers 5's layout) or "
+      f"{' + '.join(SLOW_TOKENIZER_FILES)} (transformers 4's).")
+
+
+def load_tokenizer_folder(folder: str):
+  """The CLIP tokenizer saved in `folder`, in either layout (see
+  `tokenizer_class`); a file that does not parse is a TokenizerError."""
+  cls = tokenizer_class(folder)
+  try:
+    return cls.from_pretrained(folder)
+  except Exception as e:  # pylint: disable=broad-except
+    # transformers and tokenizers raise many types for a damaged file
+    # (OSError, ValueError, TypeError, tokenizers' Exception).
+    files = (FAST_TOKENIZER_FILE if cls.__name__.endswith("Fast")
+             else " + ".join(SLOW_TOKENIZER_FILES))
+    why = " ".join(str(e).split())[:200]
+    raise TokenizerError(
+        f"Cannot read the CLIP tokenizer in {folder} ({files}): "
+        f"{type(e).__name__}: {why}") from e
+
+
 def load_tokenizer(name: str):
-  """CLIPTokenizer from a hub id or a local folder (config text.tokenizer)."""
+  """The CLIP tokenizer of a local folder (either layout) or a hub id
+  (CLIPTokenizer), config text.tokenizer."""
   import transformers  # pylint: disable=g-import-not-at-top
   if not name:
     raise ValueError("text.tokenizer is empty; set it to a hub id or a folder "
                      "(or the JAXSD_CLIP_TOKENIZER environment variable).")
+  if os.path.isdir(name):
+    return load_tokenizer_folder(name)
   return _from_pretrained(transformers.CLIPTokenizer, name, "tokenizer",
                           "text.tokenizer")
+
+
+def save_tokenizer(tokenizer, folder: str):
+  """Writes the tokenizer to `folder` in both layouts: tokenizer.json for
+  transformers 5 (and the fast tokenizer), vocab.json + merges.txt for
+  transformers 4's CLIPTokenizer, which a diffusers 0.39 pipeline loads.
+
+  A slow tokenizer writes no tokenizer.json: the fast one converted from its
+  files does. A fast tokenizer read from tokenizer.json alone cannot write
+  the slow files through save_pretrained: its BPE model writes them.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  tokenizer.save_pretrained(folder)
+  if not tokenizer.is_fast:
+    transformers.CLIPTokenizerFast.from_pretrained(folder).save_pretrained(
+        folder, legacy_format=False)
+  elif not all(os.path.isfile(os.path.join(folder, f))
+               for f in SLOW_TOKENIZER_FILES):
+    tokenizer.backend_tokenizer.model.save(folder)
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int,

@@ -1,7 +1,16 @@
-"""clip_score: mean image-prompt cosine similarity under a CLIP model.
+"""clip_score: image-prompt agreement under a CLIP model (eval.clip_model).
 
-`clip_score` is on the 0-1 scale of the original project, `clip_score_x100`
-on torchmetrics'. Scores the first eval.num_clip_samples samples, at their
+Reports three figures of the cosines c_i between each image's and its
+prompt's CLIP embeddings (definitions in jaxsd/evaluation/clip_score.py):
+
+  eval/clip_score   max(100 * mean c, 0), 0-100: torchmetrics' CLIPScore,
+                    the "CLIP score" papers quote.
+  eval/clip_s       2.5 * mean max(c, 0): CLIP-S (Hessel et al. 2021).
+  eval/clip_cosine  mean c, unclipped, in [-1, 1].
+
+(Before this naming, eval/clip_score was max(mean c, 0) on a 0-1 scale and
+eval/clip_score_x100 the torchmetrics figure; old runs' clip_score is today's
+divided by 100.) Scores the first eval.num_clip_samples samples, at their
 own size (CLIP's preprocessing resizes). Skipped when the model is missing
 offline.
 """
@@ -32,6 +41,4 @@ class ClipScore(registry.Metric):
 
   def __call__(self, images, prompts, ctx):
     n = min(ctx.eval_config.num_clip_samples, len(images))
-    score = self.scorer.score(images[:n], list(prompts[:n]))
-    return {"clip_score": score["clip_similarity"],
-            "clip_score_x100": score["clip_score"]}
+    return self.scorer.score(images[:n], list(prompts[:n]))

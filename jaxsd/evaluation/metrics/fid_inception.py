@@ -4,7 +4,12 @@ Comparable with published FIDs. Samples go in at their own size (the network
 resizes to 299x299); the reference is the real images of the held-out split
 (eval.reference_split) transformed as training images are (MNIST padded with
 background), so the transform does not count as a difference. Skipped when
-the weights are missing offline.
+the weights are missing offline; a file named as pytorch-fid's weights with
+another sha256 is refused (jaxsd/evaluation/inception.py).
+
+The reference statistics are cached under the network's identity, which
+holds the weights file's sha256 prefix: statistics computed with one
+weights file are never used with another.
 """
 import os
 
@@ -38,11 +43,11 @@ class InceptionFID(registry.Metric):
   def reference(self, ctx, image_size: int) -> fid.Statistics:
     """(mu [2048], sigma) of the first eval.inception_reference_samples
     images of the held-out split (eval.reference_split) at image_size x
-    image_size, cached per dataset and size."""
+    image_size, cached per weights (their sha256), dataset and size."""
     if image_size not in self._references:
       n = ctx.eval_config.inception_reference_samples
       name = ctx.reference_name()
-      # Unpadded MNIST keeps the cache name it has always had.
+      # Unpadded MNIST: no size in the name (its form before sizes were added).
       extra = (f"n{n}" if image_size == 28 and name.startswith("mnist-")
                else f"n{n}-{image_size}px")
 
