@@ -48,12 +48,13 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
       guidance_scale=guidance_scale, eta=eta,
       guidance_interval=guidance_interval, chunk_size=chunk_size,
       lora_scale=lora_scale, step=step, seed=seed)
+  from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   # The checkpoint's config, read once: the flags are checked against the
   # run's schedule before anything is restored.
-  config = build.load_run_config(workdir, step)
+  config = run_config.load_run_config(workdir, step)
   config_checks.check_flags_against_run(config, steps=steps)
   mesh = parallel.make_mesh()
   config, comps, params, step = build.restore_for_inference(
