@@ -27,10 +27,13 @@ def check_eval(config):
 def check_sample_size(config):
   """The MNIST-classifier metrics judge 28x28 or 32x32 digits only
   (`classifier.as_model_input`): refused at start, not at the first
-  evaluation, when sampling.height / sampling.width make other images."""
+  evaluation, when sampling.height / sampling.width make other images.
+  (data.image_size's own squares are judged as the data, as before.)"""
   judged = [m for m in config.eval.metrics
             if m in classifier.CLASSIFIER_METRICS]
   s, size = config.sampling, config.data.image_size
+  if not (s.get("height", 0) or s.get("width", 0)):
+    return  # data.image_size's squares: judged as the data (at evaluation)
   height, width = s.get("height", 0) or size, s.get("width", 0) or size
   if judged and (height, width) not in ((28, 28), (32, 32)):
     raise ConfigError(
