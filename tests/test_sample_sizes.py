@@ -135,6 +135,65 @@ def test_generator_refuses_a_side_the_unet_cannot_halve(tiny_config, vae):
                        num_steps=2, guidance_scale=1.0, height=16, width=18)
 
 
+def test_non_square_sampling_matches_a_diffusers_pipeline(tiny_config,
+                                                          tmp_path):
+  """A pipeline folder sampled at 16x32 pixels (8x16 latents, not its
+  unet's sample_size) by diffusers and by the Generator: the same images.
+  The export writes the same folder layout, whose sample_size is only
+  diffusers' default size."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+      layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",
+                                            "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+      attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=4,
+      down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+      norm_num_groups=4, sample_size=16)
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=49408, hidden_size=32, intermediate_size=64,
+      num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
+      bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+  with torch.no_grad():  # away from the initialisation's zeros
+    for model in (unet, vae, text_encoder):
+      for param in model.parameters():
+        param.add_(0.05 * torch.randn_like(param))
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=vae.eval(), text_encoder=text_encoder.eval(),
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(
+          os.environ["JAXSD_CLIP_TOKENIZER"]),
+      unet=unet.eval(), scheduler=diffusers.DDIMScheduler(
+          beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+          clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+      safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(str(tmp_path))
+  config = tiny_config()
+  config.model.pretrained_pipeline = str(tmp_path)
+  config.data.image_size = 16  # the square default: 8x8 latents
+  config.eval.metrics = ()
+  comps = build.build_components(config)
+  latents = torch.randn((2, 4, 8, 16),
+                        generator=torch.Generator().manual_seed(0))
+  want = pipe(["a red square", ""], height=16, width=32,
+              num_inference_steps=4, guidance_scale=3.0,
+              latents=latents.clone(), output_type="np").images
+  generator = generate.Generator.from_config(
+      comps, parallel.make_mesh(), config.sampling, num_steps=4,
+      guidance_scale=3.0, height=16, width=32)
+  got = generator(comps.init_params(jax.random.key(0)), ["a red square", ""],
+                  jax.random.key(0), noise=latents.numpy().transpose(
+                      0, 2, 3, 1))
+  assert want.shape == got.shape == (2, 16, 32, 3)
+  assert np.abs((got + 1) / 2 - want).max() < 1e-3
+
+
 # --- sampling.height / sampling.width ---------------------------------------
 
 
