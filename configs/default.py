@@ -220,6 +220,11 @@ def get_config():
   sampling.use_ema = True
   sampling.samples_per_prompt = 2  # per prompt in the periodic grid
   sampling.chunk_size = 64  # images per jitted sampling call (bounds memory)
+  # Sides in pixels of the sampled images (the periodic grid, evaluation):
+  # multiples of the UNet's 2**(levels - 1), times the autoencoder's
+  # downsampling in latent runs; 0 = data.image_size.
+  sampling.height = 0
+  sampling.width = 0
   # () = the first distinct captions of the training data.
   sampling.prompts = ()
 

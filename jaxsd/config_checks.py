@@ -23,7 +23,8 @@ Two checks need more than the config: `check_latent_size(config, factor)`
 (latent runs; the autoencoder's downsampling factor is known once it is
 loaded) and the command-line flags of jaxsd.commands.sample / jaxsd.commands.evaluate
 (`check_sampling_flags`, then `check_flags_against_run` once the run's
-config is read).
+config is read; --height / --width of a latent run once its autoencoder is
+loaded).
 """
 from jaxsd import checks
 from jaxsd import parallel
@@ -87,7 +88,7 @@ def validate_autoencoder(config):
 def check_sampling_flags(*, num_samples=None, sampler=None, steps=None,
                          guidance_scale=None, eta=None, guidance_interval=None,
                          chunk_size=None, lora_scale=None, step=None,
-                         seed=None, metrics=None):
+                         seed=None, metrics=None, height=None, width=None):
   """Checks the flags jaxsd.commands.sample / jaxsd.commands.evaluate were given (None = not
   given: the run's own setting) before any workdir is read; each error names
   the flag (--guidance_scale=-3.0: ...)."""
@@ -116,10 +117,19 @@ def check_sampling_flags(*, num_samples=None, sampler=None, steps=None,
     check_int("--seed", seed, *checks.INT64)
   if metrics is not None:
     eval_checks.check_metrics_flag(metrics)
+  for key, side in (("--height", height), ("--width", width)):
+    if side is not None:  # its multiple: check_flags_against_run
+      check_int(key, side, 1, hint="pixels")
 
 
-def check_flags_against_run(config, *, steps=None):
+def check_flags_against_run(config, *, steps=None, height=None, width=None,
+                            autoencoder_factor: int = 1):
   """The flags that depend on the run (its saved config): --steps within
-  its diffusion.num_timesteps and timestep spacing."""
+  its diffusion.num_timesteps and timestep spacing; --height and --width
+  multiples of its UNet's downsampling (latent runs: times the
+  autoencoder's, `autoencoder_factor`, known once it is loaded)."""
   if steps is not None:
     diffusion_checks.check_steps_flag(config, steps)
+  for key, side in (("--height", height), ("--width", width)):
+    if side is not None:
+      model_checks.check_sample_side(config, key, side, autoencoder_factor)

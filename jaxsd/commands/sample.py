@@ -3,7 +3,7 @@
 jaxsd-sample --workdir=runs/mnist \
     --prompt="a photograph of the number 7" --num_samples=16 \
     --sampler=dpmpp_2m --steps=25 --guidance_scale=3.0 --seed=0 \
-    --out=samples.png
+    --height=32 --width=64 --out=samples.png
 """
 from absl import app
 from absl import flags
@@ -33,6 +33,12 @@ def _define_flags():
                        "(default: the run's sampling.chunk_size).")
   flags.DEFINE_float("lora_scale", 1.0, "LoRA runs: the adapters' weight "
                      "when merged into the base (0 = the base alone).")
+  flags.DEFINE_integer("height", None, "Image height in pixels, a multiple "
+                       "of the model's downsampling (default: the run's "
+                       "sampling.height, else data.image_size).")
+  flags.DEFINE_integer("width", None, "Image width in pixels, as --height "
+                       "(default: the run's sampling.width, else "
+                       "data.image_size).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -46,7 +52,8 @@ def main(argv):
       seed=FLAGS.seed, sampler=FLAGS.sampler, steps=FLAGS.steps,
       guidance_scale=FLAGS.guidance_scale, eta=FLAGS.eta, step=FLAGS.step,
       guidance_interval=FLAGS.guidance_interval, use_ema=FLAGS.use_ema,
-      chunk_size=FLAGS.chunk_size, lora_scale=FLAGS.lora_scale)
+      chunk_size=FLAGS.chunk_size, lora_scale=FLAGS.lora_scale,
+      height=FLAGS.height, width=FLAGS.width)
   if done:
     prompts, step = done
     print(f"Wrote {FLAGS.out} ({len(prompts)} prompts x {FLAGS.num_samples}, "

@@ -10,6 +10,7 @@ from jaxsd.diffusion import samplers
 from jaxsd.diffusion import schedules
 from jaxsd.diffusion import step as train_step
 from jaxsd.errors import ConfigError
+from jaxsd.models import checks as model_checks
 
 
 def check_diffusion(config):
@@ -83,7 +84,9 @@ def check_eta(key: str, value) -> float:
 
 def check_sampling(config):
   """sampling.*: the sampler, its steps (within diffusion.num_timesteps and
-  its timestep spacing), guidance and the periodic grid's sizes."""
+  its timestep spacing), guidance, the periodic grid's sizes and the
+  sampled images' sides (sampling.height / sampling.width: in latent runs
+  against the autoencoder once it loads, `check_latent_size`)."""
   s = config.sampling
   num_timesteps = config.diffusion.num_timesteps
   check_sampler_name("sampling.sampler", s.sampler)
@@ -112,6 +115,14 @@ def check_sampling(config):
   check_int("sampling.samples_per_prompt", s.samples_per_prompt, 1)
   check_int("sampling.chunk_size", s.chunk_size, 1,
             hint="images per jitted sampling call")
+  latent = model_checks.is_latent_run(config)
+  for key in ("height", "width"):
+    side = s.get(key, 0)
+    if latent:  # the multiple needs the autoencoder's factor
+      check_int(f"sampling.{key}", side, 0, hint="pixels; 0 = data.image_size")
+    else:
+      model_checks.check_sample_side(config, f"sampling.{key}", side,
+                                     default_ok=True)
 
 
 def check_steps_flag(config, steps: int):

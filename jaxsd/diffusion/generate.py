@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd import parallel
+from jaxsd.models import checks as model_checks
 from jaxsd.text import encoder as text_lib
 from jaxsd.diffusion.setup import Components
 from jaxsd.diffusion import samplers
@@ -53,7 +54,9 @@ class Generator:
 
   Each chunk is one compiled call of `chunk_size` images (a multiple of the
   device count); the last chunk is padded, so any number of images works and
-  memory stays bounded by the chunk.
+  memory stays bounded by the chunk. Images are height x width pixels (None
+  or 0: data.image_size), multiples of `components.size_multiple`: the UNet
+  is shape-agnostic there, so one set of weights samples any such size.
   """
 
   def __init__(self, components: Components, mesh, *, sampler: str,
@@ -61,8 +64,18 @@ class Generator:
                chunk_size: int = 64, clip_x0: bool = True,
                guidance_interval: Optional[Tuple[float, float]] = None,
                timestep_spacing: str = "trailing", steps_offset: int = 0,
-               final_alpha: str = "one"):
+               final_alpha: str = "one", height: Optional[int] = None,
+               width: Optional[int] = None):
     samplers.get_sampler(sampler)  # fails early on an unknown name
+    # Callers check their own keys first (sampling.height, --height); this
+    # is the last guard before a shape the UNet cannot halve is compiled.
+    self.height, self.width = (
+        model_checks.check_sample_side(components.config, key, value or 0,
+                                       components.autoencoder_factor,
+                                       default_ok=True)
+        for key, value in (("height", height), ("width", width)))
+    self.image_shape = components.image_shape_at(self.height, self.width)
+    self.pixel_shape = components.pixel_shape_at(self.height, self.width)
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
     self._n_dev = jax.device_count()
@@ -82,7 +95,7 @@ class Generator:
     self._settings = dict(sampler=sampler, num_steps=num_steps,
                           guidance_scale=guidance_scale, eta=eta,
                           clip_x0=clip_x0, guidance_interval=guidance_interval,
-                          **spacing)
+                          height=self.height, width=self.width, **spacing)
     fn = functools.partial(self._generate, sampler=sampler,
                            num_steps=num_steps,
                            guidance_scale=float(guidance_scale), eta=eta,
@@ -105,7 +118,8 @@ class Generator:
     c = self.components
     cond = c.encode(params, input_ids)
     uncond = c.encode(params, jnp.asarray(c.uncond_ids))
-    start = (input_ids.shape[0],) + c.image_shape if noise is None else noise
+    start = ((input_ids.shape[0],) + self.image_shape if noise is None
+             else noise)
     x = samplers.sample(
         c.denoise_fn(params), c.schedule, rng, start, cond, uncond,
         timestep_spacing=timestep_spacing, steps_offset=steps_offset,
@@ -124,7 +138,8 @@ class Generator:
                   chunk_size: Optional[int] = None, **overrides
                   ) -> "Generator":
     """A Generator with a config's `sampling` settings; overrides that are
-    not None (sampler, num_steps, guidance_scale, eta, ...) replace them."""
+    not None (sampler, num_steps, guidance_scale, eta, height, width, ...)
+    replace them."""
     s = sampling_config
     settings = dict(sampler=s.sampler, num_steps=s.num_steps,
                     guidance_scale=s.guidance_scale, eta=s.eta,
@@ -133,7 +148,8 @@ class Generator:
                     chunk_size=chunk_size or s.chunk_size,
                     timestep_spacing=s.get("timestep_spacing", "trailing"),
                     steps_offset=s.get("steps_offset", 0),
-                    final_alpha=s.get("final_alpha", "one"))
+                    final_alpha=s.get("final_alpha", "one"),
+                    height=s.get("height", 0), width=s.get("width", 0))
     unknown = set(overrides) - set(settings)
     if unknown:
       raise TypeError(f"unknown sampling settings {sorted(unknown)}")
@@ -155,10 +171,11 @@ class Generator:
                noise: Optional[np.ndarray] = None,
                progress: Optional[Callable[[int, int], None]] = None
                ) -> np.ndarray:
-    """Images float32 [len(prompts), H, W, C] in [-1, 1] (host numpy).
+    """Images float32 [len(prompts), height, width, C] in [-1, 1] (host
+    numpy).
 
     Chunk i uses the key fold_in(rng, i): the same prompts, rng and chunk
-    size give the same images. noise [len(prompts), *image_shape]: the
+    size give the same images. noise [len(prompts), *self.image_shape]: the
     initial x_T instead of a draw (e.g. the latents another implementation
     starts from). progress(images done, total) is called after each chunk
     (`ProgressLog` logs it).
@@ -187,4 +204,4 @@ class Generator:
       if progress is not None:
         progress(min(lo + size, n), n)
     return np.concatenate(out, 0) if out else np.zeros((0,) + tuple(
-        self.components.pixel_shape), np.float32)
+        self.pixel_shape), np.float32)

@@ -3,7 +3,9 @@
 - `read_prompts(prompts, prompts_file)`: the prompts of the command line.
 - `run_prompts(workdir)`: the run's own sample-grid prompts (the default).
 - `generate_for_prompts(workdir, prompts, ...)`: images [N, H, W, C] in
-  [-1, 1] from a checkpoint of the run (its EMA params by default).
+  [-1, 1] from a checkpoint of the run (its EMA params by default), at the
+  run's sampling.height x sampling.width or any other multiple of its
+  downsampling.
 - `write_samples(images, prompts, num_samples, out)`: the PNG grid (a row
   per prompt) and optionally each image.
 - `sample_run(workdir, prompts, out, ...)`: all three, what `jaxsd-sample`
@@ -72,33 +74,42 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
                          guidance_interval=None,
                          step: Optional[int] = None, use_ema: bool = True,
                          chunk_size: Optional[int] = None,
-                         lora_scale: float = 1.0):
+                         lora_scale: float = 1.0,
+                         height: Optional[int] = None,
+                         width: Optional[int] = None):
   """Images [len(prompts) * num_samples, H, W, C] in [-1, 1], prompt-major,
   and the checkpoint step they came from. A LoRA run's adapters are merged
-  into its base at lora_scale."""
+  into its base at lora_scale. height, width: pixels (default: the run's
+  sampling.height / sampling.width, whose 0 is data.image_size)."""
   from jaxsd import config_checks  # pylint: disable=g-import-not-at-top
   # The flags first, before the workdir is read or anything built.
   config_checks.check_sampling_flags(
       num_samples=num_samples, sampler=sampler, steps=steps,
       guidance_scale=guidance_scale, eta=eta,
       guidance_interval=guidance_interval, chunk_size=chunk_size,
-      lora_scale=lora_scale, step=step, seed=seed)
+      lora_scale=lora_scale, step=step, seed=seed, height=height,
+      width=width)
+  from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
   # The checkpoint's config, read once: the flags are checked against the
-  # run's schedule before anything is restored.
-  from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
+  # run's schedule and downsampling (a latent run's autoencoder loaded for
+  # its factor) before any checkpoint is restored.
   config = run_config.load_run_config(workdir, step)
   config_checks.check_flags_against_run(config, steps=steps)
+  comps = build.build_components(config)
+  config_checks.check_flags_against_run(
+      config, height=height, width=width,
+      autoencoder_factor=comps.autoencoder_factor)
   mesh = parallel.make_mesh()
   config, comps, params, step = build.restore_for_inference(
       workdir, mesh, step=step, use_ema=use_ema, lora_scale=lora_scale,
-      config=config)
+      config=config, components=comps)
   generator = generate.Generator.from_config(
       comps, mesh, config.sampling, chunk_size=chunk_size, sampler=sampler,
       num_steps=steps, guidance_scale=guidance_scale, eta=eta,
-      guidance_interval=guidance_interval)
+      guidance_interval=guidance_interval, height=height, width=width)
   all_prompts = [p for p in prompts for _ in range(num_samples)]
   images = generator(params, all_prompts, jax.random.key(seed))
   return images, step

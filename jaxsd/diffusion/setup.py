@@ -65,6 +65,32 @@ class Components:
     return (c.data.image_size, c.data.image_size, c.data.num_channels)
 
   @property
+  def autoencoder_factor(self) -> int:
+    """How many pixels a latent spans per side (1 in pixel space)."""
+    return (1 if self.autoencoder is None
+            else self.autoencoder.config.downsample_factor)
+
+  @property
+  def size_multiple(self) -> int:
+    """What the sides (pixels) of the images the model makes must be
+    multiples of: the UNet's downsampling, times the autoencoder's."""
+    return model_checks.size_multiple(self.config, self.autoencoder_factor)
+
+  def image_shape_at(self, height: int, width: int):
+    """image_shape for images of height x width pixels (multiples of
+    size_multiple): (height, width, in_channels) or the latents'."""
+    c = self.config
+    if self.autoencoder is None:
+      return (height, width, c.model.in_channels)
+    factor = self.autoencoder_factor
+    return (height // factor, width // factor,
+            self.autoencoder.config.latent_channels)
+
+  def pixel_shape_at(self, height: int, width: int):
+    """pixel_shape for images of height x width pixels."""
+    return (height, width, self.config.data.num_channels)
+
+  @property
   def autoencoder_params(self):
     """The frozen autoencoder's parameters (None in pixel space): passed
     to jitted code as an argument, never closed over as constants."""
@@ -316,16 +342,17 @@ _LORA_BASE_STREAM = 0x42415345  # fold_in tag of a random LoRA base's key
 
 def restore_for_inference(workdir: str, mesh, step=None, use_ema=True,
                           lora_scale: float = 1.0, merge_lora: bool = True,
-                          config=None):
+                          config=None, components: Optional[Components] = None):
   """(config, components, params, step) from a run's saved config and
   checkpoint; params are replicated over the mesh, no optimiser state.
 
   A LoRA run's params are its adapters merged into the base at lora_scale
   (merge_lora=False: the adapters themselves). `config`: the run's config
-  when the caller has read it already (load_run_config(workdir, step)).
+  when the caller has read it already (load_run_config(workdir, step));
+  `components`: its build_components(config), when built already.
   """
   config = config or run_config.load_run_config(workdir, step)
-  comps = build_components(config)
+  comps = components or build_components(config)
   replicated = parallel.replicated(mesh)
   base = (jax.eval_shape(comps.init_params, jax.random.key(0))
           if comps.lora is not None else None)

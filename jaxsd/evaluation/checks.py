@@ -4,6 +4,7 @@ minimum of samples); and the --metrics flag of jaxsd.commands.evaluate.
 """
 from jaxsd.checks import check_int
 from jaxsd.errors import ConfigError
+from jaxsd.evaluation import classifier
 from jaxsd.evaluation import evaluator
 from jaxsd.evaluation import metrics as metrics_lib
 
@@ -20,6 +21,27 @@ def check_eval(config):
             2, hint="a covariance needs at least 2 images")
   if e.metrics:
     evaluator.check_config(config)
+    check_sample_size(config)
+
+
+def check_sample_size(config):
+  """The MNIST-classifier metrics judge 28x28 or 32x32 digits only
+  (`classifier.as_model_input`): refused at start, not at the first
+  evaluation, when sampling.height / sampling.width make other images.
+  (data.image_size's own squares are judged as the data, as before.)"""
+  judged = [m for m in config.eval.metrics
+            if m in classifier.CLASSIFIER_METRICS]
+  s, size = config.sampling, config.data.image_size
+  if not (s.get("height", 0) or s.get("width", 0)):
+    return  # data.image_size's squares: judged as the data (at evaluation)
+  height, width = s.get("height", 0) or size, s.get("width", 0) or size
+  if judged and (height, width) not in ((28, 28), (32, 32)):
+    raise ConfigError(
+        f"sampling.height={s.get('height', 0)} and sampling.width="
+        f"{s.get('width', 0)} sample {height}x{width} images (0 = "
+        f"data.image_size={size}), but eval.metrics {judged} judge 28x28 or "
+        "32x32 digits only; sample one of those sizes or remove them from "
+        "eval.metrics.")
 
 
 def check_metrics_flag(metrics):

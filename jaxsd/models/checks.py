@@ -3,7 +3,9 @@ ranges, and the image size the UNet's levels can halve.
 
 `check_model(config)` runs before anything is built. A latent run's size
 depends on its autoencoder's downsampling, known once it is loaded:
-`check_latent_size(config, factor)` then.
+`check_latent_size(config, factor)` then. The sides of sampled images
+(sampling.height / sampling.width, jaxsd-sample's --height / --width) are
+multiples of `size_multiple(config, factor)`: `check_sample_side`.
 """
 from jaxsd import models
 from jaxsd.checks import (check_channels, check_choice, check_float,
@@ -23,10 +25,49 @@ def _unet_divisor(config) -> int:
   return 2 ** (unet_levels(config) - 1)
 
 
+def is_latent_run(config) -> bool:
+  """The UNet denoises latents (model.autoencoder, or a pipeline that brings
+  one), not the images themselves."""
+  m = config.model
+  return bool(m.autoencoder or m.get("pretrained_pipeline", ""))
+
+
+def size_multiple(config, factor: int = 1) -> int:
+  """What a side of the images a run makes must be a multiple of, in pixels:
+  the UNet's 2**(levels - 1) (it halves the size at each level but the
+  last), times the autoencoder's downsampling `factor` in latent runs."""
+  return factor * _unet_divisor(config)
+
+
+def check_sample_side(config, key: str, value, factor: int = 1,
+                      default_ok: bool = False) -> int:
+  """One side (pixels) of the images a run samples: a positive multiple of
+  `size_multiple(config, factor)`; with default_ok also 0 (= data.image_size,
+  the config's sampling.height / sampling.width). key names it in the error
+  ("sampling.height", "--width"). Returns the side in pixels."""
+  check_int(key, value, 0 if default_ok else 1,
+            hint=("pixels; 0 = data.image_size" if default_ok else "pixels"))
+  if default_ok and value == 0:
+    return config.data.image_size
+  multiple = size_multiple(config, factor)
+  if value % multiple:
+    levels = unet_levels(config)
+    why = (f"the UNet halves it at each of its {levels} levels but the last: "
+           f"model.block_out_channels={tuple(config.model.block_out_channels)}")
+    if factor > 1:
+      why = (f"the autoencoder downsamples {factor}x, then the UNet's "
+             f"{levels} levels halve the latents {levels - 1} times")
+    fits = max(multiple, round(value / multiple) * multiple)
+    raise ConfigError(f"{key}={value} must be a multiple of {multiple} "
+                      f"({why}); e.g. {key}={fits}.")
+  return value
+
+
 def check_latent_size(config, factor: int) -> int:
   """A latent run's image size against its autoencoder: data.image_size
   must divide by the autoencoder's downsampling `factor`, and the latent size
-  image_size / factor by the UNet's 2**(levels - 1). Call once the
+  image_size / factor by the UNet's 2**(levels - 1); so must the sampled
+  sides sampling.height / sampling.width (0 = data.image_size). Call once the
   autoencoder is loaded (its factor is then known); returns the latent size.
   """
   size = config.data.image_size
@@ -48,6 +89,9 @@ def check_latent_size(config, factor: int) -> int:
         f"{unet_levels(config) - 1} times; data.image_size must be a multiple "
         f"of {multiple} (e.g. {max(multiple, round(size / multiple) * multiple)}"
         ").")
+  for key in ("height", "width"):
+    check_sample_side(config, f"sampling.{key}",
+                      config.sampling.get(key, 0), factor, default_ok=True)
   return latent_size
 
 
@@ -60,7 +104,7 @@ def check_model(config):
   wrapped("model.dtype", models.compute_dtype, m.dtype)
   # Latent runs (an autoencoder, or a pipeline that brings one): the UNet
   # sees latents, checked by check_latent_size once the autoencoder loads.
-  latent = bool(m.autoencoder or m.get("pretrained_pipeline", ""))
+  latent = is_latent_run(config)
   check_int("model.in_channels", m.in_channels, 1)
   check_int("model.out_channels", m.out_channels, 1)
   channels = check_channels("model.block_out_channels", m.block_out_channels)
