@@ -116,5 +116,11 @@ def _explaining(main: Callable) -> Callable:
     except errors.JaxsdError as e:
       sys.stderr.write(f"jaxsd: error: {e}\n")
       sys.stderr.flush()
+      # In a multi-process run, stop the others now with this line (they
+      # would wait for this process in their next collective). A run that
+      # formed a process group has imported jaxsd.parallel.
+      parallel = sys.modules.get("jaxsd.parallel")
+      if parallel is not None:
+        parallel.leave_process_group(str(e))
       sys.exit(1)
   return wrapped
