@@ -7,6 +7,7 @@ split over the `model` axis (fully-sharded data parallelism: each device holds
 1/model_axis_size of the parameters, EMA and optimiser state; XLA gathers
 parameters when a layer needs them).
 """
+import atexit
 import os
 import sys
 import threading
@@ -145,14 +146,17 @@ def maybe_initialize_distributed(mode: str = "auto"):
 # Left alone, a process that raises runs JAX's exit barrier, which waits for
 # the others; they wait for it in their next collective, and the job hangs
 # until the barrier times out (5 minutes), then aborts with C++ stacks. So a
-# failing process posts its one-line error in the coordination service's
-# key-value store and exits at once (as `mpi4py -m` aborts its communicator
-# on an uncaught exception); a thread in every other process waits on that
-# key and exits with the same line. Under SLURM, srun --kill-on-bad-exit
-# also ends the job's other tasks once the failed one has exited.
+# failing process posts its one-line error to every other process through
+# the coordination service's key-value store and exits at once (as
+# `mpi4py -m` aborts its communicator on an uncaught exception); a thread in
+# each process waits on its own key and exits with the same line. Under
+# SLURM, srun --kill-on-bad-exit also ends the job's other tasks once the
+# failed one has exited.
 
 HEARTBEAT_TIMEOUT_S = 10
-_FAILURE_KEY = "jaxsd/failure"
+_FAILURE_KEY = "jaxsd/failure"  # /<process>: the failure it is told of
+_SEEN_KEY = "jaxsd/failure_seen"  # /<process>: it has read the failure
+_NO_FAILURE = ""  # posted to a process's own key when it exits normally
 _ACK_WAIT_S = 3.0  # for the others to read the failure before we exit
 
 
@@ -180,23 +184,23 @@ def leave_process_group(message: str, code: int = 1):
   if client is None or jax.process_count() == 1:
     return
   me, count = jax.process_index(), jax.process_count()
-  try:
-    client.key_value_set(_FAILURE_KEY, f"{me}\t{message}")
-  except Exception:  # pylint: disable=broad-except
-    _exit_now(code)  # another process failed first and told them already
+  others = [p for p in range(count) if p != me]
+  told = []
+  for other in others:
+    try:
+      client.key_value_set(f"{_FAILURE_KEY}/{other}", f"{me}\t{message}")
+      told.append(other)
+    except Exception:  # pylint: disable=broad-except
+      pass  # it failed too, or has exited, or another failure came first
   # The coordination service lives in process 0: wait (briefly) until the
-  # others have read the failure, so they learn it even when 0 is the one
-  # leaving.
+  # others have read the failure, so they learn it even when 0 is leaving.
   deadline = time.monotonic() + _ACK_WAIT_S
-  for other in range(count):
-    if other == me:
-      continue
+  for other in told:
     remaining_ms = int((deadline - time.monotonic()) * 1000)
     if remaining_ms <= 0:
       break
     try:
-      client.blocking_key_value_get(f"{_FAILURE_KEY}/seen/{other}",
-                                    remaining_ms)
+      client.blocking_key_value_get(f"{_SEEN_KEY}/{other}", remaining_ms)
     except Exception:  # pylint: disable=broad-except
       break  # dead or stuck: the heartbeat timeout stops it
   _exit_now(code)
@@ -205,16 +209,17 @@ def leave_process_group(message: str, code: int = 1):
 def _watch_for_failure(client, me: int, count: int):
   while True:
     try:
-      value = client.blocking_key_value_get(_FAILURE_KEY, 3_600_000)
+      value = client.blocking_key_value_get(f"{_FAILURE_KEY}/{me}",
+                                            24 * 3600 * 1000)
     except Exception as e:  # pylint: disable=broad-except
       if "DEADLINE_EXCEEDED" in str(e):
         continue
-      return  # the client shut down: this process is exiting anyway
-    failed, _, message = value.partition("\t")
-    if int(failed) == me:
+      return  # the coordination service is gone: heartbeats take over
+    if value == _NO_FAILURE:
       return
+    failed, _, message = value.partition("\t")
     try:
-      client.key_value_set(f"{_FAILURE_KEY}/seen/{me}", "1")
+      client.key_value_set(f"{_SEEN_KEY}/{me}", "1")
     except Exception:  # pylint: disable=broad-except
       pass
     sys.stderr.write(f"jaxsd: error: process {failed} of {count} failed: "
@@ -229,8 +234,22 @@ def _stop_with_the_first_failure():
   thread stops this process when another posts its failure."""
   client = _client()
   me, count = jax.process_index(), jax.process_count()
-  threading.Thread(target=_watch_for_failure, args=(client, me, count),
-                   name="jaxsd-failure-watch", daemon=True).start()
+  watcher = threading.Thread(target=_watch_for_failure,
+                             args=(client, me, count),
+                             name="jaxsd-failure-watch", daemon=True)
+  watcher.start()
+
+  def stop_watching():
+    # Before JAX's own atexit handler shuts the client down: a daemon
+    # thread woken during interpreter shutdown would abort the process
+    # (its C++ frames cannot unwind), so wake it and let it end first.
+    try:
+      client.key_value_set(f"{_FAILURE_KEY}/{me}", _NO_FAILURE)
+    except Exception:  # pylint: disable=broad-except
+      return  # a failure was posted (the watcher is exiting) or no service
+    watcher.join(timeout=5)
+  atexit.register(stop_watching)  # runs before JAX's (registered earlier)
+
   previous_hook = sys.excepthook
 
   def leave_after_traceback(kind, value, tb):
