@@ -7,7 +7,12 @@ split over the `model` axis (fully-sharded data parallelism: each device holds
 1/model_axis_size of the parameters, EMA and optimiser state; XLA gathers
 parameters when a layer needs them).
 """
+import atexit
 import os
+import sys
+import threading
+import time
+import traceback
 from typing import Any
 
 from absl import logging
@@ -114,11 +119,144 @@ def maybe_initialize_distributed(mode: str = "auto"):
   # CPU processes reduce over gloo (TCP); GPUs use NCCL whatever this says.
   if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
-                             process_id=_env_int("JAX_PROCESS_ID"))
+  jax.distributed.initialize(
+      num_processes=_env_int("JAX_NUM_PROCESSES"),
+      process_id=_env_int("JAX_PROCESS_ID"),
+      # A process that dies without a word (killed, out of memory, crashed)
+      # is taken for dead after this long without heartbeats, and the
+      # coordination service then stops the others (JAX's default is 100 s).
+      # Heartbeats come from a C++ thread, so long compiles, file locks and
+      # evaluation on one process do not miss them.
+      heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+      # The exit barrier waits this long for every process to finish. Kept at
+      # JAX's 300 s: process 0 may still score the final evaluation and close
+      # MLflow after the others are done, and a timed-out barrier aborts the
+      # late process. A process that fails no longer waits here
+      # (leave_process_group), so this bounds only a hang, not a failure.
+      shutdown_timeout_seconds=300)
   logging.info("jax.distributed: process %d of %d, %d local / %d global "
                "devices.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+  if jax.process_count() > 1:
+    _stop_with_the_first_failure()
+
+
+# --- One failure stops every process ------------------------------------------
+#
+# Left alone, a process that raises runs JAX's exit barrier, which waits for
+# the others; they wait for it in their next collective, and the job hangs
+# until the barrier times out (5 minutes), then aborts with C++ stacks. So a
+# failing process posts its one-line error to every other process through
+# the coordination service's key-value store and exits at once (as
+# `mpi4py -m` aborts its communicator on an uncaught exception); a thread in
+# each process waits on its own key and exits with the same line. Under
+# SLURM, srun --kill-on-bad-exit also ends the job's other tasks once the
+# failed one has exited.
+
+HEARTBEAT_TIMEOUT_S = 10
+_FAILURE_KEY = "jaxsd/failure"  # /<process>: the failure it is told of
+_SEEN_KEY = "jaxsd/failure_seen"  # /<process>: it has read the failure
+_NO_FAILURE = ""  # posted to a process's own key when it exits normally
+_ACK_WAIT_S = 3.0  # for the others to read the failure before we exit
+
+
+def _client():
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
+def _exit_now(code: int):
+  """Exits without atexit handlers: JAX's would run the exit barrier."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def leave_process_group(message: str, code: int = 1):
+  """After a failure in a multi-process run: tells the other processes
+  (they stop with `message`, naming this process) and exits with `code` at
+  once. Returns without doing anything outside a multi-process run.
+
+  message: the error as one line, e.g. what `jaxsd: error:` printed.
+  """
+  client = _client()
+  if client is None or jax.process_count() == 1:
+    return
+  me, count = jax.process_index(), jax.process_count()
+  others = [p for p in range(count) if p != me]
+  told = []
+  for other in others:
+    try:
+      client.key_value_set(f"{_FAILURE_KEY}/{other}", f"{me}\t{message}")
+      told.append(other)
+    except Exception:  # pylint: disable=broad-except
+      pass  # it failed too, or has exited, or another failure came first
+  # The coordination service lives in process 0: wait (briefly) until the
+  # others have read the failure, so they learn it even when 0 is leaving.
+  deadline = time.monotonic() + _ACK_WAIT_S
+  for other in told:
+    remaining_ms = int((deadline - time.monotonic()) * 1000)
+    if remaining_ms <= 0:
+      break
+    try:
+      client.blocking_key_value_get(f"{_SEEN_KEY}/{other}", remaining_ms)
+    except Exception:  # pylint: disable=broad-except
+      break  # dead or stuck: the heartbeat timeout stops it
+  _exit_now(code)
+
+
+def _watch_for_failure(client, me: int, count: int):
+  while True:
+    try:
+      value = client.blocking_key_value_get(f"{_FAILURE_KEY}/{me}",
+                                            24 * 3600 * 1000)
+    except Exception as e:  # pylint: disable=broad-except
+      if "DEADLINE_EXCEEDED" in str(e):
+        continue
+      return  # the coordination service is gone: heartbeats take over
+    if value == _NO_FAILURE:
+      return
+    failed, _, message = value.partition("\t")
+    try:
+      client.key_value_set(f"{_SEEN_KEY}/{me}", "1")
+    except Exception:  # pylint: disable=broad-except
+      pass
+    sys.stderr.write(f"jaxsd: error: process {failed} of {count} failed: "
+                     f"{message}\n")
+    _exit_now(1)
+
+
+def _stop_with_the_first_failure():
+  """Makes the first failure of any process stop them all within seconds:
+  an uncaught exception leaves the group after its traceback (a one-line
+  error leaves it through the command, see jaxsd.commands.cli), and a
+  thread stops this process when another posts its failure."""
+  client = _client()
+  me, count = jax.process_index(), jax.process_count()
+  watcher = threading.Thread(target=_watch_for_failure,
+                             args=(client, me, count),
+                             name="jaxsd-failure-watch", daemon=True)
+  watcher.start()
+
+  def stop_watching():
+    # Before JAX's own atexit handler shuts the client down: a daemon
+    # thread woken during interpreter shutdown would abort the process
+    # (its C++ frames cannot unwind), so wake it and let it end first.
+    try:
+      client.key_value_set(f"{_FAILURE_KEY}/{me}", _NO_FAILURE)
+    except Exception:  # pylint: disable=broad-except
+      return  # a failure was posted (the watcher is exiting) or no service
+    watcher.join(timeout=5)
+  atexit.register(stop_watching)  # runs before JAX's (registered earlier)
+
+  previous_hook = sys.excepthook
+
+  def leave_after_traceback(kind, value, tb):
+    previous_hook(kind, value, tb)
+    line = traceback.format_exception_only(kind, value)[-1].strip()
+    leave_process_group(line.splitlines()[0] if line else kind.__name__)
+  sys.excepthook = leave_after_traceback
 
 
 def any_process(flag: bool) -> bool:

@@ -171,6 +171,12 @@ def _exit_with(error: errors.JaxsdError):
                   if line.strip())
   sys.stderr.write(f"jaxsd: error: {text}\n")
   sys.stderr.flush()
+  # In a multi-process run, stop the others now with this line (they would
+  # wait for this process in their next collective). A run that formed a
+  # process group has imported jaxsd.parallel.
+  parallel = sys.modules.get("jaxsd.parallel")
+  if parallel is not None:
+    parallel.leave_process_group(text)
   sys.exit(1)
 
 

@@ -3,7 +3,9 @@
 Offline it builds tfds's `mnist` from the four original files (data.mnist_dir);
 without them and without a network it fails in seconds, saying what to
 provide. The `mnist` data source (jaxsd/data/source_mnist.py) and the
-evaluation's classifier read MNIST through `load_mnist`.
+evaluation's classifier read MNIST through `load_mnist`. The processes of a
+run that share a data folder prepare a dataset once (`prepare_tfds`, under a
+file lock; the `tfds` source uses it too).
 """
 import functools
 import os
@@ -13,6 +15,7 @@ from absl import logging
 import numpy as np
 
 from jaxsd import hub
+from jaxsd import shared_files
 
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -31,6 +34,53 @@ def _hide_gpus_from_tensorflow(tf):
     pass
 
 
+def prepare_lock_path(builder) -> str:
+  """The file lock that serialises preparing a tfds dataset: beside its
+  version folder (`DATA_DIR/mnist/3.0.1.lock`), where tfds also keeps its
+  `incomplete.*` folders."""
+  return os.fspath(builder.data_dir).rstrip("/") + ".lock"
+
+
+def prepare_tfds(tfds, name: str, data_dir: str, prepare_fn):
+  """A prepared tfds builder of `name` in `data_dir`, calling
+  prepare_fn(builder) to prepare it when it is not.
+
+  Every process of a run calls this on one shared data_dir: one prepares
+  under a file lock while the others wait, then open what it wrote (tfds
+  would otherwise have each build its own copy and all but one fail to
+  rename it into place).
+  """
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  shared_files.prepare_once(
+      prepare_lock_path(builder),
+      lambda: tfds.builder(name, data_dir=data_dir).is_prepared(),
+      lambda: prepare_fn(builder))
+  # A fresh builder reads the dataset's info from the folder just written.
+  return tfds.builder(name, data_dir=data_dir)
+
+
+def _download_config(tfds, dataset: str, data_dir: str, mnist_dir: str):
+  if mnist_dir:
+    missing = [f for f in MNIST_FILES
+               if not os.path.exists(os.path.join(mnist_dir, f))]
+    if missing:
+      raise FileNotFoundError(
+          f"data.mnist_dir={mnist_dir!r} lacks {missing}; it must hold the "
+          f"four original MNIST files {list(MNIST_FILES)}.")
+    logging.info("Building %s in %s from %s (no download).", dataset,
+                 data_dir, mnist_dir)
+    return tfds.download.DownloadConfig(manual_dir=mnist_dir)
+  if not hub.network_available("storage.googleapis.com"):
+    raise RuntimeError(
+        f"The {dataset!r} dataset is not prepared in {data_dir} and there is "
+        "no network to download it. Provide a folder with the four original "
+        f"MNIST files ({', '.join(MNIST_FILES)}) via --config.data.mnist_dir="
+        "DIR or the JAXSD_MNIST_DIR environment variable.")
+  return tfds.download.DownloadConfig()
+
+
 @functools.lru_cache(maxsize=4)
 def _load_split(dataset: str, split: str, data_dir: str,
                 mnist_dir: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -39,27 +89,10 @@ def _load_split(dataset: str, split: str, data_dir: str,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   tfds.disable_progress_bar()
-  builder = tfds.builder(dataset, data_dir=data_dir)
-  if not builder.is_prepared():
-    if mnist_dir:
-      missing = [f for f in MNIST_FILES
-                 if not os.path.exists(os.path.join(mnist_dir, f))]
-      if missing:
-        raise FileNotFoundError(
-            f"data.mnist_dir={mnist_dir!r} lacks {missing}; it must hold the "
-            f"four original MNIST files {list(MNIST_FILES)}.")
-      logging.info("Building %s in %s from %s (no download).", dataset,
-                   data_dir, mnist_dir)
-      download_config = tfds.download.DownloadConfig(manual_dir=mnist_dir)
-    elif not hub.network_available("storage.googleapis.com"):
-      raise RuntimeError(
-          f"The {dataset!r} dataset is not prepared in {data_dir} and there is "
-          "no network to download it. Provide a folder with the four original "
-          f"MNIST files ({', '.join(MNIST_FILES)}) via --config.data.mnist_dir="
-          "DIR or the JAXSD_MNIST_DIR environment variable.")
-    else:
-      download_config = tfds.download.DownloadConfig()
-    builder.download_and_prepare(download_config=download_config)
+  builder = prepare_tfds(
+      tfds, dataset, data_dir,
+      lambda b: b.download_and_prepare(download_config=_download_config(
+          tfds, dataset, data_dir, mnist_dir)))
   data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   images = np.asarray(data["image"], np.uint8)
   labels = np.asarray(data["label"], np.int32)

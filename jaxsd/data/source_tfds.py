@@ -12,8 +12,9 @@ Datasets prepared as ArrayRecord are read by random access from disk
 folder, and each process opens the files itself. Datasets prepared as
 TFRecord (tfds' default) are read once into memory: the encoded images and
 captions. A dataset this source prepares itself (not yet in
-`data.tfds_data_dir`, network available) is written as ArrayRecord. Offline
-and not prepared is a ValueError at once.
+`data.tfds_data_dir`, network available) is written as ArrayRecord, by one
+process of the run while the others wait for it. Offline and not prepared
+is a ValueError at once.
 """
 from typing import Any, Optional, Sequence
 
@@ -59,9 +60,12 @@ def _builder(tfds, name: str, data_dir: str):
         f"(tfds.builder({name!r}).download_and_prepare("
         "file_format='array_record')) and copy it here, or set "
         "data.tfds_data_dir to the folder that holds it.")
-  logging.info("Preparing tfds %s in %s (ArrayRecord).", name, data_dir)
-  builder.download_and_prepare(file_format="array_record")
-  return builder
+
+  def prepare(builder):
+    logging.info("Preparing tfds %s in %s (ArrayRecord).", name, data_dir)
+    builder.download_and_prepare(file_format="array_record")
+  # One process of the run prepares, the others wait for it (a file lock).
+  return input_pipeline.prepare_tfds(tfds, name, data_dir, prepare)
 
 
 @sources.register_source("tfds")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsd.evaluation import cache_files
+from jaxsd import shared_files
 
 # Bump when the architecture or training recipe changes: the cache folder and
 # the identity (hence cached reference statistics) change with it.
@@ -308,7 +308,7 @@ def save_variables(path: str, variables) -> None:
   """Writes a tree of arrays to `path` (msgpack) atomically."""
   state = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(variables))
   data = flax.serialization.msgpack_serialize(state)
-  cache_files.atomic_write(path, lambda f: f.write(data))
+  shared_files.atomic_write(path, lambda f: f.write(data))
 
 
 def load_variables(path: str):
@@ -334,7 +334,7 @@ def _write_classifier(directory: str, classifier: Classifier) -> None:
                   train_seconds=classifier.train_seconds,
                   config=dataclasses.asdict(classifier.config))
   text = json.dumps(metadata, indent=2).encode()
-  cache_files.atomic_write(os.path.join(directory, _METADATA),
+  shared_files.atomic_write(os.path.join(directory, _METADATA),
                            lambda f: f.write(text))
   # An older cache's orbax folder, now superseded.
   shutil.rmtree(os.path.join(directory, "variables"), ignore_errors=True)
@@ -382,7 +382,7 @@ def load_classifier(directory: str) -> Classifier:
 
 def _lock(directory: str, shared: bool = False):
   # Beside the folder, not in it: the folder's contents may be replaced.
-  return cache_files.file_lock(directory + ".lock", shared=shared)
+  return shared_files.file_lock(directory + ".lock", shared=shared)
 
 
 def load_or_train_classifier(cache_dir: str, train_arrays_fn: ArraysFn,

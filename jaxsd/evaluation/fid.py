@@ -9,7 +9,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from jaxsd.evaluation import cache_files
+from jaxsd import shared_files
 
 Statistics = Tuple[np.ndarray, np.ndarray]  # mean [D], covariance [D, D]
 
@@ -124,7 +124,7 @@ def statistics_cache_path(cache_dir: str, name: str) -> str:
 
 def save_statistics(path: str, mu, sigma, name: str = "") -> None:
   """Writes mean and covariance to an .npz atomically (no torn files)."""
-  cache_files.atomic_write(path, lambda f: np.savez(
+  shared_files.atomic_write(path, lambda f: np.savez(
       f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
       name=np.asarray(name)))
 
@@ -151,17 +151,28 @@ def cached_statistics(cache_dir: str, name: str,
     (mu [D], sigma [D, D]) float64.
   """
   path = statistics_cache_path(cache_dir, name)
-  if not overwrite and os.path.exists(path):
-    with np.load(path) as data:
-      stored = str(data["name"]) if "name" in data else None
-      # Sanitising can map two names to one file; never reuse the wrong one.
-      if stored == name:
-        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-  # Processes that miss together each compute and write the same values;
-  # the atomic rename keeps the file whole, and no process waits on another.
-  mu, sigma = compute_fn()
-  save_statistics(path, mu, sigma, name=name)
+  if not overwrite and (cached := _read_named(path, name)) is not None:
+    return cached
+  # One process computes while others starting on the same cache wait for
+  # the lock, then read its file (the atomic rename keeps the file whole).
+  with shared_files.file_lock(path + ".lock"):
+    if not overwrite and (cached := _read_named(path, name)) is not None:
+      return cached
+    mu, sigma = compute_fn()
+    save_statistics(path, mu, sigma, name=name)
   return np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+
+
+def _read_named(path: str, name: str) -> Optional[Statistics]:
+  """The statistics at `path` when they were saved under `name`, else None."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as data:
+    stored = str(data["name"]) if "name" in data else None
+    # Sanitising can map two names to one file; never reuse the wrong one.
+    if stored != name:
+      return None
+    return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
 
 
 def reference_statistics_name(feature_identity: str, split: str,

@@ -1,11 +1,16 @@
-"""Files of the evaluation cache that several processes may share.
+"""Files that several processes of a run may share.
 
-The cache (classifier, reference statistics, downloaded weights) is read and
-written by whichever processes evaluate: one process of a multi-process
-training run, several evaluation jobs started together, or tests. Nothing here
-uses collective operations (a `jax.distributed` barrier would deadlock while
-only process 0 evaluates); instead files appear whole through a rename, and
-work that should happen once is serialised with an advisory file lock.
+Whatever a run prepares on shared disk (tfds datasets, the evaluation cache:
+classifier, reference statistics, downloaded weights) may be reached by every
+process of a multi-process run at once, by several jobs started together, or
+by tests. Nothing here uses collective operations (a `jax.distributed`
+barrier would deadlock where only one process prepares or evaluates):
+instead files appear whole through a rename, and work that should happen once
+is serialised with an advisory file lock (`prepare_once`): one process
+prepares while the others wait, then find it prepared.
+
+flock works across nodes on NFSv4 and Lustre/GPFS mounted with locking; a
+file system without locks makes `file_lock` fail loudly, not pass silently.
 """
 import contextlib
 import fcntl
@@ -69,3 +74,22 @@ def file_lock(path: str, shared: bool = False) -> Iterator[bool]:
     yield True
   finally:
     f.close()  # closing the descriptor releases the lock
+
+
+def prepare_once(lock_path: str, is_prepared: Callable[[], bool],
+                 prepare: Callable[[], None]) -> bool:
+  """Runs prepare() unless is_prepared(), in one process at a time.
+
+  The first process to find nothing prepared takes an exclusive lock on
+  `lock_path` and prepares; the others wait for the lock, ask is_prepared()
+  again and find the work done. A process that fails while preparing
+  releases the lock (also when it dies), and the next waiter prepares.
+  Returns whether this call prepared.
+  """
+  if is_prepared():
+    return False
+  with file_lock(lock_path):
+    if is_prepared():  # prepared while we waited
+      return False
+    prepare()
+  return True
