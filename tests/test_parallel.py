@@ -246,6 +246,7 @@ def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
 
 _GATHER = """
 import json, sys
+from jaxsd import parallel
 parallel.maybe_initialize_distributed("on")
 import jax
 from jaxsd.data import pipeline
