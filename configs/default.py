@@ -169,6 +169,25 @@ def get_config():
   diffusion.timestep_sampling = "uniform"
   diffusion.logit_mean = 0.0
   diffusion.logit_std = 1.0
+  # Noise options (jaxsd/diffusion/noise.py), each 0 = off. Offset noise
+  # (diffusers' --noise_offset): noise += offset * N(0, 1) per sample and
+  # channel, so the model can shift an image's overall brightness; 0.1 is
+  # usual. Pyramid noise (kohya's --multires_noise_iterations/_discount):
+  # noise at coarser random resolutions added, level i weighted
+  # discount**i, rescaled to unit std; 6 to 10 iterations are usual.
+  # Input perturbation (diffusers' --input_perturbation): x_t is built from
+  # noise + gamma * N(0, 1), the target stays the noise; 0.1 is usual.
+  diffusion.noise_offset = 0.0
+  diffusion.multires_noise_iterations = 0
+  diffusion.multires_noise_discount = 0.3
+  diffusion.input_perturbation = 0.0
+  # The loss per element (kohya's --loss_type): "l2" (MSE), "l1", or
+  # "huber": 2c (sqrt(err^2 + c^2) - c), l2-like within c of the target and
+  # l1-like beyond; c = huber_c ("constant"), or kohya's default "snr"
+  # schedule, from 1 at clean timesteps to huber_c at noisy ones.
+  diffusion.loss_type = "l2"
+  diffusion.huber_c = 0.1
+  diffusion.huber_schedule = "snr"
 
   # --- Optimisation -------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
