@@ -244,9 +244,9 @@ def get_config():
 
   # --- Evaluation (every training.eval_every steps and jaxsd-evaluate) --------
   config.eval = ev = ml_collections.ConfigDict()
-  # Metrics that judge any images; MNIST's own (prompt_accuracy, fid_mnist,
-  # diversity): configs/mnist.py.
-  ev.metrics = ("fid_inception", "clip_score")
+  # Metrics that judge any images, and val_loss (needs no network); MNIST's
+  # own (prompt_accuracy, fid_mnist, diversity): configs/mnist.py.
+  ev.metrics = ("fid_inception", "clip_score", "val_loss")
   ev.num_samples = 1000  # generated images (prompts cycle over eval prompts)
   # Evaluation prompts: this file's lines; else (data.source="mnist") the
   # ten digit captions; else the captions of eval.reference_split, in order.
@@ -259,6 +259,13 @@ def get_config():
   ev.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
   ev.inception_reference_samples = 10000  # real images for Inception stats
   ev.clip_model = "openai/clip-vit-base-patch32"  # hub id or local folder
+  # val_loss: the training loss on the first val_loss_examples examples of
+  # eval.reference_split, at val_loss_timesteps fixed timesteps (centres of
+  # equal bins of the schedule, each logged as eval/val_loss/t_<t>) with
+  # noise from a fixed seed: the same numbers for the same weights in any
+  # run on the same data.
+  ev.val_loss_examples = 64
+  ev.val_loss_timesteps = 5
 
   # --- Logging ------------------------------------------------------------
   config.logging = logging = ml_collections.ConfigDict()

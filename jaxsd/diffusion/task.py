@@ -142,8 +142,9 @@ class WriteSampleGrid(loop_lib.Chore):
 
 
 class Evaluate(loop_lib.Chore):
-  """eval/* of config.eval.metrics. Every process samples its share; the
-  images are gathered and process 0 computes and logs the metrics."""
+  """eval/* of config.eval.metrics. Every process samples its share (and
+  runs the metrics that score the model, val_loss); the images are
+  gathered and process 0 computes and logs the metrics."""
   interruptible = True
 
   def __init__(self, config, evaluator, generator: generate.Generator,
@@ -174,10 +175,12 @@ def make_evaluator(config):
 
 
 def prepare_evaluator(evaluator):
-  """Loads the evaluator's networks on process 0, the one that scores."""
-  if evaluator is not None and jax.process_index() == 0:
+  """Loads the evaluator's networks on process 0, the one that scores
+  samples; every process loads what the metrics that score the model
+  (val_loss's held-out examples) need, as every process runs those."""
+  if evaluator is not None:
     with progress_lib.timed("eval setup (networks, reference statistics)"):
-      evaluator.prepare()
+      evaluator.prepare(sample_metrics=jax.process_index() == 0)
 
 
 # --- The task -------------------------------------------------------------------

@@ -10,14 +10,18 @@ Metrics are registered by name in jaxsd/evaluation/metrics/, one module each
                    and its ratio to real digits'
   fid_inception    standard FID (pytorch-fid Inception weights) to MNIST test
   clip_score       mean image-prompt cosine similarity under a CLIP model
+  val_loss         the training loss on held-out examples at fixed
+                   timesteps and noise (mean, per timestep bin)
 The evaluator knows none of them by name: it prepares and calls whatever the
-config lists, through the shared `EvalContext`. A metric whose network is
-unavailable (weights missing offline) is skipped with one log line and logs
-nothing.
+config lists, through the shared `EvalContext`. Most metrics score generated
+samples (`evaluate`); those that declare `needs_samples = False` score the
+model itself (`evaluate_model`), and a config of only those samples
+nothing. A metric whose network is unavailable (weights missing offline) is
+skipped with one log line and logs nothing.
 """
 import os
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from absl import logging
 import jax
@@ -27,6 +31,7 @@ from jaxsd.errors import ConfigError
 from jaxsd.evaluation import metrics as metrics_lib
 from jaxsd.evaluation import prompt_metrics
 from jaxsd.evaluation.context import EvalContext
+from jaxsd.evaluation.context import EvalModel
 from jaxsd.hub import WeightsUnavailableError
 
 metric_names = metrics_lib.metric_names
@@ -138,12 +143,38 @@ class Evaluator:
       self._prepared.add(name)
     return True
 
-  def prepare(self):
+  @property
+  def needs_samples(self) -> bool:
+    """Whether any metric (not skipped) scores generated samples."""
+    return any(self._metrics[m].needs_samples for m in self.metrics)
+
+  @property
+  def scores_model(self) -> bool:
+    """Whether any metric (not skipped) scores the model itself."""
+    return any(not self._metrics[m].needs_samples for m in self.metrics)
+
+  def prepare(self, sample_metrics: bool = True):
     """Loads every network and reference statistic the metrics need, so the
-    first evaluation's time is the evaluation's own."""
-    for name in self._metrics:
-      self._ready(name)
+    first evaluation's time is the evaluation's own. sample_metrics=False:
+    only the metrics that score the model (every process runs those; only
+    the scoring process needs the others)."""
+    for name, metric in self._metrics.items():
+      if sample_metrics or not metric.needs_samples:
+        self._ready(name)
     return self
+
+  def evaluate_model(self, model: EvalModel) -> Dict[str, float]:
+    """The metrics that score the model itself (e.g. val_loss), and
+    seconds/<metric>. Every process must call it: they may run jitted over
+    model.mesh; each process gets the same numbers."""
+    out: Dict[str, float] = {}
+    for name, metric in self._metrics.items():
+      if metric.needs_samples or not self._ready(name):
+        continue
+      start = time.perf_counter()
+      out.update(metric.score_model(model, self.context))
+      out[f"seconds/{name}"] = time.perf_counter() - start
+    return out
 
   def evaluate(self, images: np.ndarray, prompts: Sequence[str]
                ) -> Dict[str, float]:
@@ -165,7 +196,7 @@ class Evaluator:
     ctx.forget_samples()
     try:
       for name, metric in self._metrics.items():
-        if not self._ready(name):
+        if not metric.needs_samples or not self._ready(name):
           continue
         shared_before = sum(ctx.shared_seconds.values())
         start = time.perf_counter()
@@ -178,23 +209,36 @@ class Evaluator:
     return out
 
 
-def evaluate_params(evaluator: Evaluator, generate_fn: Callable, params, rng
+def evaluate_params(evaluator: Evaluator, generator, params, rng
                     ) -> Optional[Dict[str, float]]:
-  """Samples eval.num_samples images (prompts cycling over the digits) with
-  generate_fn(params, prompts, rng) and evaluates them; adds
-  seconds (total) and sampling_seconds.
+  """Evaluates params: the metrics that score the model itself
+  (`Evaluator.evaluate_model`, with generator.components and .mesh), then,
+  if any metric needs samples, eval.num_samples images (prompts cycling
+  over the evaluation prompts) drawn with generator(params, prompts, rng)
+  and scored; adds seconds (total) and, when it sampled, sampling_seconds.
 
-  Every process must call it: sampling is sharded over all devices and the
-  images gathered (generate.Generator). Process 0 alone computes the
-  metrics, which take no collective step, and the others return None.
+  generator: a `generate.Generator`. Every process must call it: sampling
+  and the model's metrics run sharded over all devices (the images
+  gathered). Process 0 alone scores the samples, which takes no collective
+  step, and the others return None.
   """
   start = time.perf_counter()
-  prompts = evaluator.context.prompts(evaluator.eval_config.num_samples)
-  images = generate_fn(params, prompts, rng)
-  sampling = time.perf_counter() - start
+  model_metrics = {}
+  if evaluator.scores_model:
+    model_metrics = evaluator.evaluate_model(
+        EvalModel(generator.components, params, generator.mesh))
+  images = prompts = None
+  if evaluator.needs_samples:
+    sampling_start = time.perf_counter()
+    prompts = evaluator.context.prompts(evaluator.eval_config.num_samples)
+    images = generator(params, prompts, rng)
+    sampling = time.perf_counter() - sampling_start
   if jax.process_index() != 0:
     return None
-  metrics = evaluator.evaluate(images, prompts)
-  metrics["sampling_seconds"] = sampling
+  metrics = {}
+  if images is not None:
+    metrics.update(evaluator.evaluate(images, prompts))
+    metrics["sampling_seconds"] = sampling
+  metrics.update(model_metrics)
   metrics["seconds"] = time.perf_counter() - start
   return metrics
