@@ -207,3 +207,64 @@ def test_training_logs_val_loss_and_jaxsd_evaluate_reproduces_it(
   assert result["step"] == 2
   for name, value in logged.items():
     assert result[name] == pytest.approx(value, rel=1e-6), name
+
+
+def _write_random_vae(folder):
+  """A random diffusers-format AutoencoderKL (4 latent channels, /2)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from jaxsd.models import autoencoder as ae_lib  # pylint: disable=g-import-not-at-top
+  config = ae_lib.AutoencoderConfig(
+      in_channels=1, out_channels=1, block_out_channels=(8, 16),
+      latent_channels=4, norm_num_groups=4, scaling_factor=0.7,
+      shift_factor=0.1)
+  params = ae_lib.init_params(ae_lib.AutoencoderKL(config),
+                              jax.random.key(0), 16)
+  os.makedirs(folder, exist_ok=True)
+  save_file(ae_lib.to_diffusers_weights(params),
+            os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config.to_diffusers(), f)
+  return folder
+
+
+@pytest.mark.mnist
+def test_latent_val_loss_scores_the_encoded_held_out_examples(tiny_config,
+                                                              tmp_path):
+  """A latent run: the examples are encoded by the frozen autoencoder and
+  the posterior drawn with the fixed key, in the scaled space."""
+  config = _val_config(tiny_config)
+  config.model.autoencoder = _write_random_vae(str(tmp_path / "vae"))
+  config.model.in_channels = config.model.out_channels = 4
+  config.data.image_size = 28  # latents 14x14x4
+  config.data.num_channels = 1
+  setup = build.TrainSetup(config)
+  params = setup.create_train_state(jax.random.key(0)).ema_params
+  generator = generate.Generator.from_config(setup.components, setup.mesh,
+                                             config.sampling)
+  out = _evaluate(config, generator, params)
+  assert np.isfinite(out["val_loss"])
+  assert _evaluate(config, generator, params)["val_loss"] == out["val_loss"]
+
+  comps = setup.components
+  images, captions = evaluator_lib.Evaluator(config).context \
+      .held_out_examples(EXAMPLES)
+  mean, logvar = comps.autoencoder.encode(comps.autoencoder_params, images)
+  key = jax.random.key(val_loss.VAL_LOSS_SEED)
+  z = np.asarray(mean) + np.exp(0.5 * np.asarray(logvar)) * np.asarray(
+      jax.random.normal(jax.random.fold_in(key, 1), mean.shape))
+  x0 = (z - 0.1) * 0.7
+  assert x0.shape == (EXAMPLES, 14, 14, 4)
+  noise = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), x0.shape))
+  ids = text_lib.tokenize(comps.tokenizer, captions, config.text.max_length)
+  t = int(val_loss.bin_timesteps(config.diffusion.num_timesteps, BINS)[2])
+  ab = float(comps.schedule.alphas_cumprod[t])
+  pred = comps.unet.apply(params["unet"],
+                          np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise,
+                          jnp.full((EXAMPLES,), t, jnp.int32),
+                          comps.encode(params, ids))
+  v = np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0
+  want = np.mean((np.asarray(pred, np.float64) - v) ** 2)
+  assert out[val_loss.bin_name(t, config.diffusion.num_timesteps)] == \
+      pytest.approx(want, rel=1e-3)
