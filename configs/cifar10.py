@@ -34,5 +34,5 @@ def get_config():
       f"a photograph of a {name}" for name in (
           "airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
           "horse", "ship", "truck"))
-  config.eval.metrics = ("fid_inception", "clip_score")
+  config.eval.metrics = ("fid_inception", "clip_score", "val_loss")
   return config

@@ -169,6 +169,25 @@ def get_config():
   diffusion.timestep_sampling = "uniform"
   diffusion.logit_mean = 0.0
   diffusion.logit_std = 1.0
+  # Noise options (jaxsd/diffusion/noise.py), each 0 = off. Offset noise
+  # (diffusers' --noise_offset): noise += offset * N(0, 1) per sample and
+  # channel, so the model can shift an image's overall brightness; 0.1 is
+  # usual. Pyramid noise (kohya's --multires_noise_iterations/_discount):
+  # noise at coarser random resolutions added, level i weighted
+  # discount**i, rescaled to unit std; 6 to 10 iterations are usual.
+  # Input perturbation (diffusers' --input_perturbation): x_t is built from
+  # noise + gamma * N(0, 1), the target stays the noise; 0.1 is usual.
+  diffusion.noise_offset = 0.0
+  diffusion.multires_noise_iterations = 0
+  diffusion.multires_noise_discount = 0.3
+  diffusion.input_perturbation = 0.0
+  # The loss per element (kohya's --loss_type): "l2" (MSE), "l1", or
+  # "huber": 2c (sqrt(err^2 + c^2) - c), l2-like within c of the target and
+  # l1-like beyond; c = huber_c ("constant"), or kohya's default "snr"
+  # schedule, from 1 at clean timesteps to huber_c at noisy ones.
+  diffusion.loss_type = "l2"
+  diffusion.huber_c = 0.1
+  diffusion.huber_schedule = "snr"
 
   # --- Optimisation -------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
@@ -230,9 +249,9 @@ def get_config():
 
   # --- Evaluation (every training.eval_every steps and jaxsd-evaluate) --------
   config.eval = ev = ml_collections.ConfigDict()
-  # Metrics that judge any images; MNIST's own (prompt_accuracy, fid_mnist,
-  # diversity): configs/mnist.py.
-  ev.metrics = ("fid_inception", "clip_score")
+  # Metrics that judge any images, and val_loss (needs no network); MNIST's
+  # own (prompt_accuracy, fid_mnist, diversity): configs/mnist.py.
+  ev.metrics = ("fid_inception", "clip_score", "val_loss")
   ev.num_samples = 1000  # generated images (prompts cycle over eval prompts)
   # Evaluation prompts: this file's lines; else (data.source="mnist") the
   # ten digit captions; else the captions of eval.reference_split, in order.
@@ -245,6 +264,13 @@ def get_config():
   ev.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
   ev.inception_reference_samples = 10000  # real images for Inception stats
   ev.clip_model = "openai/clip-vit-base-patch32"  # hub id or local folder
+  # val_loss: the training loss on the first val_loss_examples examples of
+  # eval.reference_split, at val_loss_timesteps fixed timesteps (centres of
+  # equal bins of the schedule, each logged as eval/val_loss/t_<t>) with
+  # noise from a fixed seed: the same numbers for the same weights in any
+  # run on the same data.
+  ev.val_loss_examples = 64
+  ev.val_loss_timesteps = 5
 
   # --- Logging ------------------------------------------------------------
   config.logging = logging = ml_collections.ConfigDict()

@@ -68,7 +68,7 @@ def get_config():
   # The MNIST classifier's metrics (jaxsd/evaluation/metrics/) and those
   # that judge any images.
   config.eval.metrics = ("prompt_accuracy", "fid_mnist", "diversity",
-                         "fid_inception", "clip_score")
+                         "fid_inception", "clip_score", "val_loss")
   config.eval.num_samples = 500  # periodic; the headline uses jaxsd-evaluate
   config.eval.chunk_size = 250
   return config

@@ -4,7 +4,8 @@ jaxsd.commands.sample / jaxsd.commands.evaluate that override sampling.*.
 """
 import inspect
 
-from jaxsd.checks import check_float, check_int, check_interval, wrapped
+from jaxsd.checks import (check_choice, check_float, check_int,
+                          check_interval, wrapped)
 from jaxsd.diffusion import losses
 from jaxsd.diffusion import samplers
 from jaxsd.diffusion import schedules
@@ -57,6 +58,36 @@ def check_diffusion(config):
         f"choose one of {train_step.TIMESTEP_SAMPLINGS}.")
   check_float("diffusion.logit_mean", d.logit_mean)
   check_float("diffusion.logit_std", d.logit_std, 0.0, low_open=True)
+  check_noise_and_loss_options(d)
+
+
+def check_noise_and_loss_options(d):
+  """diffusion.* noise options (offset, pyramid, input perturbation) and
+  the loss type; a config without them (saved before they existed) has
+  them off."""
+  opts = {**train_step.NOISE_OPTIONS, **train_step.LOSS_OPTIONS,
+          **{k: d[k] for k in (*train_step.NOISE_OPTIONS,
+                               *train_step.LOSS_OPTIONS) if k in d}}
+  check_float("diffusion.noise_offset", opts["noise_offset"], 0.0,
+              hint="0 = off; diffusers suggests 0.1 (offset noise)")
+  check_float("diffusion.input_perturbation", opts["input_perturbation"],
+              0.0, hint="0 = off; 0.1 is usual (Ning et al. 2023)")
+  check_int("diffusion.multires_noise_iterations",
+            opts["multires_noise_iterations"], 0,
+            hint="0 = off; kohya suggests 6 to 10 (pyramid noise)")
+  check_float("diffusion.multires_noise_discount",
+              opts["multires_noise_discount"], 0.0, 1.0, low_open=True,
+              hint="each coarser level's weight is discount**level")
+  check_choice("diffusion.loss_type", opts["loss_type"], losses.LOSS_TYPES)
+  check_choice("diffusion.huber_schedule", opts["huber_schedule"],
+               losses.HUBER_SCHEDULES)
+  if opts["huber_schedule"] == "snr":
+    check_float("diffusion.huber_c", opts["huber_c"], 0.0, 1.0,
+                low_open=True, hint=(
+                    "the 'snr' schedule moves c from 1 at clean timesteps "
+                    "to huber_c at noisy ones"))
+  else:
+    check_float("diffusion.huber_c", opts["huber_c"], 0.0, low_open=True)
 
 
 def check_sampler_name(key: str, name):

@@ -143,8 +143,9 @@ class WriteSampleGrid(loop_lib.Chore):
 
 
 class Evaluate(loop_lib.Chore):
-  """eval/* of config.eval.metrics. Every process samples its share; the
-  images are gathered and process 0 computes and logs the metrics."""
+  """eval/* of config.eval.metrics. Every process samples its share (and
+  runs the metrics that score the model, val_loss); the images are
+  gathered and process 0 computes and logs the metrics."""
   interruptible = True
 
   def __init__(self, config, evaluator, generator: generate.Generator,
@@ -175,7 +176,9 @@ def make_evaluator(config):
 
 
 def prepare_evaluator(evaluator):
-  """Loads the evaluator's networks on process 0, the one that scores.
+  """Prepares the evaluator (process 0 loads every metric's networks, as it
+  scores the samples; every process loads what the metrics that score the
+  model, such as val_loss, need, as every process runs those).
 
   Returns the evaluator, or None when none of its metrics can run here
   (their weights missing offline): said once, and the run then has no
@@ -183,10 +186,9 @@ def prepare_evaluator(evaluator):
   """
   if evaluator is None:
     return None
-  if jax.process_index() == 0:
-    with progress_lib.timed("eval setup (networks, reference statistics)"):
-      evaluator.prepare()
-  if evaluator_lib.any_metric_runs(evaluator):
+  with progress_lib.timed("eval setup (networks, reference statistics)"):
+    runs = evaluator_lib.any_metric_runs(evaluator)
+  if runs:
     return evaluator
   logging.warning(
       "%s; evaluation is off for this run (no images are generated for it). "

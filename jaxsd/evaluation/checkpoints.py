@@ -1,8 +1,8 @@
 """Evaluating a saved run's checkpoints and comparing them in a table.
 
 - `evaluate_checkpoints(workdir, steps, ...)`: {"step": ..., metric: value}
-  per checkpoint step (FID, CLIP score, prompt accuracy, diversity: the
-  run's eval.metrics or those given).
+  per checkpoint step (FID, CLIP score, prompt accuracy, diversity,
+  validation loss: the run's eval.metrics or those given).
 - `write_tables(results, out_dir)`: out_dir/checkpoints.{csv,md}, a row per
   checkpoint.
 - `evaluate_run(workdir, ...)`: what `jaxsd-evaluate` does: the steps asked
@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 # Columns of the comparison table, in order.
 TABLE_KEYS = ("step", "prompt_accuracy", "fid_mnist", "diversity",
-              "fid_inception", "clip_score", "seconds")
+              "fid_inception", "clip_score", "val_loss", "seconds")
 
 
 def check_flags(*, num_samples=None, metrics=None, sampler=None,

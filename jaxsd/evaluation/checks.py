@@ -7,6 +7,7 @@ from jaxsd.errors import ConfigError
 from jaxsd.evaluation import classifier
 from jaxsd.evaluation import evaluator
 from jaxsd.evaluation import metrics as metrics_lib
+from jaxsd.evaluation.metrics import val_loss
 
 
 def check_eval(config):
@@ -19,6 +20,15 @@ def check_eval(config):
   check_int("eval.num_clip_samples", e.num_clip_samples, 1)
   check_int("eval.inception_reference_samples", e.inception_reference_samples,
             2, hint="a covariance needs at least 2 images")
+  # (absent from configs saved before val_loss: its defaults)
+  check_int("eval.val_loss_examples",
+            e.get("val_loss_examples", val_loss.DEFAULT_EXAMPLES), 1,
+            hint="held-out examples val_loss scores")
+  check_int("eval.val_loss_timesteps",
+            e.get("val_loss_timesteps", val_loss.DEFAULT_TIMESTEPS), 1,
+            config.diffusion.num_timesteps,
+            hint="fixed timesteps val_loss scores at, at most "
+                 f"diffusion.num_timesteps={config.diffusion.num_timesteps}")
   if e.metrics:
     evaluator.check_config(config)
     check_sample_size(config)

@@ -5,9 +5,10 @@ same MNIST classifier; the context loads (or trains) it once, reads the MNIST
 splits once, and runs the classifier once per sample set, however many of
 them ask. Metric-specific networks (Inception, CLIP) stay in their metrics.
 """
+import dataclasses
 import os
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -22,6 +23,23 @@ from jaxsd.evaluation import prompt_metrics
 def cache_dir(eval_config) -> str:
   """eval.cache_dir, else jaxsd's cache ($JAXSD_CACHE or ~/.cache/jaxsd)."""
   return eval_config.cache_dir or environment.cache_dir()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+  """The model under evaluation, for the metrics that score it directly
+  (`Metric.needs_samples` False, e.g. val_loss).
+
+  Attributes:
+    components: its `jaxsd.diffusion.setup.Components` (UNet, text encoder,
+      schedule, tokenizer, a latent run's frozen autoencoder).
+    params: {"unet", "text"} as sampling uses them (EMA when
+      sampling.use_ema; a LoRA run's adapters merged), replicated over mesh.
+    mesh: the device mesh.
+  """
+  components: Any
+  params: Any
+  mesh: Any
 
 
 class EvalContext:
@@ -99,6 +117,12 @@ class EvalContext:
     [-1, 1], transformed as training images are (centre crop, no flip)."""
     return data_pipeline.preview(self.config, self.reference_source(), count,
                                  image_size)[0]
+
+  def held_out_examples(self, count: int) -> Tuple[np.ndarray, List[str]]:
+    """The reference split's first `count` examples as training sees them
+    (centre crop, no flip): images float32 [n, S, S, C] in [-1, 1] at
+    data.image_size, and their captions."""
+    return data_pipeline.preview(self.config, self.reference_source(), count)
 
   def prompts(self, count: int) -> List[str]:
     """`count` evaluation prompts: eval.prompts_file's lines, else MNIST's

@@ -11,23 +11,29 @@ Metrics are registered by name in jaxsd/evaluation/metrics/, one module each
   fid_inception    standard FID (pytorch-fid Inception weights) to MNIST test
   clip_score       100 x mean image-prompt cosine under a CLIP model
                    (torchmetrics' CLIPScore; also clip_s, clip_cosine)
+  val_loss         the training loss on held-out examples at fixed
+                   timesteps and noise (mean, per timestep bin)
 The evaluator knows none of them by name: it prepares and calls whatever the
-config lists, through the shared `EvalContext`. A metric whose network is
-unavailable (weights missing offline) is skipped with one log line and logs
-nothing.
+config lists, through the shared `EvalContext`. Most metrics score generated
+samples (`evaluate`); those that declare `needs_samples = False` score the
+model itself (`evaluate_model`), and a config of only those samples
+nothing. A metric whose network is unavailable (weights missing offline) is
+skipped with one log line and logs nothing.
 """
 import os
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from absl import logging
 import jax
 import numpy as np
 
+from jaxsd import parallel
 from jaxsd.errors import ConfigError
 from jaxsd.evaluation import metrics as metrics_lib
 from jaxsd.evaluation import prompt_metrics
 from jaxsd.evaluation.context import EvalContext
+from jaxsd.evaluation.context import EvalModel
 from jaxsd.hub import WeightsUnavailableError
 
 metric_names = metrics_lib.metric_names
@@ -144,12 +150,38 @@ class Evaluator:
       self._prepared.add(name)
     return True
 
-  def prepare(self):
+  @property
+  def needs_samples(self) -> bool:
+    """Whether any metric (not skipped) scores generated samples."""
+    return any(self._metrics[m].needs_samples for m in self.metrics)
+
+  @property
+  def scores_model(self) -> bool:
+    """Whether any metric (not skipped) scores the model itself."""
+    return any(not self._metrics[m].needs_samples for m in self.metrics)
+
+  def prepare(self, sample_metrics: bool = True):
     """Loads every network and reference statistic the metrics need, so the
-    first evaluation's time is the evaluation's own."""
-    for name in self._metrics:
-      self._ready(name)
+    first evaluation's time is the evaluation's own. sample_metrics=False:
+    only the metrics that score the model (every process runs those; only
+    the scoring process needs the others)."""
+    for name, metric in self._metrics.items():
+      if sample_metrics or not metric.needs_samples:
+        self._ready(name)
     return self
+
+  def evaluate_model(self, model: EvalModel) -> Dict[str, float]:
+    """The metrics that score the model itself (e.g. val_loss), and
+    seconds/<metric>. Every process must call it: they may run jitted over
+    model.mesh; each process gets the same numbers."""
+    out: Dict[str, float] = {}
+    for name, metric in self._metrics.items():
+      if metric.needs_samples or not self._ready(name):
+        continue
+      start = time.perf_counter()
+      out.update(metric.score_model(model, self.context))
+      out[f"seconds/{name}"] = time.perf_counter() - start
+    return out
 
   def evaluate(self, images: np.ndarray, prompts: Sequence[str]
                ) -> Dict[str, float]:
@@ -171,7 +203,7 @@ class Evaluator:
     ctx.forget_samples()
     try:
       for name, metric in self._metrics.items():
-        if not self._ready(name):
+        if not metric.needs_samples or not self._ready(name):
           continue
         shared_before = sum(ctx.shared_seconds.values())
         start = time.perf_counter()
@@ -186,14 +218,13 @@ class Evaluator:
 
 def any_metric_runs(evaluator: Evaluator) -> bool:
   """Whether any metric of eval.metrics can run, on every process (a
-  collective: all must call it): process 0, which scores, prepares them
-  (`Evaluator.prepare`) and its answer is everyone's. Evaluation generates
-  images only when it is True."""
-  from jaxsd import parallel  # pylint: disable=g-import-not-at-top
-  runs = False
-  if jax.process_index() == 0:
-    runs = bool(evaluator.prepare().metrics)
-  return parallel.any_process(runs)
+  collective: all must call it). Process 0, which scores the samples,
+  prepares every metric (`Evaluator.prepare`), the others those that score
+  the model (which every process runs); process 0's answer is everyone's.
+  Evaluation generates images only when it is True."""
+  first = jax.process_index() == 0
+  prepared = evaluator.prepare(sample_metrics=first)
+  return parallel.any_process(first and bool(prepared.metrics))
 
 
 def nothing_runs_message(evaluator: Evaluator) -> str:
@@ -205,31 +236,46 @@ def nothing_runs_message(evaluator: Evaluator) -> str:
           f"run on this machine ({reasons})")
 
 
-def evaluate_params(evaluator: Evaluator, generate_fn: Callable, params, rng
+def evaluate_params(evaluator: Evaluator, generator, params, rng
                     ) -> Optional[Dict[str, float]]:
-  """Samples eval.num_samples images (prompts cycling over the digits) with
-  generate_fn(params, prompts, rng, progress=...) and evaluates them; adds
-  seconds (total) and sampling_seconds. The generation's progress (images
-  done, rate, ETA) is logged every ~10 s.
+  """Evaluates params: the metrics that score the model itself
+  (`Evaluator.evaluate_model`, with generator.components and .mesh), then,
+  if any metric needs samples, eval.num_samples images (prompts cycling
+  over the evaluation prompts) drawn with generator(params, prompts, rng)
+  and scored; adds seconds (total) and, when it sampled, sampling_seconds.
+  The generation's progress (images done, rate, ETA) is logged every ~10 s.
 
-  Every process must call it: sampling is sharded over all devices and the
-  images gathered (generate.Generator). Process 0 alone computes the
-  metrics, which take no collective step, and the others return None.
-  Callers check `any_metric_runs` first: images no metric scores are not
-  worth generating.
+  generator: a `generate.Generator`. Every process must call it: sampling
+  and the model's metrics run sharded over all devices (the images
+  gathered). Process 0 alone scores the samples, which takes no collective
+  step, and the others return None. Callers check `any_metric_runs` first:
+  images no metric scores are not worth generating.
   """
   from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  prompts = evaluator.context.prompts(evaluator.eval_config.num_samples)
-  if jax.process_index() == 0:
-    logging.info("Evaluation: generating %d images for %s.", len(prompts),
-                 ", ".join(evaluator.metrics))
-  images = generate_fn(params, prompts, rng,
+  model_metrics = {}
+  if evaluator.scores_model:
+    model_metrics = evaluator.evaluate_model(
+        EvalModel(generator.components, params, generator.mesh))
+  images = prompts = None
+  # Process 0 knows which sample metrics run (the others did not prepare
+  # them); every process samples, or none.
+  first = jax.process_index() == 0
+  if parallel.any_process(first and evaluator.needs_samples):
+    sampling_start = time.perf_counter()
+    prompts = evaluator.context.prompts(evaluator.eval_config.num_samples)
+    if first:
+      logging.info("Evaluation: generating %d images for %s.", len(prompts),
+                   ", ".join(evaluator.metrics))
+    images = generator(params, prompts, rng,
                        progress=generate.ProgressLog("Evaluation"))
-  sampling = time.perf_counter() - start
+    sampling = time.perf_counter() - sampling_start
   if jax.process_index() != 0:
     return None
-  metrics = evaluator.evaluate(images, prompts)
-  metrics["sampling_seconds"] = sampling
+  metrics = {}
+  if images is not None:
+    metrics.update(evaluator.evaluate(images, prompts))
+    metrics["sampling_seconds"] = sampling
+  metrics.update(model_metrics)
   metrics["seconds"] = time.perf_counter() - start
   return metrics

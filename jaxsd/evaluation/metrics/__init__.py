@@ -13,6 +13,7 @@ from jaxsd.evaluation.metrics import diversity
 from jaxsd.evaluation.metrics import fid_inception
 from jaxsd.evaluation.metrics import fid_mnist
 from jaxsd.evaluation.metrics import prompt_accuracy
+from jaxsd.evaluation.metrics import val_loss
 # pylint: enable=unused-import
 
 Metric = registry.Metric

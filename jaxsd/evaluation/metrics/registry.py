@@ -29,6 +29,10 @@ class Metric:
   name: str = ""  # set by register_metric
   # The data sources (data.source) the metric can judge; () = any.
   data_sources: Sequence[str] = ()
+  # True: scores generated samples (`__call__`). False: scores the model
+  # itself (`score_model`, e.g. val_loss), and evaluation draws no samples
+  # for it.
+  needs_samples: bool = True
 
   def min_samples(self, config, num_prompts: Optional[int]
                   ) -> Tuple[int, str]:
@@ -63,5 +67,21 @@ class Metric:
     Returns flat names: the metric's own name and any `<name>/<part>` or
     derived entries (e.g. `prompt_accuracy/3`, `prompt_accuracy_min`); the
     evaluator adds `seconds/<name>`.
+    """
+    raise NotImplementedError
+
+  def score_model(self, model, ctx) -> Dict[str, float]:
+    """Scores the model itself (metrics with needs_samples=False).
+
+    Called on every process, as sampling is: it may run jitted over
+    model.mesh. Loads what it still lacks on first use (`prepare` runs on
+    the scoring process only).
+
+    Args:
+      model: the `EvalModel` (jaxsd/evaluation/context.py): components,
+        params (replicated over the mesh) and mesh.
+      ctx: the `EvalContext`.
+
+    Returns flat names, as `__call__`.
     """
     raise NotImplementedError
