@@ -1,18 +1,14 @@
-"""Faults an operator meets, each recovered or explained in one line.
-
-A busy workdir, a resume with another architecture, a damaged or unwritable
-checkpoint, SIGTERM before the first step or during evaluation: the run
-stops (or falls back) without damaging the run saved in the workdir, and the
-MLflow record says how it ended.
+"""Faults an operator meets, each recovered or explained in one line: a
+busy workdir, a resume with another architecture, a damaged or unwritable
+checkpoint. The same faults in whole runs (SIGTERM, failed writes, bad
+restarts of a trained run): tests/e2e/test_faults_runs.py.
 """
 import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +18,11 @@ import pytest
 
 from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import errors
-from jaxsd.tracking import mlflow_store
 from jaxsd.training import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+REPO = helpers.ROOT
 
 
 # --- The workdir lock ---------------------------------------------------------
@@ -145,16 +142,6 @@ def _abstract(state):
       state)
 
 
-def truncate_array_data(step_dir):
-  """Halves the array data files of a checkpoint's state (what a crash of
-  the file system, not of jaxsd, leaves)."""
-  files = [os.path.join(d, f) for d, _, fs in os.walk(
-      os.path.join(step_dir, "state")) for f in fs]
-  for data in (f for f in files if os.sep + "d" + os.sep in f):
-    with open(data, "r+b") as f:
-      f.truncate(os.path.getsize(data) // 2)
-
-
 def _saved_run(workdir, steps=(2, 4)):
   mngr = checkpoint.manager(workdir, keep=3)
   for step in steps:
@@ -166,7 +153,7 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_taken(
     tmp_path):
   from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   mngr = _saved_run(str(tmp_path))
-  truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "4"))
+  helpers.truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "4"))
   abstract = _abstract(_state())
   state, _, step = train.restore_newest_readable(
       mngr, lambda s: checkpoint.restore(mngr, abstract, s))
@@ -182,7 +169,7 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_taken(
 def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
   from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
   mngr = _saved_run(str(tmp_path), steps=(2,))
-  truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "2"))
+  helpers.truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "2"))
   abstract = _abstract(_state())
   with pytest.raises(errors.CheckpointError, match="rename them back"):
     train.restore_newest_readable(
@@ -193,7 +180,7 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
 def test_sampling_a_damaged_checkpoint_names_it_and_the_readable_ones(
     tmp_path):
   _saved_run(str(tmp_path)).close()
-  truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "4"))
+  helpers.truncate_array_data(os.path.join(checkpoint.checkpoint_dir(tmp_path), "4"))
   abstract = _abstract(_state())["ema_params"]
   with pytest.raises(errors.CheckpointError) as e:
     checkpoint.restore_params(str(tmp_path), abstract)
@@ -265,165 +252,6 @@ def test_checkpoint_on_a_full_tmpfs_keeps_the_previous(small_tmpfs):
   mngr.close()
 
 
-# --- Whole runs (the tiny config) ---------------------------------------------
-
-
-def _copy_run(trained_run, tmp_path):
-  workdir = str(tmp_path / "run")
-  shutil.copytree(trained_run[0], workdir)
-  return workdir
-
-
-def _mlflow_status(workdir):
-  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
-  exp = client.get_experiment_by_name("jaxsd")
-  return [r.info.status for r in client.search_runs([exp.experiment_id])]
-
-
-def _read(path):
-  with open(path, "rb") as f:
-    return f.read()
-
-
-def _leaves(state):
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(
-      (state.params, state.ema_params))]
-
-
-@pytest.fixture
-def patient_watchdog(monkeypatch):
-  """In-process runs: the SIGTERM watchdog must not end the test process."""
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(train._Preemption, "grace_s", 600.0)  # pylint: disable=protected-access
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-@pytest.mark.parametrize("override,key", [
-    ({"model": {"block_out_channels": (64, 64)}}, "model.block_out_channels"),
-    ({"sampling": {"sampler": "foo"}}, "sampling.sampler"),
-    ({"optim": {"learning_rate": -1.0}}, "optim.learning_rate"),
-])
-def test_a_bad_restart_leaves_the_run_intact(trained_run, tiny_config,
-                                             tmp_path, override, key):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  workdir = _copy_run(trained_run, tmp_path)
-  before = {name: _read(os.path.join(workdir, name))
-            for name in ("config.json", "mlflow_run.txt")}
-  config = tiny_config()
-  for section, values in override.items():
-    config[section].update(values)
-  start = time.time()
-  with pytest.raises(errors.JaxsdError) as e:
-    train.train_and_evaluate(config, workdir)
-  assert time.time() - start < 30  # before the model or the data are built
-  assert key in str(e.value)
-  for name, content in before.items():
-    assert _read(os.path.join(workdir, name)) == content, name
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2",
-                                                                      "4"]
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
-  assert _mlflow_status(workdir) == ["FINISHED"]
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_truncated_latest_checkpoint_sampling_names_it_training_falls_back(
-    trained_run, tiny_config, tmp_path, patient_watchdog):
-  from jaxsd.commands import sample
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  workdir = _copy_run(trained_run, tmp_path)
-  truncate_array_data(os.path.join(workdir, "checkpoints", "4"))
-  with pytest.raises(errors.CheckpointError) as e:
-    sample.generate_for_prompts(workdir, ["a photograph of the number 1"],
-                                num_samples=1)
-  assert "step 4" in str(e.value)
-  assert "readable checkpoints: steps [2]" in str(e.value)
-  # Training resumes from step 2 and ends as the uninterrupted run did.
-  config = tiny_config()
-  config.eval.metrics = ()
-  state = train.train_and_evaluate(config, workdir)
-  assert int(state.step) == 4
-  for a, b in zip(_leaves(state), _leaves(trained_run[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
-      "2", "4", "4.corrupt"]
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_init_from_starts_a_new_run_from_old_weights(trained_run, tiny_config,
-                                                     tmp_path):
-  from jaxsd.diffusion import setup as build
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
-  config.training.init_from = trained_run[0]
-  config.optim.learning_rate = 1e-4  # the new run's optimiser may differ
-  setup = build.TrainSetup(config)
-  mngr = checkpoint.manager(str(tmp_path / "new"))
-  state, step, _ = train.restore_or_create_state(setup, mngr,
-                                                 jax.random.key(0), None)
-  mngr.close()
-  assert step == 0 and int(state.step) == 0
-  for a, b in zip(_leaves(state), _leaves(trained_run[1])):
-    np.testing.assert_array_equal(a, b)
-  # Other parameter shapes cannot take them: the differing keys are named.
-  config.model.block_out_channels = (32, 64)
-  setup = build.TrainSetup(config)
-  mngr = checkpoint.manager(str(tmp_path / "other"))
-  with pytest.raises(errors.ConfigError,
-                     match="training.init_from.*model.block_out_channels"):
-    train.restore_or_create_state(setup, mngr, jax.random.key(0), None)
-  mngr.close()
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_sigterm_before_the_first_step_stops_the_run_killed(
-    trained_run, tiny_config, tmp_path, monkeypatch, patient_watchdog):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  workdir = _copy_run(trained_run, tmp_path)
-  restore = train.restore_or_create_state
-
-  def restore_then_sigterm(*args, **kwargs):
-    out = restore(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGTERM)
-    return out
-  monkeypatch.setattr(train, "restore_or_create_state", restore_then_sigterm)
-  config = tiny_config()
-  config.training.num_steps = 6
-  assert train.train_and_evaluate(config, workdir) is None
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2",
-                                                                      "4"]
-  assert _mlflow_status(workdir) == ["KILLED"]
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_a_failed_checkpoint_write_ends_the_run_failed(
-    trained_run, tiny_config, tmp_path, monkeypatch, patient_watchdog):
-  from jaxsd.training import trainer as train  # pylint: disable=g-import-not-at-top
-  workdir = _copy_run(trained_run, tmp_path)
-  save = checkpoint.save
-
-  def no_space_at_6(mngr, step, state, meta):
-    if step == 6:
-      raise errors.CheckpointError("no space left (test)")
-    return save(mngr, step, state, meta)
-  monkeypatch.setattr(checkpoint, "save", no_space_at_6)
-  config = tiny_config()
-  config.training.num_steps = 6
-  config.eval.metrics = ()
-  with pytest.raises(errors.CheckpointError):
-    train.train_and_evaluate(config, workdir)
-  assert _mlflow_status(workdir) == ["FAILED"]
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2",
-                                                                      "4"]
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
-
-
 @pytest.mark.mnist
 def test_a_second_training_process_is_refused_before_writing(tiny_config,
                                                              tmp_path):
@@ -436,70 +264,3 @@ def test_a_second_training_process_is_refused_before_writing(tiny_config,
     holder.kill()
     holder.wait()
   assert os.listdir(tmp_path) == [workdir_lib.LOCK_FILE]  # the holder's
-
-
-def _jaxsd_main(workdir, *overrides, env=None, **popen):
-  return subprocess.Popen(
-      [sys.executable, "-m", "jaxsd.main", "--config=configs/tiny.py",
-       f"--workdir={workdir}", *overrides], cwd=REPO, text=True,
-      env=dict(os.environ, **(env or {})), stderr=subprocess.PIPE, **popen)
-
-
-def _sigterm_after(proc, trigger: str, delay: float = 0.5):
-  """SIGTERM `delay` s after `trigger` shows in stderr; (exit code,
-  seconds from the signal to the exit, stderr after it)."""
-  for line in proc.stderr:
-    if trigger in line:
-      break
-  else:
-    proc.wait()
-    raise AssertionError(f"{trigger!r} never showed; rc {proc.returncode}")
-  time.sleep(delay)
-  proc.send_signal(signal.SIGTERM)
-  sent = time.time()
-  rest = proc.stderr.read()
-  return proc.wait(), time.time() - sent, rest
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_sigterm_while_compiling_stops_within_seconds(tmp_path):
-  # No persistent cache: the first step compiles for many seconds.
-  proc = _jaxsd_main(tmp_path, "--config.eval.metrics=()",
-                     env={"JAXSD_COMPILATION_CACHE": ""})
-  rc, seconds, stderr = _sigterm_after(proc, "Training from step")
-  assert rc == 0, stderr[-3000:]
-  assert seconds < 20, stderr[-3000:]
-  assert "Traceback" not in stderr
-  assert os.listdir(tmp_path / "checkpoints") in ([], ["1"])
-  assert _mlflow_status(str(tmp_path)) == ["KILLED"]
-  assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_sigterm_during_evaluation_checkpoints_and_stops(tmp_path):
-  # Step 2 evaluates but is not a checkpoint step: its state is new.
-  proc = _jaxsd_main(tmp_path, "--config.training.checkpoint_every=4",
-                     "--config.training.eval_every=2",
-                     "--config.eval.metrics=('prompt_accuracy',)")
-  rc, seconds, stderr = _sigterm_after(proc, "step 2/4")
-  assert rc == 0, stderr[-3000:]
-  assert seconds < 30, stderr[-3000:]
-  assert os.listdir(tmp_path / "checkpoints") == ["2"]
-  assert _mlflow_status(str(tmp_path)) == ["KILLED"]
-  assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
-
-
-@pytest.mark.slow
-def test_cli_bad_value_is_one_line_in_seconds(tmp_path):
-  workdir = tmp_path / "run"
-  start = time.time()
-  proc = _jaxsd_main(workdir, "--config.optim.learning_rate=-1")
-  _, stderr = proc.communicate()
-  assert proc.returncode == 1
-  assert time.time() - start < 60  # imports; no model, no data
-  assert "Traceback" not in stderr
-  last = stderr.strip().splitlines()[-1]
-  assert last.startswith("jaxsd: error: optim.learning_rate=-1"), last
-  assert not workdir.exists()
