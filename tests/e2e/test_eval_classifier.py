@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -45,8 +44,10 @@ def cache_dir():
 
 
 @pytest.fixture(scope="session")
-def classifier(mnist, cache_dir):
-  return classifier_lib.load_or_train_classifier(cache_dir, lambda: mnist)
+def classifier(mnist_classifier, cache_dir):
+  """conftest's mnist_classifier: trained into cache_dir, or read from it."""
+  assert os.path.isdir(classifier_lib.classifier_dir(cache_dir))
+  return mnist_classifier
 
 
 def test_classifier_reaches_99_percent(classifier, mnist):

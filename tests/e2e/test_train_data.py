@@ -1,8 +1,9 @@
 """End to end beyond MNIST: a tiny RGB model trains on an image folder and on
 webdataset shards the test writes, checkpoints, logs its data, writes a
-sample grid of the data's own captions, and a run stopped by SIGTERM and
-resumed ends with the uninterrupted run's parameters (the loader's position
-is in the checkpoint)."""
+sample grid of the data's own captions, counts undecodable images (and stops
+beyond data.max_skipped_fraction), and a run stopped by SIGTERM and resumed
+ends with the uninterrupted run's parameters (the loader's position is in
+the checkpoint)."""
 import io
 import os
 import tarfile
@@ -40,13 +41,26 @@ def _config(tiny_config, source, path):
   return config
 
 
+def _undecodable_imagefolder(path) -> str:
+  """write_imagefolder's 24 pictures, 2 of them truncated."""
+  path = helpers.write_imagefolder(path)
+  for i in (3, 11):
+    with open(os.path.join(path, f"{i:03d}.png"), "r+b") as f:
+      f.truncate(40)
+  return path
+
+
 @pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
 def test_trains_checkpoints_and_resumes_exactly(source, tiny_config,
                                                 tmp_path):
-  path = (helpers.write_imagefolder(str(tmp_path / "images"))
+  # The image folder's run also tolerates undecodable images (counted in
+  # data/skipped) up to data.max_skipped_fraction.
+  path = (_undecodable_imagefolder(str(tmp_path / "images"))
           if source == "imagefolder" else _webdataset(str(tmp_path / "shards")))
-  whole = train.train_and_evaluate(_config(tiny_config, source, path),
-                                   str(tmp_path / "whole"))
+  config = _config(tiny_config, source, path)
+  if source == "imagefolder":
+    config.data.max_skipped_fraction = 0.5
+  whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
   assert int(whole.step) == 4
   workdir = tmp_path / "whole"
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
@@ -61,7 +75,8 @@ def test_trains_checkpoints_and_resumes_exactly(source, tiny_config,
       "data/examples"]
 
   if source == "imagefolder":
-    return  # random-access resumes are exact for MNIST (test_train_e2e.py)
+    assert run.data.metrics["data/skipped"] >= 1
+    return  # random-access resumes are exact for MNIST (test_train_mnist.py)
   resumed_dir = str(tmp_path / "resumed")
   stopped = train.train_and_evaluate(_config(tiny_config, source, path),
                                      resumed_dir,
@@ -74,18 +89,9 @@ def test_trains_checkpoints_and_resumes_exactly(source, tiny_config,
                               helpers.model_leaves(whole))
 
 
-def test_undecodable_images_are_counted_then_stop_the_run(tiny_config,
-                                                          tmp_path):
-  path = helpers.write_imagefolder(str(tmp_path / "images"))
-  for i in (3, 11):  # 2 of 24 images truncated
-    with open(os.path.join(path, f"{i:03d}.png"), "r+b") as f:
-      f.truncate(40)
-  config = _config(tiny_config, "imagefolder", path)
-  config.data.max_skipped_fraction = 0.5
-  train.train_and_evaluate(config, str(tmp_path / "tolerated"))
-  _, run = helpers.mlflow_run(str(tmp_path / "tolerated"))
-  assert run.data.metrics["data/skipped"] >= 1
-
+def test_undecodable_images_beyond_the_limit_stop_the_run(tiny_config,
+                                                         tmp_path):
+  path = _undecodable_imagefolder(str(tmp_path / "images"))
   config = _config(tiny_config, "imagefolder", path)
   config.data.max_skipped_fraction = 0.01
   with pytest.raises(data_pipeline.TooManySkippedImagesError,

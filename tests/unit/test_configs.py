@@ -10,7 +10,6 @@ import importlib
 import os
 import re
 
-import jax
 import pytest
 
 from jaxsd.diffusion import setup as build

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from jaxsd.diffusion import setup as build
-from jaxsd.autoencoder import frozen as latent
 from jaxsd.diffusion import step as step_lib
 from jaxsd.models import autoencoder as ae_lib
 

@@ -17,7 +17,6 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
