@@ -1,5 +1,8 @@
 """Test set-up: offline assets, caches outside the repo, fast compiles.
 
+tests/unit/ holds the fast tests; tests/e2e/ the end-to-end ones, all
+marked slow by tests/e2e/conftest.py. Shared helpers: tests/helpers.py.
+
 Assets: a variable you set wins; else `../shared/assets/` beside the
 repository when it exists; else, for the CLIP tokenizer, the copy in
 tests/assets/. MNIST is not shipped: without JAXSD_MNIST_DIR, the shared
@@ -9,6 +12,7 @@ import glob
 import os
 import tempfile
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +36,13 @@ os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_CACHE, "tfds"))
 # Within a test run, a compiled step is reused from disk by later starts.
 os.environ.setdefault("JAXSD_COMPILATION_CACHE", os.path.join(_CACHE, "xla"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Compile without most XLA optimisations (as Flax's example tests do): a
+# compile several times faster, the same numbers up to float32 rounding.
+# Set in the environment so that the commands and workers the tests start
+# compile as this process does (their runs are compared with its runs).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MNIST_SKIPPED = "MNIST unavailable offline"
@@ -49,18 +60,19 @@ def _mnist_available() -> bool:
   return hub.network_available("storage.googleapis.com")
 
 
-# Fixtures that train a model: a test using one must be marked slow, so
-# `-m "not slow"` stays the fast suite.
-TRAINING_FIXTURES = ("trained_run",)
+# Fixtures that train a model: only tests in tests/e2e/ (all marked slow)
+# may use them, so tests/unit and `-m "not slow"` stay the fast suite.
+TRAINING_FIXTURES = ("trained_run", "autoencoder_run", "mnist_classifier")
+E2E = os.path.join(ROOT, "tests", "e2e")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects anything
 def pytest_itemcollected(item):
   trains = [f for f in TRAINING_FIXTURES if f in item.fixturenames]
-  if trains and not item.get_closest_marker("slow"):
+  if trains and not str(item.path).startswith(E2E + os.sep):
     raise pytest.UsageError(
-        f"{item.nodeid} uses {trains[0]} (trains a model) but is not marked "
-        "@pytest.mark.slow")
+        f"{item.nodeid} uses {trains[0]} (trains a model) but is not in "
+        "tests/e2e/")
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
@@ -100,12 +112,65 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_config, tmp_path_factory):
+def mnist_classifier(tiny_config):
+  """The evaluator's MNIST classifier, from this session's cache
+  ($JAXSD_CACHE/classifier), trained there on a miss (a fresh cache, as in
+  CI) with XLA's optimisations on: its ~1900 steps run about 2.5x faster
+  with them, more than their compile costs."""
+  from jaxsd import environment  # pylint: disable=g-import-not-at-top
+  from jaxsd.data import mnist  # pylint: disable=g-import-not-at-top
+  from jaxsd.evaluation import classifier  # pylint: disable=g-import-not-at-top
+  data = environment.resolve(tiny_config()).data
+  arrays = lambda: (*mnist.load_mnist(data, "train"),
+                    *mnist.load_mnist(data, "test"))
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    return classifier.load_or_train_classifier(
+        os.path.join(environment.cache_dir(), "classifier"), arrays)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_config, mnist_classifier, tmp_path_factory):
   """(workdir, final state) of an uninterrupted 4-step tiny run.
 
-  The tiny config checkpoints at steps 2 and 4 and samples at step 4.
+  The tiny config checkpoints at steps 2 and 4 and samples and evaluates
+  (with mnist_classifier) at step 4.
   """
-  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
+  del mnist_classifier  # trained (if it must be) before, optimised
   workdir = str(tmp_path_factory.mktemp("trained_run"))
   state = diffusion_task.train_and_evaluate(tiny_config(), workdir)
+  return workdir, state
+
+
+@pytest.fixture(scope="session")
+def autoencoder_config(tiny_config):
+  """Factory of helpers.small_autoencoder's config with the discriminator
+  from step 2 (a resume at step 2 crosses its switch-on)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+
+  def make():
+    config = helpers.small_autoencoder(tiny_config())
+    config.autoencoder.disc_start = 2
+    return config
+  return make
+
+
+@pytest.fixture(scope="session")
+def autoencoder_run(autoencoder_config, tmp_path_factory):
+  """(workdir, final state) of an uninterrupted 4-step autoencoder run on
+  MNIST (checkpoints at 2 and 4), offline: no rFID."""
+  from jaxsd.autoencoder import task as autoencoder_task  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("autoencoder_run"))
+  previous = os.environ.get("JAXSD_OFFLINE")
+  os.environ["JAXSD_OFFLINE"] = "1"  # no download try for rFID
+  try:
+    state = autoencoder_task.train_autoencoder(autoencoder_config(), workdir)
+  finally:
+    if previous is None:
+      del os.environ["JAXSD_OFFLINE"]
+    else:
+      os.environ["JAXSD_OFFLINE"] = previous
   return workdir, state

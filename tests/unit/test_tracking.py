@@ -126,7 +126,7 @@ def test_unreachable_server_falls_back_to_the_local_store(tmp_path,
   assert mlflow_writer.tracking_uri == local
   (warning,) = warnings
   assert uri in warning and "local store" in warning
-  assert "jaxsd-sync-mlflow" in warning
+  assert "jaxsd-sync-mlflow" in warning  # the command that copies it
   writer.write_scalars(1, {"train/loss": 0.5})
   writer.write_scalars(2, {"train/loss": 0.25})
   writer.flush()

@@ -6,9 +6,7 @@ DDIMScheduler) and saves it with `save_pretrained`. jaxsd imports it
 (model.pretrained_pipeline): the text embeddings, the UNet's output and
 the VAE's decode match PyTorch's within 1e-4, and a 10-step DDIM sampling
 with guidance from the same initial latents matches the pipeline's images.
-Slow tests fine-tune a few steps, export (jaxsd/interop/export.py) and load the
-result into PyTorch: the full pipeline, and LoRA adapters through
-`load_lora_weights`.
+Fine-tuned and exported back to PyTorch: tests/e2e/test_sd_export.py.
 """
 import json
 import os
@@ -19,7 +17,6 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -31,69 +28,22 @@ from jaxsd import errors  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from jaxsd import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 import _interop_layouts as layouts  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 diffusers.utils.logging.set_verbosity_error()
 transformers.logging.set_verbosity_error()
 
-PROMPTS = ["a red square", "a blue circle"]
-# Images in [0, 1] after 10 guided DDIM steps: each step's float32
-# differences (~1e-6 of the UNet output) are amplified by guidance (x3) and
-# by the DDIM update's 1/sqrt(alpha) (up to ~1.1x per step at SD's
-# schedule), then by the VAE decoder; seen: ~1e-5. 1e-3 is 1/4 of one 8-bit
-# grey level and still catches any wrong timestep, alpha or guidance (those
-# move pixels by > 0.01; tests/test_scheduler_import.py checks the
-# schedule alone to 1e-5).
-IMAGE_TOL = 1e-3
-
-
-def _perturb(model, seed):
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  return model.eval()
-
-
-def torch_pipeline(tokenizer_dir, prediction_type="epsilon", seed=0,
-                   linear_projection=False):
-  """A tiny random StableDiffusionPipeline, SD 1.x-shaped (SD 2.x-shaped
-  with v-prediction and linear projections)."""
-  torch.manual_seed(seed)
-  unet = _perturb(diffusers.UNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4,
-      block_out_channels=(32, 64), layers_per_block=1,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-      attention_head_dim=(2, 4) if linear_projection else 4,
-      use_linear_projection=linear_projection,
-      cross_attention_dim=32, norm_num_groups=8), seed)
-  vae = _perturb(diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, latent_channels=4,
-      down_block_types=("DownEncoderBlock2D",) * 2,
-      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-      norm_num_groups=4, sample_size=16), seed + 1)
-  text_encoder = _perturb(transformers.CLIPTextModel(
-      transformers.CLIPTextConfig(
-          vocab_size=49408, hidden_size=32, intermediate_size=64,
-          num_hidden_layers=2, num_attention_heads=4,
-          max_position_embeddings=77, bos_token_id=49406,
-          eos_token_id=49407, pad_token_id=49407)), seed + 2)
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
-  scheduler = diffusers.DDIMScheduler(
-      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-      clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-      prediction_type=prediction_type)
-  return diffusers.StableDiffusionPipeline(
-      vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
+PROMPTS = helpers.SD_PROMPTS
+# Pixels after 10 guided DDIM steps: see helpers.SD_IMAGE_TOL.
+IMAGE_TOL = helpers.SD_IMAGE_TOL
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def saved_pipeline(request, tmp_path_factory):
   sd2 = request.param == "sd2"
-  pipe = torch_pipeline(os.environ["JAXSD_CLIP_TOKENIZER"],
-                        "v_prediction" if sd2 else "epsilon",
-                        linear_projection=sd2)
+  pipe = helpers.torch_sd_pipeline(os.environ["JAXSD_CLIP_TOKENIZER"],
+                                   "v_prediction" if sd2 else "epsilon",
+                                   linear_projection=sd2)
   folder = str(tmp_path_factory.mktemp(f"pipeline_{request.param}"))
   pipe.save_pretrained(folder)
   return pipe, folder
@@ -262,115 +212,6 @@ def test_a_unet_bin_naming_a_callable_is_refused(tiny_config, saved_pipeline,
 
 
 # --- Fine-tune, export, load in PyTorch (slow) --------------------------
-
-
-def _images(path, count=16):
-  os.makedirs(path)
-  with open(os.path.join(path, "metadata.jsonl"), "w") as f:
-    for i in range(count):
-      pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3),
-                                                 dtype=np.uint8)
-      Image.fromarray(pixels).save(os.path.join(path, f"{i:03d}.png"))
-      f.write(json.dumps({"file_name": f"{i:03d}.png",
-                          "text": PROMPTS[i % 2]}) + "\n")
-  return path
-
-
-def _finetune_config(tiny_config, folder, images):
-  config = _config(tiny_config, folder)
-  config.data.source = "imagefolder"
-  config.data.path = images
-  config.data.random_flip = False
-  config.training.num_steps = 2
-  config.training.checkpoint_every = 2
-  config.training.eval_every = 2
-  config.sampling.prompts = ()
-  config.text.trainable = False
-  return config
-
-
-@pytest.mark.slow
-def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
-    tiny_config, saved_pipeline, tmp_path):
-  if "sd2" in saved_pipeline[1]:
-    pytest.skip("the round trip through PyTorch once (SD 1.x-shaped) keeps "
-                "the suite short; imports of both shapes are tested above")
-  from jaxsd.interop import export  # pylint: disable=g-import-not-at-top
-  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
-  _, folder = saved_pipeline
-  workdir = str(tmp_path / "run")
-  config = _finetune_config(tiny_config, folder,
-                            _images(str(tmp_path / "images")))
-  diffusion_task.train_and_evaluate(config, workdir)
-  out = str(tmp_path / "exported")
-  export.export(workdir, out)
-  pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-      out, safety_checker=None, requires_safety_checker=False)
-  latents = _torch_latents(len(PROMPTS))
-  want = pipe(PROMPTS, num_inference_steps=10, guidance_scale=3.0,
-              latents=latents.clone(), output_type="np").images
-  # jaxsd.commands.sample's path: the run's EMA params through a Generator.
-  mesh = parallel.make_mesh()
-  run_config, comps, params, _ = build.restore_for_inference(workdir, mesh)
-  generator = generate.Generator.from_config(
-      comps, mesh, run_config.sampling, num_steps=10, guidance_scale=3.0)
-  got = (generator(params, PROMPTS, jax.random.key(0),
-                   noise=latents.numpy().transpose(0, 2, 3, 1)) + 1) / 2
-  assert np.abs(got - want).max() < IMAGE_TOL
-  # The fine-tuned weights, not the base's, were exported.
-  base = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-  assert any(not torch.equal(a, b) for a, b in zip(
-      base.state_dict().values(), pipe.unet.state_dict().values()))
-  with pytest.raises(FileExistsError, match="--overwrite"):
-    export.export(workdir, out)
-
-
-@pytest.mark.slow
-def test_lora_export_loads_into_pytorch_with_load_lora_weights(
-    tiny_config, saved_pipeline, tmp_path):
-  if "sd2" in saved_pipeline[1]:
-    pytest.skip("the round trip through PyTorch once (SD 1.x-shaped) keeps "
-                "the suite short; imports of both shapes are tested above")
-  from jaxsd.interop import export  # pylint: disable=g-import-not-at-top
-  from jaxsd.interop import lora_format  # pylint: disable=g-import-not-at-top
-  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
-  _, folder = saved_pipeline
-  workdir = str(tmp_path / "run")
-  config = _finetune_config(tiny_config, folder,
-                            _images(str(tmp_path / "images")))
-  config.model.lora.rank = 4
-  config.model.lora.alpha = 8.0
-  config.optim.learning_rate = 1e-2  # adapters far from zero in 2 steps
-  diffusion_task.train_and_evaluate(config, workdir)
-  out = str(tmp_path / "lora")
-  path = export.export(workdir, out)
-  assert os.path.basename(path) == lora_format.WEIGHT_NAME
-  assert os.path.getsize(path) < 0.2 * os.path.getsize(
-      os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
-  pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-      folder, safety_checker=None, requires_safety_checker=False)
-  before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-  pipe.load_lora_weights(out, weight_name=lora_format.WEIGHT_NAME)
-  # jaxsd's merged UNet against PyTorch's with the adapters loaded.
-  mesh = parallel.make_mesh()
-  _, comps, merged, _ = build.restore_for_inference(workdir, mesh)
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
-  t = np.array([10, 700], np.int32)
-  ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
-  with torch.no_grad():
-    want = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                     torch.from_numpy(t), torch.from_numpy(ctx)).sample
-  want = want.numpy().transpose(0, 2, 3, 1)
-  got = np.asarray(comps.unet.apply(merged["unet"], x, t, ctx))
-  scale = max(1.0, np.abs(want).max())
-  assert np.abs(got - want).max() / scale < 1e-4
-  # ... and the adapters matter: the base alone differs.
-  base = np.asarray(comps.unet.apply(comps.base_params()["unet"], x, t, ctx))
-  assert np.abs(base - want).max() / scale > 1e-3
-  pipe.unload_lora_weights()
-  for k, v in pipe.unet.state_dict().items():
-    torch.testing.assert_close(v, before[k])
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])

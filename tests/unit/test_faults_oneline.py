@@ -61,9 +61,6 @@ def _one_line(err: str) -> str:
   return lines[-1]
 
 
-# --- A missing --config file ---------------------------------------------------
-
-
 @pytest.mark.parametrize("module_name,extra", [
     ("jaxsd.commands.train", ["--workdir=unused"]),
     ("jaxsd.commands.train_autoencoder", ["--workdir=unused"]),
@@ -85,9 +82,6 @@ def test_missing_config_file_is_one_line(module_name, extra, config_args,
   assert "the config file 'configs/nope.py' does not exist" in line
   assert "e.g. --config=configs/mnist.py" in line
   assert not os.path.exists(os.path.join(ROOT, "unused"))
-
-
-# --- Image folders ---------------------------------------------------------------
 
 
 def _png(path, value=0):
@@ -172,9 +166,6 @@ def test_imagefolder_problem_ends_jaxsd_train_in_one_line(
   assert not workdir.exists()
 
 
-# --- Undecodable images -----------------------------------------------------------
-
-
 class _Skips:
   """A loader stand-in whose statistics name one bad file twice (as a state
   saved before the loader kept its keys distinct may)."""
@@ -212,9 +203,6 @@ def test_loader_keeps_each_undecodable_file_once_over_epochs(tmp_path):
   assert stats["skipped_keys"] == ["1.png"]
 
 
-# --- A refused pickle -------------------------------------------------------------
-
-
 class _RunsShell:
   def __init__(self, sentinel):
     self.sentinel = str(sentinel)
@@ -236,9 +224,6 @@ def test_refused_pickle_is_one_line_naming_the_file(tmp_path):
   assert str(e.value).startswith(f"{path}: refusing to unpickle ")
   assert "Nothing of it was run" in str(e.value)
   assert not sentinel.exists()
-
-
-# --- A read-only workdir ----------------------------------------------------------
 
 
 def _read_only(monkeypatch, folder):
@@ -313,9 +298,6 @@ def test_read_only_workdir_jaxsd_evaluate_prints_results_then_one_line(
   assert "the results above were not saved" in line
 
 
-# --- Evaluation none of whose metrics can run ------------------------------------
-
-
 def _unrunnable_eval_config():
   from configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
@@ -378,75 +360,3 @@ def test_generation_progress_line_has_count_rate_and_eta(caplog):
   assert lines == [
       "Evaluation: 128/512 images (25%), 8.00 images/s, ETA 0:00:48",
       "Evaluation: 512/512 images (100%), 8.00 images/s, done in 64 s"]
-
-
-# --- Commands over a trained run (slow) -------------------------------------------
-
-
-def _copy_run(trained_run, tmp_path):
-  workdir = str(tmp_path / "run")
-  shutil.copytree(trained_run[0], workdir)
-  return workdir
-
-
-def _truncate_array_data(step_dir):
-  """Halves the array data files of a checkpoint's state."""
-  files = [os.path.join(d, f) for d, _, fs in os.walk(
-      os.path.join(step_dir, "state")) for f in fs]
-  for data in (f for f in files if os.sep + "d" + os.sep in f):
-    with open(data, "r+b") as f:
-      f.truncate(os.path.getsize(data) // 2)
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_jaxsd_sample_without_prompt_uses_the_runs_grid_prompts(
-    trained_run, fresh_flags, monkeypatch, capsys, tmp_path, caplog):
-  del fresh_flags
-  out = tmp_path / "grid.png"
-  with caplog.at_level(logging.INFO):
-    code, stdout, _ = _run_command("jaxsd.commands.sample", [
-        f"--workdir={trained_run[0]}", "--num_samples=1", "--steps=2",
-        f"--out={out}"], monkeypatch, capsys)
-  assert code == 0
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  prompts = list(tiny.get_config().sampling.prompts)
-  assert f"Wrote {out} ({len(prompts)} prompts x 1" in stdout
-  said = [r.getMessage() for r in caplog.records
-          if r.getMessage().startswith("No --prompt")]
-  assert said == [f"No --prompt: sampling the run's own grid prompts (its "
-                  f"sampling.prompts): {prompts}"]
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_evaluate_all_checkpoints_skips_a_damaged_one(trained_run, tmp_path,
-                                                      caplog):
-  from jaxsd.evaluation import checkpoints  # pylint: disable=g-import-not-at-top
-  workdir = _copy_run(trained_run, tmp_path)
-  _truncate_array_data(os.path.join(workdir, "checkpoints", "2"))
-  with caplog.at_level(logging.INFO):
-    results = checkpoints.evaluate_run(
-        workdir, all_checkpoints=True, mlflow=False, num_samples=10,
-        metrics=["prompt_accuracy"], sampler_steps=2)
-  assert [r["step"] for r in results] == [4]
-  warned = [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING]
-  assert any(m.startswith("Skipping checkpoint step 2, which cannot be "
-                          "read") for m in warned), warned
-  with open(os.path.join(workdir, "eval", "checkpoints.csv")) as f:
-    assert [row.split(",")[0] for row in f.read().splitlines()[1:]] == ["4"]
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_jaxsd_evaluate_with_no_runnable_metric_is_one_line(
-    trained_run, fresh_flags, monkeypatch, capsys):
-  del fresh_flags
-  code, out, err = _run_command("jaxsd.commands.evaluate", [
-      f"--workdir={trained_run[0]}", "--metrics=clip_score",
-      "--nomlflow"], monkeypatch, capsys)
-  assert code == 1 and not out
-  line = _one_line(err)
-  assert "None of eval.metrics ['clip_score'] can run" in line
-  assert "choose others with --metrics" in line

@@ -1,20 +1,17 @@
 """Sampling from a real (tiny) checkpoint: samplers, determinism, CLI, errors."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from jaxsd.diffusion import sample_run as sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+pytestmark = pytest.mark.mnist
+
 PROMPTS = ["a photograph of the number 3", ""]
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
 def test_each_sampler_from_checkpoint(trained_run, sampler):
   workdir, _ = trained_run
@@ -28,8 +25,6 @@ def test_each_sampler_from_checkpoint(trained_run, sampler):
   assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_same_seed_same_images(trained_run):
   workdir, _ = trained_run
   kw = dict(num_samples=2, sampler="ddpm", steps=3)
@@ -40,8 +35,6 @@ def test_same_seed_same_images(trained_run):
   assert not np.allclose(a, c)
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_chunks_cover_any_number_of_images(trained_run):
   workdir, _ = trained_run
   images, _ = sample.generate_for_prompts(
@@ -50,8 +43,6 @@ def test_chunks_cover_any_number_of_images(trained_run):
   assert images.shape[0] == 5 and np.all(np.isfinite(images))
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_raw_and_ema_parameters_differ(trained_run):
   workdir, _ = trained_run
   kw = dict(num_samples=1, sampler="ddim", steps=2, seed=0)
@@ -60,8 +51,6 @@ def test_raw_and_ema_parameters_differ(trained_run):
   assert not np.allclose(ema, raw)
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_bad_input_errors(trained_run, tmp_path):
   workdir, _ = trained_run
   with pytest.raises(ValueError, match="Unknown sampler"):
@@ -79,21 +68,10 @@ def test_bad_input_errors(trained_run, tmp_path):
     sample.read_prompts([], None)
 
 
-def test_prompts_file(tmp_path):
-  path = tmp_path / "prompts.txt"
-  path.write_text("a photograph of the number 1\n\na photograph of the "
-                  "number 2\n")
-  assert sample.read_prompts(["x"], str(path)) == [
-      "x", "a photograph of the number 1", "a photograph of the number 2"]
-
-
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "jaxsd.commands.sample", *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  return helpers.jaxsd_command("jaxsd.commands.sample", *args)
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_cli_writes_grid_and_individual_images(trained_run, tmp_path):
   workdir, _ = trained_run
   out = tmp_path / "grid.png"

@@ -21,16 +21,6 @@ EXAMPLES = 12  # two chunks of 8: the second padded
 BINS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA without most optimisations: the same numbers up to rounding, the
-  UNet's compiles several times faster."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _val_config(tiny_config):
   config = tiny_config()
   config.eval.metrics = ("val_loss",)
@@ -180,33 +170,6 @@ def test_a_config_saved_before_val_loss_validates(tiny_config):
     del config.eval["val_loss_examples"]
     del config.eval["val_loss_timesteps"]
   config_checks.validate(config)
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_training_logs_val_loss_and_jaxsd_evaluate_reproduces_it(
-    tiny_config, tmp_path):
-  """The trainer's Evaluate chore logs eval/val_loss (and its bins); the
-  checkpoint's evaluation by jaxsd-evaluate's library gives the same
-  numbers."""
-  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
-  from jaxsd.evaluation import checkpoints as eval_checkpoints  # pylint: disable=g-import-not-at-top
-  from jaxsd.tracking import mlflow_store  # pylint: disable=g-import-not-at-top
-  config = _val_config(tiny_config)
-  config.training.update(num_steps=2, eval_every=2, checkpoint_every=2)
-  workdir = str(tmp_path)
-  diffusion_task.train_and_evaluate(config, workdir)
-  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
-  run, = client.search_runs(
-      [client.get_experiment_by_name("jaxsd").experiment_id])
-  logged = {k[len("eval/"):]: v for k, v in run.data.metrics.items()
-            if k.startswith("eval/val_loss")}
-  assert len(logged) == 1 + BINS
-  result, = eval_checkpoints.evaluate_checkpoints(workdir, [2])
-  assert result["step"] == 2
-  for name, value in logged.items():
-    assert result[name] == pytest.approx(value, rel=1e-6), name
 
 
 def _write_random_vae(folder):

@@ -81,10 +81,8 @@ def diffusers_forward(model, params, sample, timesteps, context):
   return jnp.transpose(out, (0, 2, 3, 1))
 
 
-# MNIST: 784-token self-attention (the blocked CPU path) against diffusers';
-# slow to compile.
-@pytest.mark.parametrize("name", ["MIXED",
-                                  pytest.param("MNIST", marks=pytest.mark.slow)])
+# MNIST: 784-token self-attention (the blocked CPU path) against diffusers'.
+@pytest.mark.parametrize("name", ["MIXED", "MNIST"])
 def test_matches_diffusers(name):
   model, their_params = diffusers_setup(name)
   ours = unet_lib.unet_from_diffusers_config(model.config)
@@ -142,7 +140,6 @@ def test_gradients_flow():
     assert jnp.any(g != 0), jax.tree_util.keystr(path)
 
 
-@pytest.mark.slow  # two more compiles of the UNet; bf16 is for GPUs
 def test_bfloat16_compute_stays_close_to_float32():
   model, their_params = diffusers_setup("MIXED")
   params = unet_lib.convert_diffusers_params(their_params)

@@ -53,25 +53,12 @@ def _latent_config(tiny_config, vae):
   return config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA without most optimisations: the UNet's compiles several times
-  faster; shapes are what these tests check."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _sample(comps, height, width, prompts=PROMPTS):
   params = comps.init_params(jax.random.key(0))
   generator = generate.Generator(
       comps, parallel.make_mesh(), sampler="ddim", num_steps=2,
       guidance_scale=2.0, height=height, width=width)
   return generator, generator(params, prompts, jax.random.key(1))
-
-
-# --- The UNet ---------------------------------------------------------------
 
 
 def test_unet_output_follows_a_non_square_input(tiny_config):
@@ -90,9 +77,6 @@ def test_unet_output_follows_a_non_square_input(tiny_config):
   out = jax.jit(comps.denoise_fn(params))(x.astype(np.float32),
                                           np.array([5, 50]), context)
   assert out.shape == (2, 16, 48, 1) and np.all(np.isfinite(out))
-
-
-# --- The Generator ----------------------------------------------------------
 
 
 def test_generator_samples_non_square_pixel_images(tiny_config):
@@ -194,9 +178,6 @@ def test_non_square_sampling_matches_a_diffusers_pipeline(tiny_config,
   assert np.abs((got + 1) / 2 - want).max() < 1e-3
 
 
-# --- sampling.height / sampling.width ---------------------------------------
-
-
 def _one_line_error(fn, *args, **kwargs) -> str:
   with pytest.raises(ConfigError) as info:
     fn(*args, **kwargs)
@@ -238,9 +219,6 @@ def test_classifier_metrics_refuse_other_sampled_sizes_at_start(tiny_config):
   assert "28x56 images" in message and "judge 28x28 or 32x32" in message
   config.sampling.width = 28
   config_checks.validate(config)
-
-
-# --- --height / --width -----------------------------------------------------
 
 
 def _workdir(tmp_path, config):
@@ -294,9 +272,6 @@ def test_sample_command_refuses_a_bad_height_in_one_line(tiny_config,
       "32)); e.g. --height=8.")
 
 
-# --- Grids ------------------------------------------------------------------
-
-
 def test_captioned_grid_keeps_non_square_cells_aspect():
   images = -np.ones((3, 32, 64, 3), np.float32)  # black, landscape 1:2
   images[:, :, 32:] = 1.0  # white right half
@@ -317,22 +292,3 @@ def test_prompt_rows_grid_keeps_non_square_cells_aspect():
   assert grid.size == (3 * (84 + 4) + 4, 2 * (28 + 16 + 8))
   tile = np.asarray(grid)[4:4 + 28, 4:4 + 84]
   assert (tile == 0).all()
-
-
-@pytest.mark.mnist
-@pytest.mark.slow
-def test_sample_command_writes_a_non_square_grid(trained_run, tmp_path):
-  workdir, _ = trained_run
-  out = str(tmp_path / "wide.png")
-  prompts, step = sample_run.sample_run(
-      workdir, PROMPTS, out, num_samples=2, steps=2, height=16, width=40,
-      save_individual=True)
-  assert step == 4 and prompts == PROMPTS
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  singles = sorted(p for p in os.listdir(tmp_path) if p != "wide.png")
-  assert len(singles) == 4
-  assert Image.open(tmp_path / singles[0]).size == (40, 16)
-  # The run's square default still samples 28x28.
-  images, _ = sample_run.generate_for_prompts(workdir, PROMPTS[:1],
-                                              num_samples=1, steps=2)
-  assert images.shape == (1, 28, 28, 1)

@@ -1,4 +1,4 @@
-"""Runs jaxsd in its own process for tests/test_parallel.py.
+"""Runs jaxsd in its own process for tests/e2e/test_parallel_runs.py.
 
 The device count (XLA_FLAGS) and the process group (JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) are fixed when JAX starts, so each setting
@@ -15,24 +15,15 @@ sharded; a restore writes every state array to an .npz.
 """
 import json
 import os
-import signal
 import sys
 
 import jax
 import numpy as np
 
+import helpers  # tests/ is on PYTHONPATH (test_parallel_runs.py sets it)
 
-def tiny_config(overrides):
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  from jaxsd import environment  # pylint: disable=g-import-not-at-top
-  config = environment.resolve(tiny.get_config())
-  config.update_from_flattened_dict(overrides or {})
-  return config
-
-
-def state_leaves(state):
-  """Host copies of every array of a TrainState, in tree order."""
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+tiny_config = helpers.tiny_config
+state_leaves = helpers.leaves  # every array of a TrainState, in tree order
 
 
 def sharded_fraction(state) -> dict:
@@ -65,24 +56,14 @@ def restore_state(workdir, overrides, step=None):
   return state, step
 
 
-def _sigterm_at(process: int, step: int):
-  """SIGTERM to this process after train step `step` (as SLURM would)."""
-  from jaxsd.training import preemption as preemption_lib  # pylint: disable=g-import-not-at-top
-  reached = preemption_lib.Preemption.reached  # pylint: disable=protected-access
-
-  def patched(self, s):
-    if s == step and jax.process_index() == process:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return reached(self, s)
-  preemption_lib.Preemption.reached = patched  # pylint: disable=protected-access
-
-
 def run_train(job):
   from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
-  if job.get("sigterm_at"):
-    _sigterm_at(*job["sigterm_at"])
+  hooks = []
+  if job.get("sigterm_at"):  # SIGTERM after that step, as SLURM would
+    process, step = job["sigterm_at"]
+    hooks.append(helpers.sigterm_at_step(step, process))
   state = diffusion_task.train_and_evaluate(tiny_config(job.get("overrides")),
-                                   job["workdir"])
+                                   job["workdir"], hooks=hooks)
   result = {"step": int(state.step), "devices": jax.device_count(),
             "processes": jax.process_count(), **sharded_fraction(state)}
   path = os.path.join(job["workdir"],

@@ -47,11 +47,3 @@ def test_mnist_dir_missing_files(tiny_config, tmp_path):
   config.data.tfds_data_dir = str(tmp_path / "tfds")
   with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz"):
     input_pipeline.load_mnist(config.data, "test")
-
-
-@pytest.mark.mnist
-@pytest.mark.slow  # builds tfds's mnist from the four files
-def test_load_mnist_offline_from_files(tiny_config):
-  images, labels = input_pipeline.load_mnist(tiny_config().data, "test")
-  assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
-  np.testing.assert_array_equal(np.bincount(labels)[:3], [980, 1135, 1032])

@@ -11,8 +11,6 @@ import importlib
 import os
 import re
 
-import jax
-import numpy as np
 import pytest
 
 from configs import default
@@ -23,7 +21,9 @@ from jaxsd import config_checks
 from jaxsd.data import sources
 from jaxsd.evaluation import metrics as metrics_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+ROOT = helpers.ROOT
 RESULTS = os.path.join(ROOT, "docs", "mnist_results.md")
 CONFIGS = ("mnist", "mnist_gpu", "mnist_reference", "tiny", "imagefolder",
            "cifar10")
@@ -91,27 +91,12 @@ def test_gpu_config_is_larger_than_cpu_config():
   assert count("mnist_gpu") > 5 * count("mnist")
 
 
-# Tracing the larger configs' steps takes seconds each.
-@pytest.mark.parametrize("name", [
-    "mnist", "tiny"] + [pytest.param(name, marks=pytest.mark.slow) for name in
-                        ("mnist_gpu", "mnist_reference", "imagefolder",
-                         "cifar10")])
+@pytest.mark.parametrize("name", ["mnist", "tiny"])
 def test_config_traces_its_train_step(name):
   """The config's real step (build.TrainSetup) traces: shapes, dtypes and
-  shardings fit together (jax.eval_shape, no compile)."""
-  setup = _setup(name)
-  k, b = setup.steps_per_call, setup.config.training.batch_size
-  lead = (k, b) if k > 1 else (b,)
-  comps = setup.components
-  batch = {"image": jax.ShapeDtypeStruct(lead + comps.image_shape,
-                                         np.float32),
-           "input_ids": jax.ShapeDtypeStruct(
-               lead + comps.uncond_ids.shape[1:], np.int32)}
-  state, metrics = jax.eval_shape(setup.step_fn(), setup.abstract_state,
-                                  batch, jax.random.key(0))
-  assert state.step.shape == () and metrics["loss"].shape == lead[:-1]
-  shapes = lambda tree: jax.tree_util.tree_map(lambda x: x.shape, tree)
-  assert shapes(state.params) == shapes(setup.abstract_state.params)
+  shardings fit together (jax.eval_shape, no compile). The larger configs:
+  tests/e2e/test_configs_trace.py."""
+  state = helpers.assert_step_traces(_setup(name))
   if name == "mnist":
     # The pooled text path the recipe relies on is in the model.
     assert "text_embedding" in state.params["unet"]

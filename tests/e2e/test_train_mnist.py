@@ -4,47 +4,22 @@ These share one compiled step through the persistent compilation cache, so
 only the first run pays for compiling.
 """
 import os
-import signal
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
 
-from jaxsd.tracking import mlflow_store
 from jaxsd.tracking import plots as plot_runs
+from jaxsd.data import pipeline as data_pipeline
 from jaxsd.diffusion import task as diffusion_task
 from jaxsd.training import loop as loop_lib
-from jaxsd.training import preemption as preemption_lib
 from jaxsd.checkpointing import run_config
-from jaxsd.data import pipeline as data_pipeline
 
-pytestmark = pytest.mark.slow
-
-
-def _config(tiny_config, **training):
-  config = tiny_config()
-  config.training.update(training)
-  return config
-
-
-def _mlflow_runs(workdir):
-  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
-  client = MlflowClient(tracking_uri=mlflow_store.tracking_uri(workdir))
-  exp = client.get_experiment_by_name("jaxsd")
-  return client, client.search_runs([exp.experiment_id])
-
-
-def _leaves(state):
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(
-      (state.params, state.ema_params))]
-
+import helpers
 
 @pytest.fixture(scope="module")
 def uninterrupted(trained_run):
   workdir, state = trained_run
-  return workdir, _leaves(state)
+  return workdir, helpers.model_leaves(state)
 
 
 @pytest.mark.mnist
@@ -53,7 +28,7 @@ def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert os.path.exists(os.path.join(workdir, "samples", "step_00000004.png"))
   assert os.path.exists(os.path.join(workdir, run_config.CONFIG_FILE))
-  client, runs = _mlflow_runs(workdir)
+  client, runs = helpers.mlflow_runs(workdir)
   assert len(runs) == 1
   run = runs[0]
   assert run.info.status == "FINISHED"
@@ -80,27 +55,18 @@ def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
 
 @pytest.mark.mnist
 def test_preempted_run_resumes_to_identical_parameters(
-    uninterrupted, tiny_config, tmp_path, monkeypatch):
+    uninterrupted, tiny_config, tmp_path):
   _, expected = uninterrupted
   workdir = str(tmp_path)
-  reached = preemption_lib.Preemption.reached
-
-  def sigterm_at_step_2(self, step):
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)  # as SLURM does on preemption
-    return reached(self, step)
-
-  monkeypatch.setattr(preemption_lib.Preemption, "reached", sigterm_at_step_2)
-  stopped = diffusion_task.train_and_evaluate(_config(tiny_config), workdir)
+  stopped = diffusion_task.train_and_evaluate(tiny_config(), workdir,
+                                     hooks=[helpers.sigterm_at_step(2)])
   assert int(stopped.step) == 2
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
-  monkeypatch.setattr(preemption_lib.Preemption, "reached", reached)
 
-  resumed = diffusion_task.train_and_evaluate(_config(tiny_config), workdir)
+  resumed = diffusion_task.train_and_evaluate(tiny_config(), workdir)
   assert int(resumed.step) == 4
-  for a, b in zip(_leaves(resumed), expected):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  client, runs = _mlflow_runs(workdir)
+  helpers.assert_leaves_close(helpers.model_leaves(resumed), expected)
+  client, runs = helpers.mlflow_runs(workdir)
   assert len(runs) == 1  # the resumed run logs into the same MLflow run
   steps = [m.step for m in client.get_metric_history(runs[0].info.run_id,
                                                      "train/loss")]
@@ -141,38 +107,10 @@ def test_nonfinite_loss_stops_without_checkpoint(tiny_config, tmp_path,
     return batch
 
   monkeypatch.setattr(data_pipeline, "next_model_batch", poisoned)
-  config = _config(tiny_config, checkpoint_every=1, log_every=1)
+  config = tiny_config()
+  config.training.update(checkpoint_every=1, log_every=1)
   with pytest.raises(loop_lib.NonFiniteLossError, match="at step 3"):
     diffusion_task.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
-  _, runs = _mlflow_runs(str(tmp_path))
+  _, runs = helpers.mlflow_runs(str(tmp_path))
   assert runs[0].info.status == "FAILED"
-
-
-def _cli(*args, workdir):
-  return subprocess.run(
-      [sys.executable, "-m", "jaxsd.main", "--config=configs/tiny.py",
-       f"--workdir={workdir}", *args],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      capture_output=True, text=True, timeout=600)
-
-
-def test_cli_unknown_config_key_is_named(tmp_path):
-  out = _cli("--config.training.num_stepz=3", workdir=tmp_path)
-  assert out.returncode != 0
-  assert "num_stepz" in out.stderr
-  assert not os.path.exists(tmp_path / "checkpoints")
-
-
-def test_cli_batch_not_divisible_by_devices(tmp_path):
-  # parallel.cpu_devices splits the CPU into 3 devices before JAX starts.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run(
-      [sys.executable, "-m", "jaxsd.main", "--config=configs/tiny.py",
-       f"--workdir={tmp_path}", "--config.training.batch_size=8",
-       "--config.parallel.cpu_devices=3"],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      capture_output=True, text=True, timeout=600, env=env)
-  assert out.returncode != 0
-  assert "training.batch_size=8 must be divisible by the device count (3)" in (
-      out.stderr)

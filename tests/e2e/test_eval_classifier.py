@@ -1,9 +1,10 @@
-"""The MNIST judge: trains to >= 99%, is cached, and scores real digits well.
+"""The MNIST judge: trains to >= 99%, is cached, scores real digits well,
+and two processes on an empty cache train it once.
 
 One session-scoped fixture trains the classifier (about a minute on 2 cores)
 into the test run's cache; every other test (and training's evaluation) reuses
-it. Tests that need it are slow: a fresh cache trains it. The cache's save,
-load, input rule and multi-process safety are tested with random weights.
+it. The cache's save and load and the input rule, with random weights:
+tests/unit/test_classifier_cache.py.
 """
 import json
 import os
@@ -12,7 +13,6 @@ import sys
 import textwrap
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -22,7 +22,9 @@ from jaxsd.evaluation import classifier as classifier_lib
 from jaxsd.evaluation import fid
 from jaxsd.evaluation import prompt_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+pytestmark = pytest.mark.mnist
 
 
 @pytest.fixture(scope="session")
@@ -42,20 +44,12 @@ def cache_dir():
 
 
 @pytest.fixture(scope="session")
-def classifier(mnist, cache_dir):
-  return classifier_lib.load_or_train_classifier(cache_dir, lambda: mnist)
+def classifier(mnist_classifier, cache_dir):
+  """conftest's mnist_classifier: trained into cache_dir, or read from it."""
+  assert os.path.isdir(classifier_lib.classifier_dir(cache_dir))
+  return mnist_classifier
 
 
-def _random_classifier(seed=0):
-  """An untrained classifier: real shapes, no training."""
-  variables = classifier_lib.MnistClassifier().init(
-      jax.random.key(seed), np.zeros((1, 28, 28, 1), np.float32))
-  return classifier_lib.Classifier(variables, test_accuracy=0.5,
-                                   train_seconds=1.25)
-
-
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_classifier_reaches_99_percent(classifier, mnist):
   _, _, test_images, test_labels = mnist
   assert classifier.test_accuracy >= 0.99
@@ -67,8 +61,6 @@ def test_classifier_reaches_99_percent(classifier, mnist):
         f"in {classifier.train_seconds:.1f} s")
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_cached_classifier_is_reused_not_retrained(classifier, cache_dir,
                                                    mnist):
   def must_not_train():
@@ -89,8 +81,6 @@ def test_cached_classifier_is_reused_not_retrained(classifier, cache_dir,
       classifier_lib.classifier_dir(cache_dir), "metadata.json"))
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_input_forms_agree(classifier, mnist):
   """uint8, [-1, 1] floats, [N, 28, 28] and 32x32-padded images: same logits."""
   images = mnist[2][:64]
@@ -104,8 +94,6 @@ def test_input_forms_agree(classifier, mnist):
         atol=1e-4)
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_prompt_accuracy_of_real_digits(classifier, mnist):
   """Real test digits, 'prompted' with their labels, are judged right."""
   _, _, test_images, test_labels = mnist
@@ -119,8 +107,6 @@ def test_prompt_accuracy_of_real_digits(classifier, mnist):
   assert wrong["mean"] < 0.02
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_mnist_fid_small_for_real_data_large_for_noise(classifier, mnist):
   train_images, train_labels, test_images, test_labels = mnist
   noise = np.random.RandomState(0).randint(0, 256, (10000, 28, 28),
@@ -136,8 +122,6 @@ def test_mnist_fid_small_for_real_data_large_for_noise(classifier, mnist):
   assert real < low_digits < to_noise
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_sample_metrics_with_cached_reference(classifier, mnist, cache_dir):
   _, _, test_images, test_labels = mnist
   reference = prompt_metrics.mnist_reference_statistics(
@@ -171,108 +155,6 @@ def test_sample_metrics_with_cached_reference(classifier, mnist, cache_dir):
   assert collapsed_metrics["mnist_fid"] > 5 * metrics["mnist_fid"]
 
 
-def test_random_shift_translates_within_bounds():
-  import jax  # pylint: disable=g-import-not-at-top
-  images = -np.ones((64, 28, 28, 1), np.float32)
-  images[:, 10:18, 10:18] = 1.0  # an 8x8 square, 2+ pixels from every edge
-  shifted = np.asarray(classifier_lib.random_shift(
-      jax.random.key(0), images, max_shift=2))
-  assert shifted.shape == images.shape
-  offsets = set()
-  for image in shifted[..., 0]:
-    rows, cols = np.nonzero(image > 0)
-    assert len(rows) == 64  # the whole square survives, only moved
-    offsets.add((rows.min() - 10, cols.min() - 10))
-  assert offsets <= {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
-  assert len(offsets) > 10  # offsets vary per image
-  np.testing.assert_array_equal(
-      classifier_lib.random_shift(jax.random.key(0), images, 0), images)
-
-
-# --- Input rule ---------------------------------------------------------------
-
-
-def test_input_rule_crops_32_and_refuses_other_shapes():
-  """28x28 as is, 32x32 padded digits cropped back: same outputs; other
-  sizes or colour are errors, not silently resized or cropped."""
-  digits = np.random.RandomState(0).uniform(-1, 1, (6, 28, 28, 1)).astype(
-      np.float32)
-  padded = np.pad(digits, ((0, 0), (2, 2), (2, 2), (0, 0)),
-                  constant_values=-1.0)
-  np.testing.assert_array_equal(classifier_lib.as_model_input(padded), digits)
-  clf = _random_classifier()
-  for a, b in zip(clf.logits_and_features(digits),
-                  clf.logits_and_features(padded)):
-    np.testing.assert_array_equal(a, b)
-  for bad in (np.zeros((2, 64, 64, 1), np.float32),
-              np.zeros((2, 28, 28, 3), np.float32),
-              np.zeros((2, 30, 30, 1), np.float32)):
-    with pytest.raises(ValueError, match=r"28x28 or 32x32 grey") as info:
-      clf.logits_and_features(bad)
-    assert str(bad.shape) in str(info.value)
-    assert "prompt_accuracy, fid_mnist, diversity" in str(info.value)
-
-
-# --- Cache ------------------------------------------------------------------
-
-
-def test_variables_round_trip(tmp_path):
-  tree = {"params": {"dense": {"kernel": np.arange(6, dtype=np.float32)
-                               .reshape(2, 3), "bias": np.ones(3, np.float32)}},
-          "batch_stats": {"mean": np.array([0.5], np.float64)}}
-  path = str(tmp_path / "v.msgpack")
-  classifier_lib.save_variables(path, tree)
-  loaded = classifier_lib.load_variables(path)
-  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(
-      tree)
-  for a, b in zip(jax.tree_util.tree_leaves(loaded),
-                  jax.tree_util.tree_leaves(tree)):
-    assert a.dtype == b.dtype
-    np.testing.assert_array_equal(a, b)
-  assert os.listdir(tmp_path) == ["v.msgpack"]  # no temporary file left
-
-
-def test_classifier_round_trip_and_cache_hit(tmp_path):
-  """A saved classifier loads with the same identity and outputs; a cache
-  hit never trains; a tampered file is refused."""
-  clf = _random_classifier()
-  directory = classifier_lib.classifier_dir(str(tmp_path))
-  classifier_lib.save_classifier(directory, clf)
-  assert sorted(os.listdir(directory)) == ["metadata.json",
-                                           "variables.msgpack"]
-  with open(os.path.join(directory, "metadata.json")) as f:
-    assert json.load(f)["identity"] == clf.identity
-
-  def must_not_train():
-    raise AssertionError("cached classifier was retrained")
-  again = classifier_lib.load_or_train_classifier(str(tmp_path),
-                                                  must_not_train)
-  assert again.identity == clf.identity
-  assert again.identity.startswith(classifier_lib.ARCHITECTURE_VERSION + "-")
-  assert (again.test_accuracy, again.train_seconds) == (0.5, 1.25)
-  images = np.random.RandomState(1).randint(0, 256, (5, 28, 28, 1), np.uint8)
-  np.testing.assert_array_equal(again.logits_and_features(images)[1],
-                                clf.logits_and_features(images)[1])
-
-  other = _random_classifier(seed=1)
-  classifier_lib.save_variables(os.path.join(directory, "variables.msgpack"),
-                                other.variables)
-  with pytest.raises(ValueError, match="hash"):
-    classifier_lib.load_classifier(directory)
-
-
-def test_folder_without_format_is_a_miss(tmp_path):
-  """A folder an older jaxsd wrote (orbax, no format field) is retrained."""
-  directory = classifier_lib.classifier_dir(str(tmp_path))
-  os.makedirs(os.path.join(directory, "variables"))
-  with open(os.path.join(directory, "metadata.json"), "w") as f:
-    json.dump({"identity": "mnist-cnn-v1-000000000000"}, f)
-  def train_arrays():
-    raise RuntimeError("trains")
-  with pytest.raises(RuntimeError, match="trains"):
-    classifier_lib.load_or_train_classifier(str(tmp_path), train_arrays)
-
-
 _WORKER = textwrap.dedent("""
     import json, os, sys, time
     import numpy as np
@@ -297,8 +179,6 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.mnist
-@pytest.mark.slow
 def test_processes_share_an_empty_cache(mnist, tmp_path):
   """Two processes on one empty cache: one trains, the other waits and loads
   the same weights; neither deadlocks (no collective barriers)."""
@@ -307,7 +187,7 @@ def test_processes_share_an_empty_cache(mnist, tmp_path):
   np.savez(arrays, xtr=train_images[:6000], ytr=train_labels[:6000],
            xte=test_images[:1000], yte=test_labels[:1000])
   cache = str(tmp_path / "cache")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=helpers.ROOT, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, "-c", _WORKER, cache, arrays,
        str(tmp_path / f"ready{i}"), str(tmp_path / f"ready{1 - i}")],

@@ -65,16 +65,6 @@ def mlp():
   return (lambda p, x: model.apply({"params": p}, x)), params, x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA without most optimisations: the same numbers up to rounding, the
-  UNet's compiles several times faster."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 class TinyUNet:
   """jaxsd's UNet with random params at a realistic scale, its jitted base
   forward and its jitted adapted forward (one compile per dropout rate)."""

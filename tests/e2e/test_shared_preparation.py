@@ -100,7 +100,6 @@ def test_reference_statistics_computed_by_one_of_several_processes(tmp_path):
 
 
 @pytest.mark.mnist
-@pytest.mark.slow
 def test_two_processes_prepare_mnist_in_one_empty_data_dir(tmp_path):
   """A fresh cluster's first job: both processes find MNIST unprepared in
   one TFDS_DATA_DIR. Unlocked, both built it and one died renaming its copy

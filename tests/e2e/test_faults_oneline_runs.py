@@ -1,0 +1,121 @@
+"""Faults that end in one line, on a trained run: jaxsd-sample's default
+prompts, jaxsd-evaluate over a damaged checkpoint and with no runnable
+metric. The rest: tests/unit/test_faults_oneline.py."""
+import errno
+import importlib
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import sys
+import zipfile
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging  # noqa: F401 (defines its flags)
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxsd import errors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# absl's own flags (app's, its help flags, logging's), defined once here so
+# that fresh_flags keeps them for every command run in-process.
+app.define_help_flags()
+
+
+@pytest.fixture
+def fresh_flags():
+  """Removes the flags a command's run() defined, so the next can define
+  its own."""
+  before = set(flags.FLAGS)
+  yield
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)
+
+
+def _run_command(module_name, args, monkeypatch, capsys):
+  """(exit code, stdout, stderr) of a command run in-process."""
+  module = importlib.import_module(module_name)
+  monkeypatch.setattr(sys, "argv", [module_name, *args])
+  with pytest.raises(SystemExit) as exit_info:
+    module.run()
+  out = capsys.readouterr()
+  return exit_info.value.code or 0, out.out, out.err  # absl: None on success
+
+
+def _one_line(err: str) -> str:
+  """The error line, checked to be the last line and to follow no stack."""
+  assert "Traceback" not in err, err
+  lines = err.strip().splitlines()
+  assert lines[-1].startswith("jaxsd: error: "), err
+  return lines[-1]
+
+
+def _copy_run(trained_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_run[0], workdir)
+  return workdir
+
+
+def _truncate_array_data(step_dir):
+  """Halves the array data files of a checkpoint's state."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(
+      os.path.join(step_dir, "state")) for f in fs]
+  for data in (f for f in files if os.sep + "d" + os.sep in f):
+    with open(data, "r+b") as f:
+      f.truncate(os.path.getsize(data) // 2)
+
+
+@pytest.mark.mnist
+def test_jaxsd_sample_without_prompt_uses_the_runs_grid_prompts(
+    trained_run, fresh_flags, monkeypatch, capsys, tmp_path, caplog):
+  del fresh_flags
+  out = tmp_path / "grid.png"
+  with caplog.at_level(logging.INFO):
+    code, stdout, _ = _run_command("jaxsd.commands.sample", [
+        f"--workdir={trained_run[0]}", "--num_samples=1", "--steps=2",
+        f"--out={out}"], monkeypatch, capsys)
+  assert code == 0
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  prompts = list(tiny.get_config().sampling.prompts)
+  assert f"Wrote {out} ({len(prompts)} prompts x 1" in stdout
+  said = [r.getMessage() for r in caplog.records
+          if r.getMessage().startswith("No --prompt")]
+  assert said == [f"No --prompt: sampling the run's own grid prompts (its "
+                  f"sampling.prompts): {prompts}"]
+
+
+@pytest.mark.mnist
+def test_evaluate_all_checkpoints_skips_a_damaged_one(trained_run, tmp_path,
+                                                      caplog):
+  from jaxsd.evaluation import checkpoints  # pylint: disable=g-import-not-at-top
+  workdir = _copy_run(trained_run, tmp_path)
+  _truncate_array_data(os.path.join(workdir, "checkpoints", "2"))
+  with caplog.at_level(logging.INFO):
+    results = checkpoints.evaluate_run(
+        workdir, all_checkpoints=True, mlflow=False, num_samples=10,
+        metrics=["prompt_accuracy"], sampler_steps=2)
+  assert [r["step"] for r in results] == [4]
+  warned = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING]
+  assert any(m.startswith("Skipping checkpoint step 2, which cannot be "
+                          "read") for m in warned), warned
+  with open(os.path.join(workdir, "eval", "checkpoints.csv")) as f:
+    assert [row.split(",")[0] for row in f.read().splitlines()[1:]] == ["4"]
+
+
+@pytest.mark.mnist
+def test_jaxsd_evaluate_with_no_runnable_metric_is_one_line(
+    trained_run, fresh_flags, monkeypatch, capsys):
+  del fresh_flags
+  code, out, err = _run_command("jaxsd.commands.evaluate", [
+      f"--workdir={trained_run[0]}", "--metrics=clip_score",
+      "--nomlflow"], monkeypatch, capsys)
+  assert code == 1 and not out
+  line = _one_line(err)
+  assert "None of eval.metrics ['clip_score'] can run" in line
+  assert "choose others with --metrics" in line
