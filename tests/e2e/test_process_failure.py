@@ -17,7 +17,9 @@ import pytest
 
 from jaxsd import parallel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+ROOT = helpers.ROOT  # the repository
 
 # The command's way out (cli: a one-line error, exit 1) around a main whose
 # process FAIL raises while the others enter a collective.

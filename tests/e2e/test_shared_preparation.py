@@ -18,7 +18,9 @@ import pytest
 from jaxsd import shared_files
 from jaxsd.evaluation import fid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+ROOT = helpers.ROOT  # the repository
 
 
 def _start_together(code: str, count: int, tmp_path, **env):

@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+ROOT = helpers.ROOT  # the repository
 LAUNCHER = os.path.join(ROOT, "launch", "slurm_train.sh")
 
 

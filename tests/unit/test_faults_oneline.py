@@ -27,7 +27,9 @@ from PIL import Image
 
 from jaxsd import errors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+ROOT = helpers.ROOT  # the repository
 # absl's own flags (app's, its help flags, logging's), defined once here so
 # that fresh_flags keeps them for every command run in-process.
 app.define_help_flags()

@@ -132,7 +132,7 @@ def test_mnist_latent_config_validates_and_traces_its_step(tmp_path):
   from jaxsd import config_checks
   from jaxsd import environment  # pylint: disable=g-import-not-at-top
   ae_run = environment.resolve(mnist_latent.get_config("autoencoder"))
-  autoencoder_training.check_config(ae_run)
+  config_checks.validate_autoencoder(ae_run)
   arch = autoencoder_training.autoencoder_config(ae_run, scaling_factor=0.8)
   config = environment.resolve(mnist_latent.get_config())
   config.model.autoencoder = helpers.write_vae(str(tmp_path / "vae"), arch)

@@ -21,7 +21,9 @@ from jaxsd.errors import ConfigError
 from jaxsd.models import autoencoder as ae_lib
 from jaxsd.tracking import images as images_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+ROOT = helpers.ROOT  # the repository
 PROMPTS = ["a photograph of the number 3", ""]
 
 # Downsamples 2x: with the tiny UNet's 2 levels, sides are multiples of 4.

@@ -5,7 +5,9 @@ import sys
 
 from jaxsd import xla_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+ROOT = helpers.ROOT  # the repository
 
 # Prints whether a compiled 3x3 convolution of MNIST size went to YNNPACK
 # (XLA's default in jaxlib 0.10; tiny ones never do) or stayed an XLA
