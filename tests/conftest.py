@@ -140,6 +140,7 @@ def trained_run(tiny_config, mnist_classifier, tmp_path_factory):
   (with mnist_classifier) at step 4.
   """
   del mnist_classifier  # trained (if it must be) before, optimised
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("trained_run"))
   state = diffusion_task.train_and_evaluate(tiny_config(), workdir)
   return workdir, state

@@ -92,7 +92,8 @@ def test_truncated_latest_checkpoint_sampling_names_it_training_falls_back(
 
 def test_init_from_starts_a_new_run_from_old_weights(trained_run, tiny_config,
                                                      tmp_path):
-  from jaxsd.diffusion import setup as build
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   from jaxsd.training import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.training.init_from = trained_run[0]
