@@ -444,7 +444,6 @@ def main(argv):
     import jaxsd  # pylint: disable=g-import-not-at-top,unused-import  # XLA flags first
     print(json.dumps(run_config(json.loads(FLAGS.child))), flush=True)
     return
-  import jaxsd  # pylint: disable=g-import-not-at-top,unused-import
   model = make_unet(FLAGS.size)
   num_params = count(param_shapes(model, input_shapes(
       model, FLAGS.batch, FLAGS.resolution, FLAGS.tokens)))

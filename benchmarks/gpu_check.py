@@ -253,7 +253,6 @@ def main(argv):
   # This process only looks at the device: it must not take the GPU memory
   # JAX preallocates (75%) from the children that measure.
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-  import jaxsd  # pylint: disable=g-import-not-at-top,unused-import
   import jax  # pylint: disable=g-import-not-at-top
   global _BACKEND
   _BACKEND = jax.default_backend()

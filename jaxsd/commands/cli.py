@@ -9,7 +9,7 @@ share (workdir, step, seed, ...).
 import logging as logging_std
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 from absl import app
 from absl import flags

@@ -3,7 +3,6 @@ workdir's lock, config.json, the metric writers and the MLflow run."""
 import contextlib
 import os
 
-from absl import logging
 import jax
 
 from jaxsd import environment

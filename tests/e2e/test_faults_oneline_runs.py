@@ -1,25 +1,18 @@
 """Faults that end in one line, on a trained run: jaxsd-sample's default
 prompts, jaxsd-evaluate over a damaged checkpoint and with no runnable
 metric. The rest: tests/unit/test_faults_oneline.py."""
-import errno
 import importlib
-import io
-import json
 import logging
 import os
-import pickle
 import shutil
 import sys
-import zipfile
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging  # noqa: F401 (defines its flags)
 import numpy as np
 import pytest
-from PIL import Image
 
-from jaxsd import errors
 
 import helpers
 

@@ -1,22 +1,12 @@
 """jaxsd-sample at a non-square size on a trained run. The rest:
 tests/unit/test_sample_sizes.py."""
-import json
 import os
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
 
-from jaxsd import config_checks
-from jaxsd import parallel
-from jaxsd.diffusion import generate
 from jaxsd.diffusion import sample_run
-from jaxsd.diffusion import setup as build
-from jaxsd.errors import ConfigError
 from jaxsd.models import autoencoder as ae_lib
-from jaxsd.tracking import images as images_lib
 
 import helpers
 

@@ -1,17 +1,9 @@
 """A training run logs eval/val_loss and jaxsd-evaluate reproduces it. The
 rest: tests/unit/test_val_loss.py."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsd import config_checks
-from jaxsd.diffusion import generate
-from jaxsd.diffusion import setup as build
-from jaxsd.errors import ConfigError
-from jaxsd.evaluation import evaluator as evaluator_lib
-from jaxsd.evaluation.metrics import val_loss
-from jaxsd.text import encoder as text_lib
 
 EXAMPLES = 12  # two chunks of 8: the second padded
 BINS = 5

@@ -9,12 +9,10 @@ metrics can run. Commands run in-process (cli.run with sys.argv set).
 """
 import errno
 import importlib
-import io
 import json
 import logging
 import os
 import pickle
-import shutil
 import sys
 import zipfile
 
