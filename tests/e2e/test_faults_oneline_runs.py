@@ -10,7 +10,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging as absl_logging  # noqa: F401 (defines its flags)
-import numpy as np
 import pytest
 
 

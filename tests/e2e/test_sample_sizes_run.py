@@ -2,7 +2,6 @@
 tests/unit/test_sample_sizes.py."""
 import os
 
-import numpy as np
 import pytest
 
 from jaxsd.diffusion import sample_run

@@ -1,7 +1,5 @@
 """A training run logs eval/val_loss and jaxsd-evaluate reproduces it. The
 rest: tests/unit/test_val_loss.py."""
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 
