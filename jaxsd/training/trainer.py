@@ -241,8 +241,8 @@ def _train(config, workdir: str, task: Task,
     chores = [loop_lib.LogProgress(config, writer, loader, progress,
                                    task.metric_names, task.console_extra),
               save, *task_chores]
-    logging.info("Training (%s) from step %d to %d.", task.kind, start_step,
-                 tcfg.num_steps)
+    logging.info("Training from step %d to %d (%s).", start_step,
+                 tcfg.num_steps, task.kind)
     return loop_lib.run_loop(
         state=state, start_step=start_step, num_steps=tcfg.num_steps,
         steps_per_call=k, next_batch=next_batch, train_step=train_step,

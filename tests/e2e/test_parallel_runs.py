@@ -237,6 +237,7 @@ _GATHER = """
 import json, sys
 from jaxsd import parallel
 parallel.maybe_initialize_distributed("on")
+import jax
 from jaxsd.data import pipeline
 k = jax.process_index()
 states = pipeline._allgather_json({"process": k, "buffer": [[k, 7]] * (3 + 5 * k)})

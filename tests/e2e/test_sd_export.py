@@ -105,7 +105,7 @@ def test_finetuned_export_loads_in_pytorch_and_samples_the_same(
 def test_lora_export_loads_into_pytorch_with_load_lora_weights(
     tiny_config, saved_pipeline, tmp_path):
   from jaxsd.interop import export  # pylint: disable=g-import-not-at-top
-  from jaxsd.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd.interop import lora_format  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
   _, folder = saved_pipeline
   workdir = str(tmp_path / "run")
@@ -117,13 +117,13 @@ def test_lora_export_loads_into_pytorch_with_load_lora_weights(
   diffusion_task.train_and_evaluate(config, workdir)
   out = str(tmp_path / "lora")
   path = export.export(workdir, out)
-  assert os.path.basename(path) == lora_lib.WEIGHT_NAME
+  assert os.path.basename(path) == lora_format.WEIGHT_NAME
   assert os.path.getsize(path) < 0.2 * os.path.getsize(
       os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(
       folder, safety_checker=None, requires_safety_checker=False)
   before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-  pipe.load_lora_weights(out, weight_name=lora_lib.WEIGHT_NAME)
+  pipe.load_lora_weights(out, weight_name=lora_format.WEIGHT_NAME)
   # jaxsd's merged UNet against PyTorch's with the adapters loaded.
   mesh = parallel.make_mesh()
   _, comps, merged, _ = build.restore_for_inference(workdir, mesh)
