@@ -157,7 +157,9 @@ HEARTBEAT_TIMEOUT_S = 10
 _FAILURE_KEY = "jaxsd/failure"  # /<process>: the failure it is told of
 _SEEN_KEY = "jaxsd/failure_seen"  # /<process>: it has read the failure
 _NO_FAILURE = ""  # posted to a process's own key when it exits normally
-_ACK_WAIT_S = 10.0  # at most; the others answer within milliseconds unless the machine is swamped
+# At most: the others answer within milliseconds unless the machine is
+# swamped (3 s was too short with a load of 9 on 2 cores).
+_ACK_WAIT_S = 10.0
 
 
 def _client():
