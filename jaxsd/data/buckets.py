@@ -140,12 +140,14 @@ def assign(sizes: Sequence[Optional[Shape]], shapes: Sequence[Shape]
 
 
 def image_size(data) -> Optional[Shape]:
-  """(height, width) of encoded bytes (PIL reads the header only, and the
-  EXIF orientation) or of a uint8 array [H, W, C]; None if it does not open."""
+  """(height, width) of encoded bytes or an open file (PIL reads the header
+  only, and the EXIF orientation) or of a uint8 array [H, W, C]; None if
+  it does not open."""
   if isinstance(data, np.ndarray):
     return int(data.shape[0]), int(data.shape[1])
   try:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes)
+                    else data) as image:
       w, h = image.size
       try:
         orientation = image.getexif().get(_EXIF_ORIENTATION)
