@@ -282,8 +282,8 @@ class BatchAt:
            if self.transform.needs_rng else None)
     if shape is None:
       return self.transform(example["image"], key, rng), example, key
-    return self.transform.to_bucket(example["image"], shape, key, rng), \
-        example, key
+    made = self.transform.to_bucket(example["image"], shape, key, rng)
+    return made, example, key
 
   def _latents(self, position: int) -> Dict[str, Any]:
     """A latent cache's batch: stored posteriors, nothing to decode."""
