@@ -235,7 +235,7 @@ def test_what_cannot_work_is_refused_in_one_line(tiny_config, folder):
   config_checks.validate(_config(tiny_config, folder, "14x18,18x14"))
   refusals = [
       ("13x18", {}, r"data.buckets='13x18': the bucket 13x18 has a side that "
-       r"is not a multiple of 2 .* e.g. 14x18"),
+       r"is not a multiple of 2 .* e.g. 12x18"),
       ("4x4,6x6,8x8", {"data.max_buckets": 2},
        "lists 3 buckets, more than data.max_buckets=2"),
       ("auto", {"data.max_buckets": 4}, "makes 5 buckets, more than "

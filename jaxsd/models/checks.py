@@ -35,16 +35,16 @@ def check_bucket_sides(config, factor: int = 1):
   multiple = buckets.model_multiple(config, factor)
   bad = [s for s in shapes if s[0] % multiple or s[1] % multiple]
   if bad:
-    why = (f"the autoencoder downsamples {factor}x and the UNet's "
-           if factor > 1 else "the UNet's ")
+    why = (f"the autoencoder downsamples {factor}x and the UNet "
+           if factor > 1 else "the UNet ")
     h, w = bad[0]
     fix = (max(multiple, round(h / multiple) * multiple),
            max(multiple, round(w / multiple) * multiple))
     raise ConfigError(
         f"data.buckets={config.data.buckets!r}: the bucket {h}x{w} has a "
-        f"side that is not a multiple of {multiple} ({why}"
-        f"{unet_levels(config)} levels halve it "
-        f"{unet_levels(config) - 1} times); e.g. {fix[0]}x{fix[1]}.")
+        f"side that is not a multiple of {multiple} ({why}halves it at each "
+        f"of its {unet_levels(config)} levels but the last); e.g. "
+        f"{fix[0]}x{fix[1]}.")
   limit = config.data.get("max_buckets", 32)
   if len(shapes) > limit:
     raise ConfigError(
