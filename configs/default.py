@@ -27,6 +27,15 @@ def get_config():
   # fields are {label} (the class index) and {label_name}.
   data.caption_template = "{label_name}"
   data.image_size = 64  # square side in pixels, after the crop and resize
+  # Aspect-ratio buckets (jaxsd/data/buckets.py): "off" = every image
+  # resized and cropped to image_size x image_size; "auto" = buckets of
+  # about image_size**2 pixels, sides multiples of the model's downsampling,
+  # aspect ratios up to bucket_max_aspect; or "HxW,HxW,..." (e.g.
+  # "48x88,56x72,64x64,72x56,88x48"). Each image trains at the bucket
+  # nearest its aspect ratio; each bucket shape compiles its own step.
+  data.buckets = "off"
+  data.bucket_max_aspect = 2.0  # "auto": long side / short side at most
+  data.max_buckets = 32  # more buckets (compiled steps) than this: refused
   data.random_flip = False  # horizontal flips; wrong for text and digits
   data.shuffle = True
   # Where the captioned images come from (jaxsd/data/sources.py): mnist |

@@ -77,6 +77,9 @@ def validate_autoencoder(config):
   training_checks.check_training(config)
   training_checks.check_optim(config)
   data_checks.check_data(config)
+  data_checks.check_no_buckets(
+      config, "the autoencoder trains on square crops (buckets are for "
+      "diffusion runs)")
   autoencoder_checks.check_autoencoder(config)
   parallel.check_parallel(config)
   autoencoder_checks.check_image_size(config)

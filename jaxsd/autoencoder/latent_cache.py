@@ -1,8 +1,9 @@
 """Writing a latent cache: a dataset encoded once by a frozen autoencoder.
 
 `write_cache(config, out)` reads the config's data (data.*) in index order,
-transforms every image as training does (centre crop; random crops and flips
-are refused: the cache holds one encoding per image), encodes it with the
+transforms every image as training does (centre crop, at its bucket's shape
+with data.buckets; random crops and flips are refused: the cache holds one
+encoding per image), encodes it with the
 frozen model.autoencoder and writes the posterior (mean, logvar) [n, h, w, c]
 float32 and the captions as shards, then cache.json
 (jaxsd/data/latent_cache.py holds the layout and reads it back). One
@@ -110,7 +111,7 @@ def write_cache(config, out: str, batch_size: int = 64,
   from jaxsd import environment
   from jaxsd.autoencoder import frozen as latent  # pylint: disable=g-import-not-at-top
   from jaxsd.data import latent_cache as layout  # pylint: disable=g-import-not-at-top
-  from jaxsd.data import pipeline, transforms  # pylint: disable=g-import-not-at-top
+  from jaxsd.data import buckets, pipeline, transforms  # pylint: disable=g-import-not-at-top
   from jaxsd.interop import sd_pipeline  # pylint: disable=g-import-not-at-top
   config = sd_pipeline.resolve(environment.resolve(config))
   config_checks.validate(config)
@@ -130,57 +131,86 @@ def write_cache(config, out: str, batch_size: int = 64,
     os.remove(info_path)  # incomplete until written again
   encode = jax.jit(lambda p, x: frozen.encode(p, x))
   total = len(source) if hasattr(source, "__len__") else None
-  shards, pending = [], {"mean": [], "logvar": [], "captions": [], "keys": []}
-  images, captions, keys = [], [], []
+  shapes = pipeline.bucket_shapes(config, frozen)
+  assignment = (buckets.source_assignment(source, shapes) if shapes
+                else None)
+  # One group of pending examples per bucket (one in all without buckets);
+  # a shard holds one group's examples.
+  groups = {}
+  shards = []
   count, start = 0, time.perf_counter()
 
-  def flush_batch():
+  def group(k):
+    if k not in groups:
+      groups[k] = {"images": [], "captions": [], "keys": [], "extra": [],
+                   "pending": {"mean": [], "logvar": [], "captions": [],
+                               "keys": [], "extra": []}}
+    return groups[k]
+
+  def flush_batch(g):
+    images, pending = g["images"], g["pending"]
     n = len(images)
     batch = np.stack(images + [images[-1]] * (batch_size - n))
     mean, logvar = jax.device_get(encode(frozen.params, jnp.asarray(batch)))
     pending["mean"].append(mean[:n])
     pending["logvar"].append(logvar[:n])
-    pending["captions"] += captions
-    pending["keys"] += keys
-    images.clear(), captions.clear(), keys.clear()
+    for name in ("captions", "keys", "extra"):
+      pending[name] += g[name]
+      g[name].clear()
+    images.clear()
 
-  def flush_shard():
+  def flush_shard(k, g):
+    pending = g["pending"]
     name = f"{len(shards):05d}"
     mean = np.concatenate(pending["mean"])
     context, index = embed(pending["captions"]) if embed else (None, None)
-    layout.write_shard(out, name, mean,
-                             np.concatenate(pending["logvar"]),
-                             pending["captions"], pending["keys"],
-                             context, index)
+    extra = None
+    if shapes:
+      extra = {field: [int(e[i]) for e in pending["extra"]] for i, field in
+               enumerate(("indices", "crop_top", "crop_left"))}
+    layout.write_shard(out, name, mean, np.concatenate(pending["logvar"]),
+                       pending["captions"], pending["keys"], context, index,
+                       extra)
     shards.append({"name": name, "examples": len(mean)})
+    if shapes:
+      shards[-1]["bucket"] = list(shapes[k])
     for v in pending.values():
       v.clear()
 
   for example in _examples(source):
     key = str(example.get("key", count))
-    image = transform(example["image"], key)
+    if shapes:
+      k = int(assignment[count])
+      made = transform.to_bucket(example["image"], shapes[k], key)
+      image, extra = (None, None) if made is None else (
+          made[0], (count, made[1], made[2]))
+    else:
+      k, image, extra = 0, transform(example["image"], key), None
     if image is None:
       raise ValueError(
           f"Image {key!r} does not decode. A latent cache keeps example i of "
           "the data as its example i, so it cannot skip it: fix or remove the "
           "file, then write the cache again.")
-    images.append(image)
-    captions.append(transforms.caption_of(example, key))
-    keys.append(key)
+    g = group(k)
+    g["images"].append(image)
+    g["captions"].append(transforms.caption_of(example, key))
+    g["keys"].append(key)
+    g["extra"].append(extra)
     count += 1
-    if len(images) == batch_size:
-      flush_batch()
-      if sum(len(m) for m in pending["mean"]) >= shard_size:
-        flush_shard()
+    if len(g["images"]) == batch_size:
+      flush_batch(g)
+      if sum(len(m) for m in g["pending"]["mean"]) >= shard_size:
+        flush_shard(k, g)
       if count % (batch_size * 20) == 0:
         rate = count / (time.perf_counter() - start)
         eta = (f", ETA {(total - count) / rate:.0f} s" if total else "")
         logging.info("cache: %d%s examples, %.0f/s%s", count,
                      f"/{total}" if total else "", rate, eta)
-  if images:
-    flush_batch()
-  if pending["mean"]:
-    flush_shard()
+  for k in sorted(groups):
+    if groups[k]["images"]:
+      flush_batch(groups[k])
+    if groups[k]["pending"]["mean"]:
+      flush_shard(k, groups[k])
   if not count:
     raise ValueError("The data holds no examples to cache.")
   info = layout.CacheInfo(
@@ -188,7 +218,8 @@ def write_cache(config, out: str, batch_size: int = 64,
       latent_shape=list(frozen.latent_shape(config.data.image_size)),
       autoencoder=config.model.autoencoder,
       autoencoder_fingerprint=frozen.fingerprint(),
-      data=layout.data_fields(config.data))
+      data=layout.data_fields(config.data),
+      buckets=[list(shape) for shape in shapes] if shapes else None)
   if embed:
     info.text_fingerprint = embed.fingerprint
     info.text_encoder = config.text.pretrained

@@ -9,7 +9,9 @@ step. Layout of DIR:
     NNNNN.mean.npy        float32 [n, h, w, c] posterior means of shard N
     NNNNN.logvar.npy      float32 [n, h, w, c] posterior log-variances
     NNNNN.captions.json   the n captions and keys (and, with text
-                          embeddings, each example's row of the context file)
+                          embeddings, each example's row of the context file;
+                          with buckets, each example's index in the data and
+                          its crop offsets)
     NNNNN.context.npy     float32 or float16 [u, L, D] the frozen text
                           encoder's last hidden states of the shard's u
                           distinct captions (only with text embeddings)
@@ -17,7 +19,11 @@ step. Layout of DIR:
 Example i of the cache is example i of the data source it was made from
 (same order, same count), so the loader's shuffled order over the cache is
 the order it would have over the images, and a cached run trains on the
-same examples, batch for batch, as one that encodes on the fly. It keeps
+same examples, batch for batch, as one that encodes on the fly. With
+data.buckets each shard holds one bucket's examples at its shape (the
+shard's "bucket", [height, width] in pixels), and its captions.json lists
+their indices in the data; the loader takes the cache's assignment, which
+is the images' own, so the batches are again those of the images. It keeps
 (mean, logvar), not one sample: the train step still draws from the
 posterior.
 
@@ -59,6 +65,8 @@ class CacheInfo:
   text_encoder: str = ""  # text.pretrained it was encoded with
   context_shape: Optional[List[int]] = None  # [L, D]
   context_dtype: str = ""
+  # Aspect-ratio buckets [[height, width], ...] in pixels (None: square).
+  buckets: Optional[List[List[int]]] = None
 
   @property
   def has_text_embeddings(self) -> bool:
@@ -93,11 +101,14 @@ def data_fields(data_config) -> Dict[str, Any]:
 def write_shard(directory: str, name: str, mean: np.ndarray,
                 logvar: np.ndarray, captions: List[str], keys: List[str],
                 context: Optional[np.ndarray] = None,
-                context_index: Optional[List[int]] = None):
+                context_index: Optional[List[int]] = None,
+                extra: Optional[Dict[str, List[int]]] = None):
   """One shard's files, each written to a temporary name and renamed.
 
   context [u, L, D] and context_index (example -> row) are the text
   embeddings of the shard's distinct captions, if the cache holds them.
+  extra: more per-example lists for captions.json (a bucketed cache's
+  "indices", "crop_top", "crop_left").
   """
   def put(suffix, write):
     path = os.path.join(directory, f"{name}.{suffix}")
@@ -106,7 +117,7 @@ def write_shard(directory: str, name: str, mean: np.ndarray,
     os.replace(path + ".tmp", path)
   put("mean.npy", lambda f: np.save(f, mean.astype(np.float32)))
   put("logvar.npy", lambda f: np.save(f, logvar.astype(np.float32)))
-  table = {"captions": captions, "keys": keys}
+  table = {"captions": captions, "keys": keys, **(extra or {})}
   if context is not None:
     put("context.npy", lambda f: np.save(f, context))
     table["context_index"] = [int(i) for i in context_index]
@@ -136,17 +147,50 @@ class LatentCacheSource(sources.RandomAccessSource):
     self._starts = np.cumsum([0] + [s["examples"] for s in self.info.shards])
     self._captions = None
     self._arrays: Dict[str, np.ndarray] = {}
+    self._where = None  # bucketed: example -> (shard, offset)
+    if self.info.buckets:
+      table = self._caption_table()
+      shard = np.zeros(self.info.examples, np.int32)
+      offset = np.zeros(self.info.examples, np.int32)
+      for s, entry in enumerate(self.info.shards):
+        indices = np.asarray(table[entry["name"]]["indices"], np.int64)
+        shard[indices], offset[indices] = s, np.arange(len(indices))
+      self._where = (shard, offset)
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state["_arrays"], state["_captions"] = {}, None
     return state
 
+  def bucket_assignment(self, shapes) -> np.ndarray:
+    """int32 [N]: each example's index in `shapes` (its shard's bucket);
+    a ValueError if the cache has a bucket `shapes` lacks or is square."""
+    shapes = [tuple(s) for s in shapes]
+    if not self.info.buckets:
+      raise ValueError(
+          f"The latent cache {self.directory} holds square examples but "
+          "data.buckets is set; write it again with this run's buckets "
+          "(jaxsd-cache) or set data.buckets='off'.")
+    stored = [tuple(self.info.shards[s]["bucket"]) for s in
+              range(len(self.info.shards))]
+    missing = sorted(set(stored) - set(shapes))
+    if missing:
+      raise ValueError(
+          f"The latent cache {self.directory} holds buckets "
+          f"{[list(s) for s in missing]} that this run's data.buckets "
+          f"({[list(s) for s in shapes]}) lacks; write it again with this "
+          "run's buckets (jaxsd-cache).")
+    per_shard = np.array([shapes.index(s) for s in stored], np.int32)
+    return per_shard[self._where[0]]
+
   def __len__(self) -> int:
     return self.info.examples
 
   def _locate(self, index: int):
     index = self._check_index(index)
+    if self._where is not None:
+      s, offset = self._where[0][index], self._where[1][index]
+      return self.info.shards[s]["name"], int(offset)
     s = bisect.bisect_right(self._starts, index) - 1
     return self.info.shards[s]["name"], index - int(self._starts[s])
 
@@ -178,6 +222,9 @@ class LatentCacheSource(sources.RandomAccessSource):
                "latent_logvar": np.array(self._array(name, "logvar")[offset]),
                "caption": table["captions"][offset],
                "key": table["keys"][offset]}
+    if self._where is not None:
+      example["crop_top"] = table["crop_top"][offset]
+      example["crop_left"] = table["crop_left"][offset]
     if self.read_context:
       row = table["context_index"][offset]
       example["context"] = np.asarray(self._array(name, "context")[row],

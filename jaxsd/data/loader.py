@@ -31,6 +31,17 @@ state is Grain's iterator state (per process). Memory: the open shards' next
 examples and a window of raw (undecoded) examples per reader; never a whole
 shard.
 
+With aspect-ratio buckets (`bucket_shapes`, data.buckets; random-access
+sources only) the order is buckets.BucketPlan's: every global batch comes
+from one bucket, a bucket's leftover carries into the next epoch, and a
+batch is still a pure function of (seed, p, process_index, process_count)
+and the images' sizes; process k takes `[k * b, (k + 1) * b)` of it. Its
+examples are float32 [b, h, w, C] at the bucket's shape, with "crop_top"
+and "crop_left" int32 [b] (the crop's offsets in the resized image). An
+undecodable image is replaced as above from its bucket's sequence.
+Streamed sources refuse buckets (their order is per process, so the
+processes could not agree on a bucket without exchanging data).
+
 Captions are tokenised in the main process, batch by batch (tokenizers are
 not always picklable). Transform randomness (random crop, flip) is drawn
 from (seed, epoch, example index) (transforms.example_rng).
@@ -56,7 +67,7 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
                 pad_small: bool = False, workers: int = 0,
                 shuffle_buffer: int = 1000, cycle_length: int = 4,
                process_index: int = 0,
-                process_count: int = 1):
+                process_count: int = 1, bucket_shapes=None):
   """A loader of this process's batches of `source`.
 
   Its `next_batch()` returns {"image": float32 [b, S, S, C] in [-1, 1],
@@ -72,6 +83,8 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
     workers: decoding processes (0: decode in this process, in a thread).
     shuffle_buffer: examples shuffled together (stream sources only).
     cycle_length: shards read at once, interleaved (stream sources only).
+    bucket_shapes: None (square batches) or the (height, width) buckets
+      (buckets.shapes_of); random-access sources only.
   """
   transform = transforms.ImageTransform(
       image_size=image_size, num_channels=num_channels, crop=crop,
@@ -90,10 +103,15 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
                 workers=workers, process_index=process_index,
                 process_count=process_count)
   if hasattr(source, "read_shard") and hasattr(source, "shards"):
+    if bucket_shapes:
+      raise ValueError(
+          "data.buckets works with random-access sources only; a streamed "
+          "source (webdataset) cannot agree on one bucket per global batch "
+          "across processes: set data.buckets='off' or use another source.")
     return StreamLoader(source, shuffle_buffer=shuffle_buffer,
                         cycle_length=cycle_length, **common)
   if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
-    return RandomAccessLoader(source, **common)
+    return RandomAccessLoader(source, bucket_shapes=bucket_shapes, **common)
   raise TypeError(f"{type(source).__name__} is neither a random-access source "
                   "(__len__, __getitem__) nor a stream source (shards, "
                   "read_shard).")
@@ -101,9 +119,11 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
 
 def _arrays(element) -> Dict[str, np.ndarray]:
   """A built batch's model inputs: "image", or a latent cache's
-  "latent_mean" and "latent_logvar" (and "context", its text embeddings)."""
+  "latent_mean" and "latent_logvar" (and "context", its text embeddings);
+  bucketed batches' "crop_top" and "crop_left"."""
   return {k: v for k, v in element.items()
-          if k in ("image", "latent_mean", "latent_logvar", "context")}
+          if k in ("image", "latent_mean", "latent_logvar", "context",
+                   "crop_top", "crop_left")}
 
 
 # A saved loader state's fields: the setting each comes from.
@@ -118,6 +138,8 @@ STATE_FIELD_SETTINGS = {
     "process_index": "this process's index",
     "process_count": "the number of processes",
     "shards": "the number of data shards",
+    "buckets": "data.buckets",
+    "bucket_counts": "the images' sizes (examples per bucket)",
 }
 
 
@@ -197,18 +219,19 @@ class BatchAt:
   """position -> this process's share of global batch `position`, decoded.
 
   Picklable (it runs in Grain's worker processes). Returns {"image": float32
-  [b, S, S, C], "caption": [b] str, "skipped": keys of the undecodable
-  images replaced}.
+  [b, S, S, C] (bucketed: [b, h, w, C] with "crop_top", "crop_left"),
+  "caption": [b] str, "skipped": keys of the undecodable images replaced}.
   """
 
   def __init__(self, source, transform, seed, shuffle, global_batch_size,
-               process_index, process_count):
+               process_index, process_count, plan=None):
     self.source, self.transform = source, transform
     self.seed, self.shuffle = seed, shuffle
     self.num_examples = len(source)
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self.process_index, self.process_count = process_index, process_count
+    self.plan = plan  # buckets.BucketPlan, or None: square batches
     self._orders: Dict[int, np.ndarray] = {}
 
   def __getstate__(self):
@@ -219,6 +242,21 @@ class BatchAt:
   @property
   def batches_per_epoch(self) -> int:
     return self.num_examples // self.global_batch_size
+
+  def epoch_of(self, position: int) -> int:
+    if self.plan is not None:
+      return self.plan.epoch_of(position)
+    return position // self.batches_per_epoch
+
+  def _locate(self, position: int):
+    """(epoch, bucket shape or None, the epoch's sequence of the batch's
+    examples, where the global batch starts in it)."""
+    if self.plan is None:
+      epoch, i = divmod(position, self.batches_per_epoch)
+      return epoch, None, self.order(epoch), i * self.global_batch_size
+    epoch, k, j = self.plan.locate(position)
+    return (epoch, self.plan.shapes[k], self.plan.sequence(epoch, k),
+            j * self.global_batch_size)
 
   def order(self, epoch: int) -> np.ndarray:
     if epoch not in self._orders:
@@ -232,12 +270,11 @@ class BatchAt:
 
   def indices(self, position: int) -> np.ndarray:
     """Source indices of this process's slots of global batch `position`."""
-    epoch, i = divmod(position, self.batches_per_epoch)
-    start = i * self.global_batch_size + self.process_index * (
-        self.local_batch_size)
-    return self.order(epoch)[start:start + self.local_batch_size]
+    _, _, sequence, start = self._locate(position)
+    start += self.process_index * self.local_batch_size
+    return sequence[start:start + self.local_batch_size]
 
-  def _prepare(self, index: int, epoch: int):
+  def _prepare(self, index: int, epoch: int, shape=None):
     if hasattr(self.source, "example"):
       example = self.source.example(int(index), epoch)
     else:
@@ -245,11 +282,14 @@ class BatchAt:
     key = str(example.get("key", index))
     rng = (transforms.example_rng(self.seed, epoch, int(index))
            if self.transform.needs_rng else None)
-    return self.transform(example["image"], key, rng), example, key
+    if shape is None:
+      return self.transform(example["image"], key, rng), example, key
+    made = self.transform.to_bucket(example["image"], shape, key, rng)
+    return made, example, key
 
   def _latents(self, position: int) -> Dict[str, Any]:
     """A latent cache's batch: stored posteriors, nothing to decode."""
-    epoch = position // self.batches_per_epoch
+    epoch = self.epoch_of(position)
     examples = [self.source.example(int(i), epoch)
                 for i in self.indices(position)]
     batch = {"latent_mean": np.stack([e["latent_mean"] for e in examples]),
@@ -258,16 +298,20 @@ class BatchAt:
                          for e in examples], "skipped": []}
     if "context" in examples[0]:
       batch["context"] = np.stack([e["context"] for e in examples])
+    if self.plan is not None:
+      for name in ("crop_top", "crop_left"):
+        batch[name] = np.array([e[name] for e in examples], np.int32)
     return batch
 
   def __call__(self, position: int) -> Dict[str, Any]:
     position = int(position)
     if getattr(self.source, "provides_latents", False):
       return self._latents(position)
-    epoch, i = divmod(position, self.batches_per_epoch)
+    epoch, shape, order, start = self._locate(position)
+    first = start + self.process_index * self.local_batch_size
     images, captions, skipped, failed = [], [], [], []
-    for slot, index in enumerate(self.indices(position)):
-      image, example, key = self._prepare(index, epoch)
+    for slot, index in enumerate(order[first:first + self.local_batch_size]):
+      image, example, key = self._prepare(index, epoch, shape)
       if image is None:
         skipped.append(key)
         failed.append(slot)
@@ -276,25 +320,29 @@ class BatchAt:
         caption = transforms.caption_of(example, key)
       images.append(image)
       captions.append(caption)
-    base = (i + 1) * self.global_batch_size + self.process_index
+    base = start + self.global_batch_size + self.process_index
     t = 0
-    order = self.order(epoch)
     for slot in failed:
       while True:
-        if t >= self.num_examples:
+        if t >= len(order):
           raise RuntimeError(
               f"No decodable image found to replace the {len(failed)} "
               f"undecodable ones of batch {position} (first {skipped[0]!r}) "
               "after trying every example of the epoch.")
-        index = order[(base + t * self.process_count) % self.num_examples]
+        index = order[(base + t * self.process_count) % len(order)]
         t += 1
-        image, example, key = self._prepare(index, epoch)
+        image, example, key = self._prepare(index, epoch, shape)
         if image is not None:
           images[slot], captions[slot] = image, transforms.caption_of(example, key)
           break
         skipped.append(key)
-    return {"image": np.stack(images), "caption": captions,
-            "skipped": skipped}
+    if shape is None:
+      return {"image": np.stack(images), "caption": captions,
+              "skipped": skipped}
+    return {"image": np.stack([image for image, _, _ in images]),
+            "crop_top": np.array([top for _, top, _ in images], np.int32),
+            "crop_left": np.array([left for _, _, left in images], np.int32),
+            "caption": captions, "skipped": skipped}
 
 
 class RandomAccessLoader(_LoaderBase):
@@ -309,11 +357,18 @@ class RandomAccessLoader(_LoaderBase):
 
   kind = "random_access"
 
-  def __init__(self, source, **kwargs):
+  def __init__(self, source, bucket_shapes=None, **kwargs):
     super().__init__(**kwargs)
+    self.plan = None
+    if bucket_shapes:
+      from jaxsd.data import buckets  # pylint: disable=g-import-not-at-top
+      self.plan = buckets.BucketPlan(
+          buckets.source_assignment(source, bucket_shapes), bucket_shapes,
+          self.global_batch_size, self.seed, self.shuffle)
     self.batch_at = BatchAt(
         source, self.transform, self.seed, self.shuffle,
-        self.global_batch_size, self.process_index, self.process_count)
+        self.global_batch_size, self.process_index, self.process_count,
+        self.plan)
     if self.global_batch_size > self.batch_at.num_examples:
       raise ValueError(
           f"training.batch_size={self.global_batch_size} exceeds the "
@@ -358,9 +413,13 @@ class RandomAccessLoader(_LoaderBase):
     return self._deliver(element)
 
   def _fields(self):
-    return {"seed": self.seed, "shuffle": self.shuffle,
-            "global_batch_size": self.global_batch_size,
-            "examples": self.batch_at.num_examples}
+    fields = {"seed": self.seed, "shuffle": self.shuffle,
+              "global_batch_size": self.global_batch_size,
+              "examples": self.batch_at.num_examples}
+    if self.plan is not None:  # square runs' states stay as they were
+      fields["buckets"] = [f"{h}x{w}" for h, w in self.plan.shapes]
+      fields["bucket_counts"] = [int(n) for n in self.plan.counts]
+    return fields
 
   def get_state(self) -> Dict[str, Any]:
     return {"kind": self.kind, "position": self.position, **self._fields(),
@@ -372,9 +431,15 @@ class RandomAccessLoader(_LoaderBase):
     self.position = int(state["position"])
 
   def statistics(self) -> Dict[str, Any]:
-    return {**super().statistics(), "examples": self.batch_at.num_examples,
-            "batches_per_epoch": self.batches_per_epoch,
-            "epoch": self.position // self.batches_per_epoch}
+    stats = {**super().statistics(), "examples": self.batch_at.num_examples,
+             "batches_per_epoch": self.batches_per_epoch,
+             "epoch": self.batch_at.epoch_of(self.position)}
+    if self.plan is not None:
+      stats["batches_per_epoch"] = self.plan.mean_batches_per_epoch()
+      stats["buckets"] = len(self.plan.shapes)
+      for (h, w), n in zip(self.plan.shapes, self.plan.counts):
+        stats[f"bucket_{h}x{w}"] = int(n)
+    return stats
 
   def close(self):
     if self._iterator is not None:

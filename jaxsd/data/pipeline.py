@@ -12,6 +12,7 @@ import numpy as np
 from jaxsd import errors
 from jaxsd import parallel
 from jaxsd.text import encoder as text_lib
+from jaxsd.data import buckets as buckets_lib
 from jaxsd.data import loader as loader_lib
 from jaxsd.data import sources
 from jaxsd.data import transforms
@@ -44,6 +45,15 @@ def make_latent_cache_source(config, image_source, autoencoder,
   cache = latent_cache.LatentCacheSource(directory)
   latent_cache.check_matches(cache.info, config.data,
                              autoencoder.fingerprint(), directory)
+  shapes = bucket_shapes(config, autoencoder)
+  stored = ([tuple(s) for s in cache.info.buckets] if cache.info.buckets
+            else None)
+  if stored != (list(shapes) if shapes else None):
+    name = lambda s: ",".join(map(buckets_lib.name, s)) if s else "off"
+    raise ValueError(
+        f"The latent cache {directory} was written with buckets "
+        f"{name(stored)}, this run's data.buckets gives {name(shapes)}; "
+        "write the cache again (jaxsd-cache) or match data.buckets.")
   if (not isinstance(image_source, sources.StreamSource)
       and len(image_source) != len(cache)):
     raise ValueError(
@@ -61,11 +71,21 @@ def make_latent_cache_source(config, image_source, autoencoder,
   return cache
 
 
+def bucket_shapes(config, autoencoder=None):
+  """The run's aspect-ratio buckets in pixels ((height, width), sorted), or
+  None with data.buckets off; "auto" sizes them for the model (the UNet's
+  downsampling times `autoencoder`'s, a latent run's FrozenAutoencoder)."""
+  factor = autoencoder.config.downsample_factor if autoencoder else 1
+  return buckets_lib.shapes_of(config, factor)
+
+
 def make_loader(config, tokenizer, source=None, process_index: int = 0,
-                process_count: int = 1):
+                process_count: int = 1, bucket_shapes=None):
   """This process's loader of the config's training batches.
 
   MNIST's 28x28 digits are padded, not upscaled, to a larger image_size.
+  bucket_shapes: the run's buckets (`bucket_shapes(config, autoencoder)`),
+  None for square batches.
   """
   data = config.data
   source = source if source is not None else make_source(config)
@@ -79,7 +99,8 @@ def make_loader(config, tokenizer, source=None, process_index: int = 0,
       num_channels=data.num_channels, crop=data.crop,
       random_flip=data.random_flip, pad_small=data.source == "mnist",
       workers=data.workers, shuffle_buffer=data.shuffle_buffer,
-      cycle_length=data.cycle_length, process_index=process_index, process_count=process_count)
+      cycle_length=data.cycle_length, process_index=process_index,
+      process_count=process_count, bucket_shapes=bucket_shapes)
 
 
 def next_model_batch(loader, steps: int = 1) -> Dict[str, np.ndarray]:
@@ -197,6 +218,32 @@ def preview(config, source, count: int = PREVIEW_EXAMPLES,
     if len(images) == count:
       break
   return np.stack(images), captions
+
+
+def bucket_preview(config, source, shapes, count: int = 4
+                   ) -> Dict[str, Tuple[np.ndarray, List[str]]]:
+  """{"HxW": (images float32 [n, h, w, C] in [-1, 1], captions)}: each
+  bucket's first `count` decodable examples (index order) as the model sees
+  them (centre crop, no flip); buckets without examples are left out."""
+  data = config.data
+  transform = transforms.ImageTransform(
+      image_size=data.image_size, num_channels=data.num_channels)
+  assignment = buckets_lib.source_assignment(source, shapes)
+  out = {}
+  for k, shape in enumerate(shapes):
+    images, captions = [], []
+    for index in np.flatnonzero(assignment == k):
+      example = source.example(int(index), 0)
+      made = transform.to_bucket(example["image"], shape,
+                                 example.get("key", ""))
+      if made is not None:
+        images.append(made[0])
+        captions.append(example["caption"])
+      if len(images) == count:
+        break
+    if images:
+      out[buckets_lib.name(shape)] = (np.stack(images), captions)
+  return out
 
 
 def first_captions(source, count: int, scan: int = 10_000) -> List[str]:

@@ -205,5 +205,16 @@ class ImageFolderSource(sources.RandomAccessSource):
   def caption(self, index: int) -> str:
     return self.captions[index]
 
+  def image_size(self, index: int):
+    """(height, width) of image `index` from its header (data.buckets);
+    None if it does not open."""
+    from jaxsd.data import buckets  # pylint: disable=g-import-not-at-top
+    path = os.path.join(self.root, self.files[self._check_index(index)])
+    try:
+      with open(path, "rb") as f:
+        return buckets.image_size(f)
+    except OSError:
+      return None
+
   def statistics(self):
     return {**super().statistics(), "path": self.root}

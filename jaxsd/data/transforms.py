@@ -134,6 +134,40 @@ def crop(image: np.ndarray, size: int, mode: str = "center",
   return image[top:top + size, left:left + size]
 
 
+def resize_to_cover(image: np.ndarray, height: int, width: int
+                    ) -> np.ndarray:
+  """Resizes uint8 [H, W, C] (aspect kept; PIL bicubic) to the smallest size
+  that covers height x width: one side equal, the other >= its target.
+  Unchanged if already so."""
+  h, w, c = image.shape
+  scale = max(height / h, width / w)
+  new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+  if (new_h, new_w) == (h, w):
+    return image
+  pil = Image.fromarray(image[:, :, 0] if c == 1 else image)
+  out = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BICUBIC))
+  return out.reshape(new_h, new_w, c)
+
+
+def crop_window(image: np.ndarray, height: int, width: int,
+                mode: str = "center",
+                rng: Optional[np.random.Generator] = None):
+  """(the height x width window of uint8 [H, W, C], top, left): offsets
+  centred ((H - height) // 2, (W - width) // 2) or drawn by `rng.integers`,
+  top then left."""
+  h, w = image.shape[:2]
+  if h < height or w < width:
+    raise ValueError(f"Cannot crop {height}x{width} from a {h}x{w} image.")
+  if mode == "center":
+    top, left = (h - height) // 2, (w - width) // 2
+  elif mode == "random":
+    top = int(rng.integers(0, h - height + 1))
+    left = int(rng.integers(0, w - width + 1))
+  else:
+    raise ValueError(f"crop={mode!r}; use one of {CROPS}.")
+  return image[top:top + height, left:left + width], top, left
+
+
 def pad(image: np.ndarray, size: int) -> np.ndarray:
   """Centres uint8 [h, w, C] (h, w <= size) on a size x size black canvas
   (0, i.e. -1 once scaled; MNIST's background), the extra pixel of an odd
@@ -196,3 +230,23 @@ class ImageTransform:
     if self.random_flip and rng.random() < 0.5:
       image = image[:, ::-1]
     return to_float(image)
+
+  def to_bucket(self, data, shape, key: str = "",
+                rng: Optional[np.random.Generator] = None):
+    """(float32 [h, w, num_channels], crop top, crop left) for bucket
+    shape (h, w), or None if the image does not decode.
+
+    Resized to cover the bucket and cropped (data.crop); the offsets are
+    in the resized image, before any flip (SDXL's crop coordinates). The
+    random draws come from `rng` as in __call__: crop top, crop left, flip.
+    """
+    image = decode(data, key)
+    if image is None:
+      return None
+    image = to_channels(image, self.num_channels)
+    height, width = shape
+    image = resize_to_cover(image, height, width)
+    image, top, left = crop_window(image, height, width, self.crop, rng)
+    if self.random_flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return to_float(image), top, left

@@ -49,7 +49,9 @@ def load_training_data(config, components: build.Components, source=None):
         components.frozen_text_fingerprint())
   loader = data_pipeline.make_loader(
       config, components.tokenizer, read, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      bucket_shapes=data_pipeline.bucket_shapes(config,
+                                                components.autoencoder))
   return source, loader
 
 

@@ -10,6 +10,7 @@ multiples of `size_multiple(config, factor)`: `check_sample_side`.
 from jaxsd import models
 from jaxsd.checks import (check_channels, check_choice, check_float,
                           check_int, is_int, wrapped)
+from jaxsd.data import buckets
 from jaxsd.errors import ConfigError
 from jaxsd.models import lora
 from jaxsd.models import unet
@@ -63,6 +64,37 @@ def check_sample_side(config, key: str, value, factor: int = 1,
   return value
 
 
+def check_bucket_sides(config, factor: int = 1):
+  """data.buckets against the model: every side a multiple of the UNet's
+  2**(levels - 1) times the autoencoder's downsampling `factor` (1 in pixel
+  space), and no more buckets than data.max_buckets. Returns the shapes
+  (None with buckets off)."""
+  shapes = wrapped("data.buckets", buckets.shapes_of, config, factor)
+  if shapes is None:
+    return None
+  multiple = buckets.model_multiple(config, factor)
+  bad = [s for s in shapes if s[0] % multiple or s[1] % multiple]
+  if bad:
+    why = (f"the autoencoder downsamples {factor}x and the UNet "
+           if factor > 1 else "the UNet ")
+    h, w = bad[0]
+    fix = (max(multiple, round(h / multiple) * multiple),
+           max(multiple, round(w / multiple) * multiple))
+    raise ConfigError(
+        f"data.buckets={config.data.buckets!r}: the bucket {h}x{w} has a "
+        f"side that is not a multiple of {multiple} ({why}halves it at each "
+        f"of its {unet_levels(config)} levels but the last); e.g. "
+        f"{fix[0]}x{fix[1]}.")
+  limit = config.data.get("max_buckets", 32)
+  if len(shapes) > limit:
+    raise ConfigError(
+        f"data.buckets={config.data.buckets!r} makes {len(shapes)} buckets, "
+        f"more than data.max_buckets={limit} (each compiles its own train "
+        "step); lower data.bucket_max_aspect, list fewer buckets or raise "
+        "data.max_buckets.")
+  return shapes
+
+
 def check_latent_size(config, factor: int) -> int:
   """A latent run's image size against its autoencoder: data.image_size
   must divide by the autoencoder's downsampling `factor`, and the latent size
@@ -79,6 +111,7 @@ def check_latent_size(config, factor: int) -> int:
         f"{config.model.autoencoder!r}); choose a multiple of {factor}.")
   latent_size = size // factor
   divisor = _unet_divisor(config)
+  check_bucket_sides(config, factor)
   if latent_size % divisor:
     multiple = factor * divisor
     raise ConfigError(
@@ -135,6 +168,7 @@ def check_model(config):
         f"model.in_channels={m.in_channels}: a pixel-space UNet "
         "denoises the images themselves; set both to 1 (grey) or 3 (RGB).")
   if not latent:
+    check_bucket_sides(config)
     divisor = _unet_divisor(config)
     size = config.data.image_size
     if size % divisor:

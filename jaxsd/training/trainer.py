@@ -109,15 +109,40 @@ class Task:
 
 def show_data(config, source, loader, step: int, writer):
   """Logs the data's statistics and a captioned grid of a few training
-  examples (process 0), so a run shows what the model sees."""
+  examples (process 0), so a run shows what the model sees; with
+  data.buckets, the buckets' image counts (data/buckets, data/bucket_HxW)
+  and a grid per bucket (data/examples_HxW)."""
   stats = data_pipeline.statistics(source, loader)
   logging.info("Train data: %s", json.dumps(stats))
+  plan = getattr(loader, "plan", None)
+  if plan is not None:
+    logging.info("Buckets (height x width: images): %s", ", ".join(
+        f"{h}x{w}: {n}" for (h, w), n in zip(plan.shapes, plan.counts)))
   if jax.process_index() != 0:
     return
   writer.write_scalars(step, {f"data/{k}": v for k, v in stats.items()})
+  if plan is not None:
+    previews = data_pipeline.bucket_preview(config, source, plan.shapes)
+    for name, (images, captions) in previews.items():
+      grid = images_lib.captioned_grid(_letterbox(images), captions,
+                                       ncols=len(captions))
+      writer.write_images(step, {f"data/examples_{name}":
+                                 np.asarray(grid)[None] / 255.0})
+    return
   images, captions = data_pipeline.preview(config, source)
   grid = images_lib.captioned_grid(images, captions, ncols=len(captions))
   writer.write_images(step, {"data/examples": np.asarray(grid)[None] / 255.0})
+
+
+def _letterbox(images: np.ndarray) -> np.ndarray:
+  """[n, h, w, C] in [-1, 1] -> [n, s, s, C], s = max(h, w), centred on
+  white: the square grid cells then show a bucket's shape undistorted."""
+  n, h, w, c = images.shape
+  s = max(h, w)
+  out = np.ones((n, s, s, c), images.dtype)
+  top, left = (s - h) // 2, (s - w) // 2
+  out[:, top:top + h, left:left + w] = images
+  return out
 
 
 def restore_or_create_state(task: Task, setup, mngr, rng, loader,
