@@ -1,7 +1,6 @@
 """Aspect-ratio buckets end to end: one compile per bucket shape, a bucketed
 latent cache equal to encoding on the fly, a tiny run on mixed shapes that
 trains, checkpoints and resumes exactly. The rest: tests/unit/test_buckets.py."""
-import io
 import json
 import os
 import signal
@@ -11,13 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxsd import config_checks
-from jaxsd.data import buckets
-from jaxsd.data import loader as loader_lib
 from jaxsd.data import pipeline
-from jaxsd.data import sources
-from jaxsd.data import transforms
-from jaxsd.errors import ConfigError
 
 # 60% 4:3 landscapes, 30% 3:4 portraits, 10% squares (width, height).
 SIZES = [(40, 30)] * 6 + [(30, 40)] * 3 + [(32, 32)]

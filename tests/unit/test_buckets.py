@@ -8,9 +8,7 @@ mixed shapes trains, checkpoints and resumes exactly."""
 import io
 import json
 import os
-import signal
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,7 +16,6 @@ from PIL import Image
 from jaxsd import config_checks
 from jaxsd.data import buckets
 from jaxsd.data import loader as loader_lib
-from jaxsd.data import pipeline
 from jaxsd.data import sources
 from jaxsd.data import transforms
 from jaxsd.errors import ConfigError
