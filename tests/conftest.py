@@ -175,3 +175,16 @@ def autoencoder_run(autoencoder_config, tmp_path_factory):
     else:
       os.environ["JAXSD_OFFLINE"] = previous
   return workdir, state
+
+
+@pytest.fixture
+def fresh_flags():
+  """Removes the flags a command's run() defined, so the next can define
+  its own. absl's own flags (its help flags) are defined first and kept."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  app.define_help_flags()
+  before = set(flags.FLAGS)
+  yield
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)

@@ -337,3 +337,27 @@ def torch_sd_pipeline(tokenizer_dir, prediction_type="epsilon", seed=0,
       vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
       scheduler=scheduler, safety_checker=None, feature_extractor=None,
       requires_safety_checker=False)
+
+
+# --- Commands run in-process -------------------------------------------------
+
+
+def run_command(module_name, args, monkeypatch, capsys):
+  """(exit code, stdout, stderr) of a jaxsd command run in-process (with the
+  `fresh_flags` fixture, so the next command can define its flags)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(module_name)
+  monkeypatch.setattr(sys, "argv", [module_name, *args])
+  with pytest.raises(SystemExit) as exit_info:
+    module.run()
+  out = capsys.readouterr()
+  return exit_info.value.code or 0, out.out, out.err  # absl: None on success
+
+
+def one_line(err: str) -> str:
+  """The error line, checked to be the last line and to follow no stack."""
+  assert "Traceback" not in err, err
+  lines = err.strip().splitlines()
+  assert lines[-1].startswith("jaxsd: error: "), err
+  return lines[-1]

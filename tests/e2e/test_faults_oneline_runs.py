@@ -1,14 +1,10 @@
 """Faults that end in one line, on a trained run: jaxsd-sample's default
 prompts, jaxsd-evaluate over a damaged checkpoint and with no runnable
 metric. The rest: tests/unit/test_faults_oneline.py."""
-import importlib
 import logging
 import os
 import shutil
-import sys
 
-from absl import app
-from absl import flags
 from absl import logging as absl_logging  # noqa: F401 (defines its flags)
 import pytest
 
@@ -16,37 +12,6 @@ import pytest
 import helpers
 
 ROOT = helpers.ROOT  # the repository
-# absl's own flags (app's, its help flags, logging's), defined once here so
-# that fresh_flags keeps them for every command run in-process.
-app.define_help_flags()
-
-
-@pytest.fixture
-def fresh_flags():
-  """Removes the flags a command's run() defined, so the next can define
-  its own."""
-  before = set(flags.FLAGS)
-  yield
-  for name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, name)
-
-
-def _run_command(module_name, args, monkeypatch, capsys):
-  """(exit code, stdout, stderr) of a command run in-process."""
-  module = importlib.import_module(module_name)
-  monkeypatch.setattr(sys, "argv", [module_name, *args])
-  with pytest.raises(SystemExit) as exit_info:
-    module.run()
-  out = capsys.readouterr()
-  return exit_info.value.code or 0, out.out, out.err  # absl: None on success
-
-
-def _one_line(err: str) -> str:
-  """The error line, checked to be the last line and to follow no stack."""
-  assert "Traceback" not in err, err
-  lines = err.strip().splitlines()
-  assert lines[-1].startswith("jaxsd: error: "), err
-  return lines[-1]
 
 
 def _copy_run(trained_run, tmp_path):
@@ -70,7 +35,7 @@ def test_jaxsd_sample_without_prompt_uses_the_runs_grid_prompts(
   del fresh_flags
   out = tmp_path / "grid.png"
   with caplog.at_level(logging.INFO):
-    code, stdout, _ = _run_command("jaxsd.commands.sample", [
+    code, stdout, _ = helpers.run_command("jaxsd.commands.sample", [
         f"--workdir={trained_run[0]}", "--num_samples=1", "--steps=2",
         f"--out={out}"], monkeypatch, capsys)
   assert code == 0
@@ -106,10 +71,10 @@ def test_evaluate_all_checkpoints_skips_a_damaged_one(trained_run, tmp_path,
 def test_jaxsd_evaluate_with_no_runnable_metric_is_one_line(
     trained_run, fresh_flags, monkeypatch, capsys):
   del fresh_flags
-  code, out, err = _run_command("jaxsd.commands.evaluate", [
+  code, out, err = helpers.run_command("jaxsd.commands.evaluate", [
       f"--workdir={trained_run[0]}", "--metrics=clip_score",
       "--nomlflow"], monkeypatch, capsys)
   assert code == 1 and not out
-  line = _one_line(err)
+  line = helpers.one_line(err)
   assert "None of eval.metrics ['clip_score'] can run" in line
   assert "choose others with --metrics" in line

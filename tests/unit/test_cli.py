@@ -35,15 +35,6 @@ def test_all_commands_import_together_without_defining_flags():
   assert all(callable(m.run) for m in modules)
 
 
-@pytest.fixture
-def fresh_flags():
-  """Removes the flags a test's run() defined, so the next can define its."""
-  before = set(flags.FLAGS)
-  yield
-  for name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, name)
-
-
 @pytest.mark.parametrize("module_name", sorted(COMMANDS))
 def test_help_lists_the_commands_flags_and_exits_0(module_name, fresh_flags,
                                                    monkeypatch, capsys):

@@ -8,16 +8,12 @@ jaxsd-evaluate over a damaged checkpoint, an evaluation none of whose
 metrics can run. Commands run in-process (cli.run with sys.argv set).
 """
 import errno
-import importlib
 import json
 import logging
 import os
 import pickle
-import sys
 import zipfile
 
-from absl import app
-from absl import flags
 from absl import logging as absl_logging  # noqa: F401 (defines its flags)
 import numpy as np
 import pytest
@@ -28,37 +24,6 @@ from jaxsd import errors
 import helpers
 
 ROOT = helpers.ROOT  # the repository
-# absl's own flags (app's, its help flags, logging's), defined once here so
-# that fresh_flags keeps them for every command run in-process.
-app.define_help_flags()
-
-
-@pytest.fixture
-def fresh_flags():
-  """Removes the flags a command's run() defined, so the next can define
-  its own."""
-  before = set(flags.FLAGS)
-  yield
-  for name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, name)
-
-
-def _run_command(module_name, args, monkeypatch, capsys):
-  """(exit code, stdout, stderr) of a command run in-process."""
-  module = importlib.import_module(module_name)
-  monkeypatch.setattr(sys, "argv", [module_name, *args])
-  with pytest.raises(SystemExit) as exit_info:
-    module.run()
-  out = capsys.readouterr()
-  return exit_info.value.code or 0, out.out, out.err  # absl: None on success
-
-
-def _one_line(err: str) -> str:
-  """The error line, checked to be the last line and to follow no stack."""
-  assert "Traceback" not in err, err
-  lines = err.strip().splitlines()
-  assert lines[-1].startswith("jaxsd: error: "), err
-  return lines[-1]
 
 
 @pytest.mark.parametrize("module_name,extra", [
@@ -75,10 +40,10 @@ def test_missing_config_file_is_one_line(module_name, extra, config_args,
                                          tmp_path):
   del fresh_flags
   monkeypatch.chdir(ROOT)
-  code, _, err = _run_command(module_name, config_args + extra, monkeypatch,
+  code, _, err = helpers.run_command(module_name, config_args + extra, monkeypatch,
                               capsys)
   assert code == 1
-  line = _one_line(err)
+  line = helpers.one_line(err)
   assert "the config file 'configs/nope.py' does not exist" in line
   assert "e.g. --config=configs/mnist.py" in line
   assert not os.path.exists(os.path.join(ROOT, "unused"))
@@ -156,13 +121,13 @@ def test_imagefolder_problem_ends_jaxsd_train_in_one_line(
   monkeypatch.chdir(ROOT)
   (tmp_path / "images").mkdir()
   workdir = tmp_path / "run"
-  code, _, err = _run_command("jaxsd.commands.train", [
+  code, _, err = helpers.run_command("jaxsd.commands.train", [
       "--config=configs/tiny.py", "--config.data.source=imagefolder",
       f"--config.data.path={tmp_path / 'images'}",
       "--config.eval.metrics=()",
       f"--workdir={workdir}"], monkeypatch, capsys)
   assert code == 1
-  assert "holds no images" in _one_line(err)
+  assert "holds no images" in helpers.one_line(err)
   assert not workdir.exists()
 
 
@@ -266,11 +231,11 @@ def test_read_only_workdir_jaxsd_train_is_one_line(
   workdir = tmp_path / "run"
   workdir.mkdir()
   _read_only(monkeypatch, workdir)
-  code, _, err = _run_command("jaxsd.commands.train", [
+  code, _, err = helpers.run_command("jaxsd.commands.train", [
       "--config=configs/tiny.py", f"--workdir={workdir}"], monkeypatch,
                               capsys)
   assert code == 1
-  assert f"Cannot write the workdir {workdir}" in _one_line(err)
+  assert f"Cannot write the workdir {workdir}" in helpers.one_line(err)
 
 
 def test_read_only_workdir_jaxsd_evaluate_prints_results_then_one_line(
@@ -289,11 +254,11 @@ def test_read_only_workdir_jaxsd_evaluate_prints_results_then_one_line(
     return scored
   monkeypatch.setattr(checkpoints, "evaluate_checkpoints", evaluated)
   _read_only(monkeypatch, tmp_path)
-  code, out, err = _run_command("jaxsd.commands.evaluate", [
+  code, out, err = helpers.run_command("jaxsd.commands.evaluate", [
       f"--workdir={tmp_path}", "--nomlflow"], monkeypatch, capsys)
   assert code == 1
   assert [json.loads(line) for line in out.splitlines()] == scored
-  line = _one_line(err)
+  line = helpers.one_line(err)
   assert f"Cannot write the evaluation tables to {tmp_path / 'eval'}" in line
   assert "the results above were not saved" in line
 
