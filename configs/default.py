@@ -50,6 +50,16 @@ def get_config():
   data.coco_captions = "random"  # random: one per image per epoch | all
   data.num_channels = 3  # 3: RGB, 1: grayscale
   data.crop = "center"  # center | random
+  # Images with transparency (RGBA, grey + alpha, palette or RGB with a
+  # transparent colour) are composited onto this colour wherever jaxsd
+  # decodes images (training, previews, the latent cache, evaluation's
+  # reference and held-out images): a name ("white", "black"), "#rrggbb"
+  # or "r,g,b". Their transparent pixels hold arbitrary colour otherwise.
+  data.background = "white"
+  # imagefolder: this share of the images (a fixed hash of each relative
+  # path) is held out of training and is split "test" (validation loss,
+  # FID reference, eval prompts); 0 = the folder is one split.
+  data.holdout_fraction = 0.0
   data.workers = 0  # decoding worker processes (0: in the training process)
   data.shuffle_buffer = 1000  # streamed sources: examples shuffled together
   data.cycle_length = 4  # streamed sources: shards read at once, interleaved

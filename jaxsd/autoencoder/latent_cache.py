@@ -122,9 +122,7 @@ def write_cache(config, out: str, batch_size: int = 64,
   embed = (_TextEmbedder(config, batch_size, embedding_dtype)
            if wants_text_embeddings(config, text_embeddings) else None)
   source = pipeline.make_source(config)
-  transform = transforms.ImageTransform(
-      image_size=config.data.image_size, num_channels=config.data.num_channels,
-      pad_small=config.data.source == "mnist")
+  transform = pipeline.image_transform(config.data)
   os.makedirs(out, exist_ok=True)
   info_path = os.path.join(out, layout.INFO_FILE)
   if os.path.exists(info_path):

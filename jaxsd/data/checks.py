@@ -26,6 +26,16 @@ def check_data(config):
   check_int("data.shuffle_buffer", d.shuffle_buffer, 1)
   check_int("data.cycle_length", d.cycle_length, 1)
   check_float("data.max_skipped_fraction", d.max_skipped_fraction, 0.0, 1.0)
+  wrapped("data.background", transforms.parse_color,
+          d.get("background", "white"))
+  fraction = check_float("data.holdout_fraction",
+                         d.get("holdout_fraction", 0.0), 0.0, 0.5,
+                         hint="the share of an image folder held out")
+  if fraction > 0 and d.source != "imagefolder":
+    raise ConfigError(
+        f"data.holdout_fraction={fraction} holds out part of an image folder "
+        f"only; data.source={d.source!r} has its own splits: set it to 0 and "
+        "name the held-out split in eval.reference_split.")
   check_buckets(config)
 
 

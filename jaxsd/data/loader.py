@@ -64,7 +64,8 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
                 tokenize_fn: Callable[[List[str]], np.ndarray], seed: int,
                 shuffle: bool = True, num_channels: int = 3,
                 crop: str = "center", random_flip: bool = False,
-                pad_small: bool = False, workers: int = 0,
+                pad_small: bool = False, background=transforms.WHITE,
+                workers: int = 0,
                 shuffle_buffer: int = 1000, cycle_length: int = 4,
                process_index: int = 0,
                 process_count: int = 1, bucket_shapes=None):
@@ -80,6 +81,8 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
     crop: "center" or "random" (after resizing the shorter side to S).
     pad_small: pad images that fit in S x S with the black background
       instead of upscaling them (MNIST 28x28 at S = 32).
+    background: (r, g, b) that images with transparency are composited
+      onto (data.background).
     workers: decoding processes (0: decode in this process, in a thread).
     shuffle_buffer: examples shuffled together (stream sources only).
     cycle_length: shards read at once, interleaved (stream sources only).
@@ -88,7 +91,7 @@ def make_loader(source, *, global_batch_size: int, image_size: int,
   """
   transform = transforms.ImageTransform(
       image_size=image_size, num_channels=num_channels, crop=crop,
-      random_flip=random_flip, pad_small=pad_small)
+      random_flip=random_flip, pad_small=pad_small, background=background)
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(
         f"training.batch_size={global_batch_size} does not divide by the "

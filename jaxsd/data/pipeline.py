@@ -98,7 +98,7 @@ def make_loader(config, tokenizer, source=None, process_index: int = 0,
       seed=config.training.seed, shuffle=data.shuffle,
       num_channels=data.num_channels, crop=data.crop,
       random_flip=data.random_flip, pad_small=data.source == "mnist",
-      workers=data.workers, shuffle_buffer=data.shuffle_buffer,
+      background=background(data), workers=data.workers, shuffle_buffer=data.shuffle_buffer,
       cycle_length=data.cycle_length, process_index=process_index,
       process_count=process_count, bucket_shapes=bucket_shapes)
 
@@ -196,6 +196,23 @@ def statistics(source, loader) -> Dict[str, float]:
           and not isinstance(v, bool)}
 
 
+def background(data_config) -> transforms.Color:
+  """data.background as (r, g, b); white for runs saved before it."""
+  return transforms.parse_color(data_config.get("background", "white"))
+
+
+def image_transform(data_config, image_size: Optional[int] = None
+                    ) -> transforms.ImageTransform:
+  """The transform of images as the model sees them outside training (centre
+  crop, no flip): previews, FID references, held-out examples, the latent
+  cache. MNIST's digits are padded, not upscaled."""
+  return transforms.ImageTransform(
+      image_size=image_size or data_config.image_size,
+      num_channels=data_config.num_channels,
+      pad_small=data_config.source == "mnist",
+      background=background(data_config))
+
+
 def preview(config, source, count: int = PREVIEW_EXAMPLES,
             image_size: Optional[int] = None
             ) -> Tuple[np.ndarray, List[str]]:
@@ -203,10 +220,7 @@ def preview(config, source, count: int = PREVIEW_EXAMPLES,
   crop, no flip): images float32 [n, S, S, C] in [-1, 1] (S = image_size,
   default data.image_size) and their captions. Also the real images of
   FID references."""
-  data = config.data
-  transform = transforms.ImageTransform(
-      image_size=image_size or data.image_size,
-      num_channels=data.num_channels, pad_small=data.source == "mnist")
+  transform = image_transform(config.data, image_size)
   examples = (iter(source) if isinstance(source, sources.StreamSource)
               else (source.example(i, 0) for i in range(len(source))))
   images, captions = [], []
@@ -225,9 +239,7 @@ def bucket_preview(config, source, shapes, count: int = 4
   """{"HxW": (images float32 [n, h, w, C] in [-1, 1], captions)}: each
   bucket's first `count` decodable examples (index order) as the model sees
   them (centre crop, no flip); buckets without examples are left out."""
-  data = config.data
-  transform = transforms.ImageTransform(
-      image_size=data.image_size, num_channels=data.num_channels)
+  transform = image_transform(config.data)
   assignment = buckets_lib.source_assignment(source, shapes)
   out = {}
   for k, shape in enumerate(shapes):

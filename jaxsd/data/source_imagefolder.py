@@ -16,12 +16,21 @@ image's caption comes from, in this order:
 An image left without a caption, a metadata row naming a missing image, or a
 missing column is a `jaxsd.errors.DataError` (a ValueError) naming the file
 and the fix. Captions are stripped of
-surrounding whitespace. The folder has no splits: point `data.path` at the
-split's folder. Examples carry the file's bytes, decoded later in the loader.
+surrounding whitespace. Examples carry the file's bytes, decoded later in
+the loader.
+
+The folder is one split, unless `data.holdout_fraction` > 0: then a fixed
+share of its images is held out of training (`held_out`: by a hash of the
+image's relative path, so the choice is the same on every machine and in
+every run, and adding images does not move others across). Split "train"
+(data.split) is the rest; any other split ("test", eval.reference_split's
+default) is the held-out share, which validation loss, reconstruction
+figures and FID references read.
 """
 import csv
 import json
 import os
+import zlib
 from typing import Dict, List, Sequence, Tuple
 
 from jaxsd.data import sources
@@ -34,6 +43,12 @@ HOW_TO_CAPTION = (
     "another caption column); a .txt file with the same stem beside each "
     "image (cat.jpg + cat.txt); or class subfolders data.path/<class>/ with "
     "data.caption_template using {label_name} (folder name) / {label}")
+
+
+def held_out(name: str, fraction: float) -> bool:
+  """Whether the image at relative path `name` is in the held-out share
+  (data.holdout_fraction): CRC-32 of the path, in millionths, below it."""
+  return zlib.crc32(name.encode("utf-8")) % 1_000_000 < fraction * 1_000_000
 
 
 def list_images(root: str) -> List[str]:
@@ -152,7 +167,6 @@ class ImageFolderSource(sources.RandomAccessSource):
 
   @classmethod
   def from_config(cls, data_config, split: str) -> "ImageFolderSource":
-    del split  # a folder is one split
     root = sources.require_path(data_config, "path",
                                 "a folder of captioned images")
     images = list_images(root)
@@ -176,6 +190,15 @@ class ImageFolderSource(sources.RandomAccessSource):
           f"{len(missing)} of {len(images)} images under data.path={root!r} "
           f"have no caption, e.g. {missing[0]!r}"
           f"{f' (no row in {metadata[0]})' if metadata else ''}; {how}.")
+    fraction = data_config.get("holdout_fraction", 0.0)
+    if fraction > 0:
+      images = [name for name in images
+                if held_out(name, fraction) == (split != "train")]
+      if not images:
+        raise DataError(
+            f"data.holdout_fraction={fraction} leaves split {split!r} of "
+            f"data.path={root!r} without images; raise or lower "
+            "data.holdout_fraction, or add images.")
     return cls(root, images, [captions[name] for name in images])
 
   @staticmethod

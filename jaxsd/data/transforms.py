@@ -8,14 +8,18 @@ reproducible and the same after a resume.
 """
 import dataclasses
 import io
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from absl import logging
 import numpy as np
 from PIL import Image
+from PIL import ImageColor
 from PIL import ImageOps
 
 CROPS = ("center", "random")
+
+Color = Tuple[int, int, int]
+WHITE: Color = (255, 255, 255)
 
 # What PIL raises on truncated, corrupt or hostile (decompression bomb) files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError,
@@ -36,24 +40,75 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, epoch, index])
 
 
-def _pil_to_array(image: Image.Image) -> np.ndarray:
-  """A decoded PIL image as uint8 [H, W, 1] (grey modes) or [H, W, 3]."""
+def parse_color(value: str) -> Color:
+  """data.background as (r, g, b) uint8: a colour name ("white", "black"),
+  "#rrggbb", or "r,g,b" with each in 0..255. Raises ValueError naming the
+  forms it takes."""
+  text = str(value).strip()
+  parts = text.split(",")
+  try:
+    if len(parts) == 3:
+      rgb = tuple(int(p) for p in parts)
+      if all(0 <= c <= 255 for c in rgb):
+        return rgb
+    else:
+      rgb = ImageColor.getrgb(text)
+      return tuple(int(c) for c in rgb[:3])
+  except ValueError:
+    pass
+  raise ValueError(f"{value!r} is not a colour; use a name (\"white\"), "
+                   "\"#rrggbb\" or \"r,g,b\" with each in 0..255.")
+
+
+def composite(image: np.ndarray, background: Color = WHITE) -> np.ndarray:
+  """uint8 [H, W, 4] (RGBA) or [H, W, 2] (grey + alpha) -> [H, W, 3] / [H, W,
+  1] over `background` (alpha blending, rounded). Other shapes unchanged.
+
+  Transparent pixels of PNGs carry arbitrary colour (often black, or the
+  colour of the nearest edge): dropping alpha shows it as a fringed
+  patchwork, so every image with alpha is put onto one background instead.
+  Grey + alpha uses the background's luma (ITU-R 601-2, as PIL's "L").
+  """
+  c = image.shape[-1]
+  if c not in (2, 4):
+    return image
+  colour = np.asarray(background, np.float32)
+  if c == 2:
+    r, g, b = colour
+    colour = np.asarray([(r * 299 + g * 587 + b * 114) / 1000], np.float32)
+  alpha = image[..., -1:].astype(np.float32) / 255.0
+  blended = image[..., :-1].astype(np.float32) * alpha + colour * (1 - alpha)
+  return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _pil_to_array(image: Image.Image, background: Color = WHITE
+                  ) -> np.ndarray:
+  """A decoded PIL image as uint8 [H, W, 1] (grey modes) or [H, W, 3]; an
+  image with transparency (RGBA, LA, PA, P or L/RGB with a transparent
+  colour) composited onto `background`."""
   if image.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits
     array = (np.asarray(image, np.uint16) >> 8).astype(np.uint8)
-  elif image.mode in ("1", "L", "I", "F"):
+  elif image.mode in ("1", "I", "F") or (
+      image.mode == "L" and "transparency" not in image.info):
     array = np.asarray(image.convert("L"))
-  else:  # RGB, RGBA (alpha dropped), P, CMYK, YCbCr, LA ...
-    mode = "L" if image.mode == "LA" else "RGB"
-    array = np.asarray(image.convert(mode))
+  elif image.mode in ("LA", "La", "L"):  # grey with alpha / a clear value
+    array = composite(np.asarray(image.convert("LA")), background)
+  elif (image.mode in ("RGBA", "RGBa", "PA")
+        or "transparency" in image.info):  # P or RGB with a clear colour
+    array = composite(np.asarray(image.convert("RGBA")), background)
+  else:  # RGB, P, CMYK, YCbCr ...
+    array = np.asarray(image.convert("RGB"))
   return array.reshape(array.shape[0], array.shape[1], -1)
 
 
-def decode(data: Union[bytes, np.ndarray], key: str = "") -> Optional[
-    np.ndarray]:
+def decode(data: Union[bytes, np.ndarray], key: str = "",
+           background: Color = WHITE) -> Optional[np.ndarray]:
   """Encoded bytes (jpg/png/webp/...) or a uint8 array -> uint8 [H, W, C].
 
   C is 1 for grey images and 3 for colour ones (bytes), or the array's own
-  channels. Returns None for an image that does not decode (truncated,
+  channels (1 or 3: an array with alpha, [H, W, 2] or [H, W, 4], is
+  composited too). Images with transparency come out composited onto
+  `background` (data.background). Returns None for an image that does not decode (truncated,
   corrupt, not an image), after one warning naming `key`, so the loader can
   skip it. A wrongly typed input is a programming error and raises.
   """
@@ -61,7 +116,7 @@ def decode(data: Union[bytes, np.ndarray], key: str = "") -> Optional[
     if data.dtype != np.uint8 or data.ndim not in (2, 3):
       raise ValueError(f"Image {key!r}: expected uint8 [H, W] or [H, W, C], "
                        f"got {data.dtype} {data.shape}.")
-    return data[:, :, None] if data.ndim == 2 else data
+    return data[:, :, None] if data.ndim == 2 else composite(data, background)
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise TypeError(f"Image {key!r}: expected encoded bytes or a uint8 array, "
                     f"got {type(data).__name__}.")
@@ -69,7 +124,7 @@ def decode(data: Union[bytes, np.ndarray], key: str = "") -> Optional[
     with Image.open(io.BytesIO(data)) as image:
       image.load()  # decodes now: a truncated file fails here, not later
       image = ImageOps.exif_transpose(image)  # camera JPEGs' orientation
-      return _pil_to_array(image)
+      return _pil_to_array(image, background)
   except _DECODE_ERRORS as e:
     logging.warning("Skipping image %r: it does not decode (%s: %s).", key,
                     type(e).__name__, e)
@@ -80,15 +135,13 @@ def to_channels(image: np.ndarray, num_channels: int) -> np.ndarray:
   """uint8 [H, W, C] -> uint8 [H, W, num_channels]: 3 = RGB, 1 = grey.
 
   Grey to RGB repeats the channel; RGB to grey is PIL's "L" (ITU-R 601-2
-  luma); a fourth (alpha) channel is dropped, a second (grey+alpha) too.
+  luma). An image with alpha ([H, W, 4] / [H, W, 2], which `decode` does
+  not return) is composited onto white first.
   """
   if num_channels not in (1, 3):
     raise ValueError(f"num_channels={num_channels}; use 3 (RGB) or 1 (grey).")
+  image = composite(image)
   c = image.shape[-1]
-  if c == 4:
-    image, c = image[..., :3], 3
-  elif c == 2:
-    image, c = image[..., :1], 1
   if c == num_channels:
     return image
   if c == 1:  # grey -> RGB
@@ -189,7 +242,8 @@ def to_float(image: np.ndarray) -> np.ndarray:
 class ImageTransform:
   """Encoded image or uint8 array -> float32 [S, S, C] in [-1, 1].
 
-  Steps: decode; to num_channels; if pad_small and the image fits in
+  Steps: decode (images with transparency composited onto `background`);
+  to num_channels; if pad_small and the image fits in
   S x S, pad it with the background (no upscaling: MNIST 28 -> 32); else
   resize the shorter side to S and crop S x S (centre or random); then, with
   random_flip, flip left-right with probability 1/2; scale. The random draws
@@ -200,6 +254,7 @@ class ImageTransform:
   crop: str = "center"
   random_flip: bool = False
   pad_small: bool = False
+  background: Color = WHITE
 
   def __post_init__(self):
     if self.crop not in CROPS:
@@ -217,7 +272,7 @@ class ImageTransform:
                rng: Optional[np.random.Generator] = None
                ) -> Optional[np.ndarray]:
     """float32 [S, S, num_channels], or None if the image does not decode."""
-    image = decode(data, key)
+    image = decode(data, key, self.background)
     if image is None:
       return None
     image = to_channels(image, self.num_channels)
@@ -240,7 +295,7 @@ class ImageTransform:
     in the resized image, before any flip (SDXL's crop coordinates). The
     random draws come from `rng` as in __call__: crop top, crop left, flip.
     """
-    image = decode(data, key)
+    image = decode(data, key, self.background)
     if image is None:
       return None
     image = to_channels(image, self.num_channels)

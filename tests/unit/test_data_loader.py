@@ -132,8 +132,11 @@ def test_channels():
       grey[:, :, 0], np.asarray(Image.fromarray(rgb).convert("L")))
   np.testing.assert_array_equal(transforms.to_channels(grey, 3),
                                 np.repeat(grey, 3, axis=-1))
-  rgba = np.concatenate([rgb, np.zeros_like(rgb[..., :1])], -1)
-  np.testing.assert_array_equal(transforms.to_channels(rgba, 3), rgb)
+  opaque = np.concatenate([rgb, np.full_like(rgb[..., :1], 255)], -1)
+  np.testing.assert_array_equal(transforms.to_channels(opaque, 3), rgb)
+  clear = np.concatenate([rgb, np.zeros_like(rgb[..., :1])], -1)
+  np.testing.assert_array_equal(transforms.to_channels(clear, 3),
+                                np.full_like(rgb, 255))  # onto white
 
 
 def test_resize_crop_pad_flip_scale():
