@@ -73,7 +73,7 @@ def get_config(kind: str = "latent"):
   ae.kl_weight = 1e-6
   ae.disc_start = -1
   ae.scaling_factor = 0.0  # measured when checkpointing
-  ae.eval_images = 189  # every held-out image (5% of 3786)
+  ae.eval_images = 189  # of the 195 held-out images (5% of 3786)
 
   config.diffusion.schedule = "cosine"
   config.diffusion.prediction_type = "epsilon"
