@@ -16,7 +16,7 @@ import pytest
 
 from jaxsd import errors
 from jaxsd.checkpointing import checkpoints as checkpoint
-from jaxsd.training import lock as lock_lib
+from jaxsd import workdir_lock as lock_lib
 
 import helpers
 
