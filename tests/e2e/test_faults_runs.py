@@ -191,6 +191,7 @@ def test_sigterm_while_compiling_stops_within_seconds(tmp_path):
   # for many seconds.
   proc = _jaxsd_main(tmp_path, "--config.eval.metrics=()",
                      env={"JAXSD_COMPILATION_CACHE": "",
+                          "JAX_COMPILATION_CACHE_DIR": "",
                           "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})
   rc, seconds, stderr = _sigterm_after(proc, "Training from step")
   assert rc == 0, stderr[-3000:]
