@@ -154,37 +154,16 @@ def to_channels(image: np.ndarray, num_channels: int) -> np.ndarray:
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
   """Resizes uint8 [H, W, C] so that min(H, W) == size (aspect kept; PIL
-  bicubic, which antialiases when shrinking). Unchanged if already so."""
-  h, w, c = image.shape
-  if min(h, w) == size:
-    return image
-  if h <= w:
-    new_h, new_w = size, max(size, round(w * size / h))
-  else:
-    new_h, new_w = max(size, round(h * size / w)), size
-  pil = Image.fromarray(image[:, :, 0] if c == 1 else image)
-  out = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BICUBIC))
-  return out.reshape(new_h, new_w, c)
+  bicubic, which antialiases when shrinking). Unchanged if already so: the
+  square case of `resize_to_cover`."""
+  return resize_to_cover(image, size, size)
 
 
 def crop(image: np.ndarray, size: int, mode: str = "center",
          rng: Optional[np.random.Generator] = None) -> np.ndarray:
-  """A size x size window of uint8 [H, W, C] (H, W >= size).
-
-  "center": offsets ((H - size) // 2, (W - size) // 2). "random": offsets
-  drawn uniformly by `rng.integers`, top then left.
-  """
-  h, w = image.shape[:2]
-  if h < size or w < size:
-    raise ValueError(f"Cannot crop {size}x{size} from a {h}x{w} image.")
-  if mode == "center":
-    top, left = (h - size) // 2, (w - size) // 2
-  elif mode == "random":
-    top = int(rng.integers(0, h - size + 1))
-    left = int(rng.integers(0, w - size + 1))
-  else:
-    raise ValueError(f"crop={mode!r}; use one of {CROPS}.")
-  return image[top:top + size, left:left + size]
+  """A size x size window of uint8 [H, W, C] (H, W >= size): the square case
+  of `crop_window` ("center" or offsets drawn by `rng`, top then left)."""
+  return crop_window(image, size, size, mode, rng)[0]
 
 
 def resize_to_cover(image: np.ndarray, height: int, width: int
