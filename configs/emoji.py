@@ -79,6 +79,7 @@ def get_config(kind: str = "latent"):
 
   training = config.training
   training.batch_size = 32
+  training.num_steps = 6000
   training.log_every = 50
   training.eval_every = 500
   training.checkpoint_every = 500
@@ -117,7 +118,6 @@ def get_config(kind: str = "latent"):
     model.down_block_types = ("DownBlock2D", "DownBlock2D",
                               "CrossAttnDownBlock2D")
     model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
-    training.num_steps = 6000
     return config
   # Latent: 16x16x4, levels 16, 8, 4, attention at all three.
   model.autoencoder = "runs/emoji_ae"
@@ -127,5 +127,4 @@ def get_config(kind: str = "latent"):
                             "CrossAttnDownBlock2D")
   model.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                           "CrossAttnUpBlock2D")
-  training.num_steps = 6000
   return config
