@@ -244,7 +244,9 @@ def get_config():
   sampling.num_steps = 50
   sampling.guidance_scale = 3.0
   sampling.eta = 0.0
-  sampling.clip_x0 = True  # clip the x0 estimate to [-1, 1] at every step
+  # Clip the x0 estimate at every step: True = to [-1, 1] in pixel runs
+  # (latent runs: off); a number c = to [-c, c] in either.
+  sampling.clip_x0 = True
   # Timesteps: "trailing" (starts at T - 1, ends at the data), or diffusers'
   # "leading" (+ steps_offset) / "linspace" as SD's DDIMScheduler; the last
   # step goes to alpha_cumprod 1 ("one") or alphas_cumprod[0] ("first", SD's

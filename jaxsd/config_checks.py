@@ -31,6 +31,7 @@ from jaxsd import parallel
 from jaxsd.autoencoder import checks as autoencoder_checks
 from jaxsd.data import checks as data_checks
 from jaxsd.diffusion import checks as diffusion_checks
+from jaxsd.diffusion import samplers as diffusion_samplers
 from jaxsd.evaluation import checks as eval_checks
 from jaxsd.models import checks as model_checks
 from jaxsd.text import checks as text_checks
@@ -91,7 +92,8 @@ def validate_autoencoder(config):
 def check_sampling_flags(*, num_samples=None, sampler=None, steps=None,
                          guidance_scale=None, eta=None, guidance_interval=None,
                          chunk_size=None, lora_scale=None, step=None,
-                         seed=None, metrics=None, height=None, width=None):
+                         seed=None, metrics=None, height=None, width=None,
+                         clip_x0=None, timestep_spacing=None):
   """Checks the flags jaxsd.commands.sample / jaxsd.commands.evaluate were given (None = not
   given: the run's own setting) before any workdir is read; each error names
   the flag (--guidance_scale=-3.0: ...)."""
@@ -120,6 +122,11 @@ def check_sampling_flags(*, num_samples=None, sampler=None, steps=None,
     check_int("--seed", seed, *checks.INT64)
   if metrics is not None:
     eval_checks.check_metrics_flag(metrics)
+  if clip_x0 is not None:
+    check_float("--clip_x0", clip_x0, 0.0, hint="a bound c > 0, 0 = off")
+  if timestep_spacing is not None:
+    check_choice("--timestep_spacing", timestep_spacing,
+                 diffusion_samplers.TIMESTEP_SPACINGS)
   for key, side in (("--height", height), ("--width", width)):
     if side is not None:  # its multiple: check_flags_against_run
       check_int(key, side, 1, hint="pixels")

@@ -25,6 +25,13 @@ def _define_flags():
   cli.define_sampler_flags()
   flags.adopt_module_key_flags(cli)  # --help lists them as this command's
   flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
+  flags.DEFINE_float("clip_x0", None, "Clip the x0 estimate to [-c, c] at "
+                     "every step, latent runs too; 0 = off (default: the "
+                     "run's sampling.clip_x0).")
+  flags.DEFINE_enum("timestep_spacing", None,
+                    ["trailing", "leading", "linspace"], "Sampling "
+                    "timesteps (default: the run's sampling.timestep_spacing;"
+                    " 'leading' uses steps_offset 1 as SD).")
   flags.DEFINE_string("out", "samples.png", "PNG grid to write.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_bool("save_individual", False, "Also write each image as "
@@ -53,7 +60,8 @@ def main(argv):
       guidance_scale=FLAGS.guidance_scale, eta=FLAGS.eta, step=FLAGS.step,
       guidance_interval=FLAGS.guidance_interval, use_ema=FLAGS.use_ema,
       chunk_size=FLAGS.chunk_size, lora_scale=FLAGS.lora_scale,
-      height=FLAGS.height, width=FLAGS.width)
+      height=FLAGS.height, width=FLAGS.width, clip_x0=FLAGS.clip_x0,
+      timestep_spacing=FLAGS.timestep_spacing)
   if done:
     prompts, step = done
     print(f"Wrote {FLAGS.out} ({len(prompts)} prompts x {FLAGS.num_samples}, "

@@ -232,13 +232,28 @@ class LatentCacheSource(sources.RandomAccessSource):
     return example
 
 
+# Fields that name local files: the same folder spelt another way
+# ("../shared/x" from another working directory, a symlink) is the same data.
+_PATH_FIELDS = ("path", "captions_file")
+
+
+def _same_value(key: str, cached, wanted) -> bool:
+  if cached == wanted:
+    return True
+  if (key in _PATH_FIELDS and isinstance(cached, str)
+      and isinstance(wanted, str) and cached and wanted
+      and os.path.exists(wanted)):
+    return os.path.realpath(cached) == os.path.realpath(wanted)
+  return False
+
+
 def check_matches(info: CacheInfo, data_config, fingerprint: str,
                   directory: str):
   """A run may read the cache only with the data and autoencoder it was
   written from; the error lists what differs."""
   want = data_fields(data_config)
   diff = {k: (info.data.get(k), want[k]) for k in DATA_FIELDS
-          if info.data.get(k) != want[k]}
+          if not _same_value(k, info.data.get(k), want[k])}
   if diff:
     raise ValueError(
         f"The latent cache {directory} was written from other data: "

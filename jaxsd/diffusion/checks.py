@@ -3,6 +3,9 @@ of the schedule, the loss and the samplers; and the sampler flags of
 jaxsd.commands.sample / jaxsd.commands.evaluate that override sampling.*.
 """
 import inspect
+import math
+
+from absl import logging
 
 from jaxsd.checks import (check_choice, check_float, check_int,
                           check_interval, wrapped)
@@ -147,6 +150,7 @@ def check_sampling(config):
   check_int("sampling.chunk_size", s.chunk_size, 1,
             hint="images per jitted sampling call")
   latent = model_checks.is_latent_run(config)
+  warn_unbounded_first_step(config, latent)
   for key in ("height", "width"):
     side = s.get(key, 0)
     if latent:  # the multiple needs the autoencoder's factor
@@ -154,6 +158,55 @@ def check_sampling(config):
     else:
       model_checks.check_sample_side(config, f"sampling.{key}", side,
                                      default_ok=True)
+
+
+# Above this gain an epsilon model's error in its x0 estimate at the first
+# sampler step swamps the image: under the cosine schedule the trailing first
+# step T - 1 has ab = 2.4e-9 (gain 2e4); SD's scaled_linear 0.0047 (15).
+MAX_FIRST_STEP_GAIN = 1000.0
+
+
+def first_step_gain(config) -> float:
+  """sqrt((1 - ab) / ab) at the first sampling timestep: the factor by which
+  an epsilon model's error multiplies into its x0 estimate there
+  (x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab))."""
+  d, s = config.diffusion, config.sampling
+  schedule = schedules.make_schedule(
+      d.schedule, d.num_timesteps, beta_start=d.beta_start or None,
+      beta_end=d.beta_end or None,
+      rescale_zero_snr=d.get("rescale_zero_snr", False))
+  first = samplers.timesteps_for(s.num_steps, d.num_timesteps,
+                                 s.get("timestep_spacing", "trailing"),
+                                 s.get("steps_offset", 0))[0]
+  ab = float(schedule.alphas_cumprod[int(first)])
+  return math.inf if ab <= 0 else math.sqrt((1.0 - ab) / ab)
+
+
+def warn_unbounded_first_step(config, latent: bool):
+  """Warns when an epsilon model samples from a timestep where nothing
+  bounds its x0 estimate: the samples come out as saturated speckle however
+  well it trains (configs/emoji.py's first runs, docs/emoji_results.md).
+  Images are clipped to [-1, 1] by default (sampling.clip_x0=True); latents
+  only by a numeric bound."""
+  if config.diffusion.prediction_type != "epsilon":
+    return
+  clip = config.sampling.get("clip_x0", True)
+  bounded = (not isinstance(clip, bool) and clip > 0) or (
+      clip is True and not latent)
+  if bounded:
+    return
+  gain = first_step_gain(config)
+  if gain > MAX_FIRST_STEP_GAIN:
+    logging.warning(
+        "diffusion.prediction_type='epsilon' with schedule %r: the first "
+        "sampling timestep has alphas_cumprod %.2g, where the x0 estimate "
+        "multiplies the model's error by %.3g and nothing clips it (%s); "
+        "samples come out saturated and speckled. Use "
+        "diffusion.prediction_type='v_prediction' (configs/mnist.py), a "
+        "numeric sampling.clip_x0 bound (e.g. 3 for unit-scaled latents) or "
+        "sampling.timestep_spacing='leading'.",
+        config.diffusion.schedule, 1.0 / (1.0 + gain * gain), gain,
+        "latents" if latent else "sampling.clip_x0 is off")
 
 
 def check_steps_flag(config, steps: int):

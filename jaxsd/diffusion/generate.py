@@ -128,8 +128,9 @@ class Generator:
         prediction_type=c.config.diffusion.prediction_type, eta=eta,
         # Images live in [-1, 1]: clipping the x0 estimate keeps an epsilon
         # model's near-pure-noise steps (ab ~ 1e-9 under cosine) bounded.
-        # Latents are not bounded so: no clipping there.
-        clip_x0=clip_x0 and c.autoencoder is None,
+        # Latents have no such range: only a numeric bound clips them.
+        clip_x0=(clip_x0 if c.autoencoder is None or not isinstance(
+            clip_x0, bool) else False),
         guidance_interval=guidance_interval)
     return c.decode(autoencoder_params, x)
 

@@ -76,11 +76,15 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
                          chunk_size: Optional[int] = None,
                          lora_scale: float = 1.0,
                          height: Optional[int] = None,
-                         width: Optional[int] = None):
+                         width: Optional[int] = None,
+                         clip_x0: Optional[float] = None,
+                         timestep_spacing: Optional[str] = None):
   """Images [len(prompts) * num_samples, H, W, C] in [-1, 1], prompt-major,
   and the checkpoint step they came from. A LoRA run's adapters are merged
   into its base at lora_scale. height, width: pixels (default: the run's
-  sampling.height / sampling.width, whose 0 is data.image_size)."""
+  sampling.height / sampling.width, whose 0 is data.image_size). clip_x0:
+  a bound c (0 = off) instead of the run's sampling.clip_x0;
+  timestep_spacing: instead of the run's ("leading" with steps_offset 1)."""
   from jaxsd import config_checks  # pylint: disable=g-import-not-at-top
   # The flags first, before the workdir is read or anything built.
   config_checks.check_sampling_flags(
@@ -88,7 +92,7 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
       guidance_scale=guidance_scale, eta=eta,
       guidance_interval=guidance_interval, chunk_size=chunk_size,
       lora_scale=lora_scale, step=step, seed=seed, height=height,
-      width=width)
+      width=width, clip_x0=clip_x0, timestep_spacing=timestep_spacing)
   from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
@@ -97,6 +101,13 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
   # run's schedule and downsampling (a latent run's autoencoder loaded for
   # its factor) before any checkpoint is restored.
   config = run_config.load_run_config(workdir, step)
+  spacing = {}
+  if timestep_spacing is not None:
+    with config.unlocked():
+      config.sampling.timestep_spacing = timestep_spacing
+      config.sampling.steps_offset = 1 if timestep_spacing == "leading" else 0
+    spacing = dict(timestep_spacing=timestep_spacing,
+                   steps_offset=config.sampling.steps_offset)
   config_checks.check_flags_against_run(config, steps=steps)
   comps = build.build_components(config)
   config_checks.check_flags_against_run(
@@ -109,7 +120,8 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
   generator = generate.Generator.from_config(
       comps, mesh, config.sampling, chunk_size=chunk_size, sampler=sampler,
       num_steps=steps, guidance_scale=guidance_scale, eta=eta,
-      guidance_interval=guidance_interval, height=height, width=width)
+      guidance_interval=guidance_interval, height=height, width=width,
+      clip_x0=None if clip_x0 is None else float(clip_x0), **spacing)
   all_prompts = [p for p in prompts for _ in range(num_samples)]
   images = generator(params, all_prompts, jax.random.key(seed))
   return images, step

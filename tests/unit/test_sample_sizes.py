@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -294,3 +295,25 @@ def test_prompt_rows_grid_keeps_non_square_cells_aspect():
   assert grid.size == (3 * (84 + 4) + 4, 2 * (28 + 16 + 8))
   tile = np.asarray(grid)[4:4 + 28, 4:4 + 84]
   assert (tile == 0).all()
+
+
+@pytest.mark.parametrize("clip, want", [(True, False), (False, False),
+                                        (3.0, 3.0)])
+def test_latent_runs_clip_only_with_a_numeric_bound(tiny_config, vae, clip,
+                                                    want):
+  """[-1, 1] is the images' range, not the latents': clip_x0=True clips
+  pixel runs only; a number c bounds latent runs' x0 estimates to [-c, c]."""
+  comps = build.build_components(_latent_config(tiny_config, vae))
+  seen = []
+  real = generate.samplers.sample
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs["clip_x0"])
+    return real(*args, **kwargs)
+  with mock.patch.object(generate.samplers, "sample", spy):
+    generator = generate.Generator(comps, parallel.make_mesh(),
+                                   sampler="ddim", num_steps=1,
+                                   guidance_scale=1.0, clip_x0=clip)
+    generator(comps.init_params(jax.random.key(0)), PROMPTS[:1],
+              jax.random.key(1))
+  assert seen == [want]
