@@ -7,10 +7,11 @@ how it computes:
 
 * NHWC in and out: no layout transposes at the model's edges.
 * Attention keeps heads in [B, T, N, H] (no head<->batch transposes) and goes
-  through `dot_product_attention` below: `jax.nn.dot_product_attention` on
-  accelerators and for cross-attention; on CPU, long self-attention runs in
-  cache-sized blocks with a recomputing backward pass. That is where the
-  train-step speedup and memory saving come from (benchmarks/bench_unet.py).
+  through `attention.dot_product_attention`: cuDNN's fused kernel on GPUs
+  where it applies, XLA's for short attention, and for long self-attention
+  a blocked (flash-style) attention with a recomputing backward pass that
+  never holds the [T, S] scores. That is where the CPU train-step speedup
+  and memory saving come from (benchmarks/bench_unet.py, bench_memory.py).
 * GroupNorm (`group_norm`) reduces its statistics one axis at a time and has
   a hand-written backward pass: XLA:CPU's reductions over several axes are
   slow.
@@ -34,6 +35,8 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxsd.models import attention
 
 Dtype = Any
 IntOrTuple = Union[int, Tuple[int, ...]]
@@ -208,121 +211,6 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
-# The CPU attention path works on [B, N, T, H] ("heads-major") operands so
-# every einsum below is a plain batched matmul: XLA then inserts no
-# transposes of the [B, N, T, S] scores, only of the small [T, H] operands.
-
-
-@jax.custom_vjp
-def _attention_saving_lse(q, k, v):
-  return _attention_saving_lse_fwd(q, k, v)[0]
-
-
-def _attention_saving_lse_fwd(q, k, v):
-  """Softmax attention that keeps only (inputs, output, log-sum-exp).
-
-  q: [B, N, T, H], k, v: [B, N, S, H] -> [B, N, T, H].
-  """
-  q = q * jnp.asarray(q.shape[-1]**-0.5, q.dtype)  # scale the small operand
-  logits = jnp.einsum("bnth,bnsh->bnts", q, k,
-                      preferred_element_type=jnp.float32)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  probs = jnp.exp(logits - row_max)  # unnormalised
-  row_sum = jnp.sum(probs, axis=-1, keepdims=True)
-  # Normalising the [.., T, H] output rather than the [.., T, S]
-  # probabilities saves a pass over the scores.
-  out = jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32) / row_sum
-  out = out.astype(v.dtype)
-  lse = row_max + jnp.log(row_sum)  # [B, N, T, 1]
-  return out, (q, k, v, out, lse)
-
-
-def _attention_saving_lse_bwd(residuals, d_out):
-  q, k, v, out, lse = residuals  # q is pre-scaled
-  probs = jnp.exp(jnp.einsum("bnth,bnsh->bnts", q, k,
-                             preferred_element_type=jnp.float32) - lse)
-  d_v = jnp.einsum("bnts,bnth->bnsh", probs.astype(v.dtype), d_out)
-  d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, v,
-                       preferred_element_type=jnp.float32)
-  # sum_s P dP == sum_h dO O: a [.., T, H] product instead of another pass
-  # over the scores (FlashAttention-2's D term).
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
-                  axis=-1, keepdims=True)
-  d_logits = (probs * (d_probs - delta)).astype(q.dtype)
-  d_q = jnp.einsum("bnts,bnsh->bnth", d_logits, k) * jnp.asarray(
-      q.shape[-1]**-0.5, q.dtype)
-  d_k = jnp.einsum("bnts,bnth->bnsh", d_logits, q)
-  return d_q, d_k, d_v
-
-
-_attention_saving_lse.defvjp(_attention_saving_lse_fwd,
-                             _attention_saving_lse_bwd)
-
-
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                          block: Optional[Tuple[int, int]] = None
-                          ) -> jnp.ndarray:
-  """Softmax attention, [B, T, N, H] x [B, S, N, H] -> [B, T, N, H].
-
-  Without `block` this is `jax.nn.dot_product_attention` (XLA, or cuDNN's
-  fused kernels where they apply). With `block=(samples, queries)` it is the
-  CPU path for long sequences: scores are computed one
-  [samples, N, queries, S] block at a time (exact: every softmax row is
-  whole) so they stay in cache, and the backward pass recomputes them from
-  the saved output and log-sum-exp instead of storing them.
-  """
-  if block is None:
-    return jax.nn.dot_product_attention(q, k, v, implementation=None)
-  batch, num_queries, heads, head_dim = q.shape
-  samples, queries = block
-  if batch % samples or num_queries % queries:
-    raise ValueError(f"block {block} does not divide {q.shape[:2]}")
-  num_blocks = num_queries // queries
-  heads_major = lambda t: jnp.transpose(t, (0, 2, 1, 3))
-  q, k, v = heads_major(q), heads_major(k), heads_major(v)
-  # Query blocks become extra "samples", each with a copy of its sample's
-  # keys and values ([N, S, H], small next to the scores).
-  q = q.reshape(batch, heads, num_blocks, queries, head_dim)
-  q = jnp.transpose(q, (0, 2, 1, 3, 4))
-  k, v = (jnp.repeat(t, num_blocks, axis=0) for t in (k, v))
-  per_step = lambda t: t.reshape(-1, samples, *t.shape[-3:])
-  out = jax.lax.map(lambda qkv: _attention_saving_lse(*qkv),
-                    (per_step(q), per_step(k), per_step(v)))
-  out = out.reshape(batch, num_blocks, heads, queries, head_dim)
-  out = jnp.transpose(out, (0, 1, 3, 2, 4))
-  return out.reshape(batch, num_queries, heads, head_dim)
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-  return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
-
-
-def _attention_block(batch: int, num_queries: int, num_keys: int,
-                     heads: int) -> Optional[Tuple[int, int]]:
-  """`block` for `dot_product_attention`: blocked on CPU for long sequences.
-
-  GPUs have the bandwidth and parallelism to take all scores at once; short
-  attention (cross-attention to a few text tokens) has no big scores.
-  """
-  if (jax.default_backend() != "cpu" or
-      num_queries * num_keys < _CPU_BLOCKED_MIN_SCORES):
-    return None
-  row_bytes = heads * num_keys * 4  # one query's f32 scores
-  queries = _largest_divisor_at_most(num_queries,
-                                     _CPU_BLOCK_BYTES // row_bytes)
-  samples = _largest_divisor_at_most(batch,
-                                     _CPU_BLOCK_BYTES // (queries * row_bytes))
-  return samples, queries
-
-
-# Blocks of a few MiB keep a block's scores in cache, which pays from about
-# 96x96 scores up; shorter attention gains nothing from blocking and stays
-# one XLA op (figures: benchmarks/README.md, "Attention on CPU").
-_CPU_BLOCK_BYTES = 4 * 2**20
-_CPU_BLOCKED_MIN_SCORES = 96 * 96
-
-
 class Attention(nn.Module):
   """Multi-head attention; queries from `x`, keys/values from `context`."""
   heads: int
@@ -338,9 +226,7 @@ class Attention(nn.Module):
     split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
     q, k, v = (split(dense("to_q")(x)), split(dense("to_k")(context)),
                split(dense("to_v")(context)))
-    block = _attention_block(x.shape[0], x.shape[1], context.shape[1],
-                             self.heads)
-    out = dot_product_attention(q, k, v, block)
+    out = attention.dot_product_attention(q, k, v)
     out = out.reshape(*out.shape[:2], inner)
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 

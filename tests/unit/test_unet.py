@@ -154,23 +154,6 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert err < 0.05 * jnp.abs(outs[jnp.float32]).max()
 
 
-@pytest.mark.parametrize("block", [(1, 16), (2, 64)])
-def test_blocked_attention_matches_xla(block):
-  """Values and gradients of the CPU path (custom VJP) against jax.nn's."""
-  keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, d_out = (jax.random.normal(key, (2, 64, 3, 4)) for key in keys)
-
-  def vjp(fn):
-    out, pullback = jax.vjp(fn, q, k, v)
-    return (out,) + pullback(d_out)
-
-  got = jax.jit(lambda: vjp(functools.partial(
-      unet_lib.dot_product_attention, block=block)))()
-  expected = jax.jit(lambda: vjp(jax.nn.dot_product_attention))()
-  for g, e in zip(got, expected):
-    np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("shape", [(2, 6, 5, 32), (2, 6, 5, 96), (3, 4, 64)])
 def test_group_norm_matches_flax(shape):
   """Values and gradients of the hand-written backward against autodiff of
