@@ -36,7 +36,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from jaxsd.models import attention
+from jaxsd.models.remat import POLICIES as REMAT_POLICIES
+from jaxsd.models.remat import call as _call
+from jaxsd.models.remat import remat_call
 
 Dtype = Any
 IntOrTuple = Union[int, Tuple[int, ...]]
@@ -208,7 +213,7 @@ class ResnetBlock(nn.Module):
     if x.shape[-1] != self.features:
       x = nn.Conv(self.features, kernel_size=(1, 1), dtype=self.dtype,
                   name="conv_shortcut")(x)
-    return x + h
+    return checkpoint_name(x + h, "resnet_out")
 
 
 class Attention(nn.Module):
@@ -228,7 +233,8 @@ class Attention(nn.Module):
                split(dense("to_v")(context)))
     out = attention.dot_product_attention(q, k, v)
     out = out.reshape(*out.shape[:2], inner)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+    out = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+    return checkpoint_name(out, "attention_out")
 
 
 class GEGLU(nn.Module):
@@ -264,17 +270,19 @@ class TransformerBlock(nn.Module):
   only_cross_attention: bool = False
   dtype: Dtype = jnp.float32
   torch_numerics: bool = False
+  remat: str = "none"  # a REMAT_POLICIES name
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
     """x: [B, T, C], context: [B, S, D] -> [B, T, C]."""
     ln = lambda name: nn.LayerNorm(epsilon=_NORM_EPS, dtype=self.dtype,
                                    name=name)
-    attn = lambda name: Attention(self.heads, self.dim_head, self.dtype,
-                                  name=name)
+    attn = lambda name, *args: remat_call(
+        self.remat, "attention", _call,
+        Attention(self.heads, self.dim_head, self.dtype, name=name), *args)
     h = ln("norm1")(x)
-    x = x + attn("attn1")(h, context if self.only_cross_attention else h)
-    x = x + attn("attn2")(ln("norm2")(x), context)
+    x = x + attn("attn1", h, context if self.only_cross_attention else h)
+    x = x + attn("attn2", ln("norm2")(x), context)
     x = x + FeedForward(x.shape[-1], self.dtype, self.torch_numerics,
                         name="ff")(ln("norm3")(x))
     return x
@@ -289,6 +297,7 @@ class SpatialTransformer(nn.Module):
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
   torch_numerics: bool = False
+  remat: str = "none"  # a REMAT_POLICIES name
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
@@ -309,10 +318,10 @@ class SpatialTransformer(nn.Module):
     for i in range(self.depth):
       h = TransformerBlock(self.heads, c // self.heads,
                            self.only_cross_attention, self.dtype,
-                           self.torch_numerics,
+                           self.torch_numerics, self.remat,
                            name=f"transformer_blocks_{i}")(h, context)
     h = proj("proj_out")(h.reshape(b, height, width, c))
-    return x + h
+    return checkpoint_name(x + h, "transformer_out")
 
 
 class TimestepEmbedding(nn.Module):
@@ -340,19 +349,21 @@ class _Block(nn.Module):
   norm_num_groups: int = 32
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  remat_transformers: bool = False
+  remat: str = "none"  # a REMAT_POLICIES name
   torch_numerics: bool = False
 
   def resnet(self, name: str) -> ResnetBlock:
     return ResnetBlock(self.features, self.norm_num_groups, self.dropout,
                        self.dtype, name=name)
 
-  def transformer(self, name: str) -> SpatialTransformer:
-    cls = _RematSpatialTransformer if self.remat_transformers else (
-        SpatialTransformer)
-    return cls(self.heads, self.depth, self.use_linear_projection,
-               self.only_cross_attention, self.norm_num_groups, self.dtype,
-               self.torch_numerics, name=name)
+  def transformer(self, name: str):
+    """The spatial transformer `name` as a function of (x, context)."""
+    module = SpatialTransformer(
+        self.heads, self.depth, self.use_linear_projection,
+        self.only_cross_attention, self.norm_num_groups, self.dtype,
+        self.torch_numerics, self.remat, name=name)
+    return functools.partial(remat_call, self.remat, "transformers", _call,
+                             module)
 
 
 class DownBlock(_Block):
@@ -407,19 +418,8 @@ class UpBlock(_Block):
     return x
 
 
-# Gradient checkpointing (UNet.remat). The wrapped classes keep their
-# module names (the `name=` given at construction), so the parameter tree is
-# the one without remat. `train` is static (argument numbers count `self`
-# as 0): it selects dropout, a Python-level choice.
-REMAT_POLICIES = ("none", "blocks", "transformers")
-_RematSpatialTransformer = nn.remat(SpatialTransformer)
-_RematDownBlock = nn.remat(DownBlock, static_argnums=(4,))
-_RematMidBlock = nn.remat(MidBlock, static_argnums=(4,))
-_RematUpBlock = nn.remat(UpBlock, static_argnums=(5,))
-
-
 def remat_policy(remat: Union[bool, str]) -> str:
-  """`UNet.remat` as one of REMAT_POLICIES (False -> "none", True ->
+  """`UNet.remat` as one of remat.POLICIES (False -> "none", True ->
   "blocks")."""
   if remat is False or remat is None:
     return "none"
@@ -505,17 +505,15 @@ class UNet(nn.Module):
     depths = _per_block(self.transformer_layers_per_block, n)
     channels = self.block_out_channels
     policy = remat_policy(self.remat)
-    blocks = policy == "blocks"
-    down_cls = _RematDownBlock if blocks else DownBlock
-    mid_cls = _RematMidBlock if blocks else MidBlock
-    up_cls = _RematUpBlock if blocks else UpBlock
+    # `train` (dropout) is a Python-level choice: closed over, not traced.
+    block = functools.partial(remat_call, policy, "blocks",
+                              lambda mdl, *args: mdl(*args, train))
 
     def settings(i):
       return dict(heads=heads[i], depth=depths[i],
                   use_linear_projection=self.use_linear_projection,
                   norm_num_groups=self.norm_num_groups, dropout=self.dropout,
-                  dtype=self.dtype,
-                  remat_transformers=policy == "transformers",
+                  dtype=self.dtype, remat=policy,
                   torch_numerics=self.torch_numerics)
 
     t = jnp.asarray(timesteps, jnp.float32).reshape(-1)
@@ -535,26 +533,25 @@ class UNet(nn.Module):
     x = _conv3x3(channels[0], self.dtype, "conv_in")(sample.astype(self.dtype))
     skips = [x]
     for i, block_type in enumerate(self.down_block_types):
-      x, block_skips = down_cls(
+      x, block_skips = block(DownBlock(
           channels[i], self.layers_per_block,
           has_attention=_has_attention(block_type, "Down"),
           only_cross_attention=cross_only[i], add_downsample=i < n - 1,
-          name=f"down_blocks_{i}", **settings(i))(x, temb, context, train)
+          name=f"down_blocks_{i}", **settings(i)), x, temb, context)
       skips.extend(block_skips)
 
-    x = mid_cls(channels[-1], name="mid_block",
-                 **settings(n - 1))(x, temb, context, train)
+    x = block(MidBlock(channels[-1], name="mid_block", **settings(n - 1)),
+              x, temb, context)
 
     for i, block_type in enumerate(self.up_block_types):
       r = n - 1 - i  # the down block this one mirrors
       num_layers = self.layers_per_block + 1
       block_skips, skips = skips[-num_layers:], skips[:-num_layers]
-      x = up_cls(
+      x = block(UpBlock(
           channels[r], num_layers,
           has_attention=_has_attention(block_type, "Up"),
           only_cross_attention=cross_only[r], add_upsample=i < n - 1,
-          name=f"up_blocks_{i}", **settings(r))(x, block_skips, temb, context,
-                                                 train)
+          name=f"up_blocks_{i}", **settings(r)), x, block_skips, temb, context)
 
     x = GroupNorm(self.norm_num_groups, dtype=self.dtype,
                   name="conv_norm_out")(x)
