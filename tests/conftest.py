@@ -35,6 +35,19 @@ _CACHE = os.environ.setdefault(
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_CACHE, "tfds"))
 # Within a test run, a compiled step is reused from disk by later starts.
 os.environ.setdefault("JAXSD_COMPILATION_CACHE", os.path.join(_CACHE, "xla"))
+# The same cache for every compile of the session and of the commands it
+# starts (jaxsd itself turns it on for training only): a subprocess's
+# sampler or evaluation compiled before is read back, not compiled again.
+# JAX reads these at import, so the subprocesses take them from here.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.environ["JAXSD_COMPILATION_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+if os.environ["JAX_COMPILATION_CACHE_DIR"]:  # "" turns it off
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update(
+      "jax_persistent_cache_min_compile_time_secs",
+      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Compile without most XLA optimisations (as Flax's example tests do): a
 # compile several times faster, the same numbers up to float32 rounding.

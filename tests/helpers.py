@@ -64,6 +64,22 @@ def rgb_data(config, source, path, image_size=16):
   return config
 
 
+def val_loss_config(config, examples=12, bins=5):
+  """config evaluating only eval/val_loss, on `examples` held-out examples
+  (12: two chunks of 8, the second padded) at `bins` timesteps."""
+  config.eval.metrics = ("val_loss",)
+  config.eval.val_loss_examples = examples
+  config.eval.val_loss_timesteps = bins
+  config.eval.chunk_size = 8
+  return config
+
+
+def bucket_config(config, folder, buckets="auto"):
+  """rgb_data on the image folder `folder` at 16 px, with data.buckets."""
+  config = rgb_data(config, "imagefolder", folder, 16)
+  config.data.buckets = buckets
+  return config
+
 
 def assert_step_traces(setup):
   """setup's (a TrainSetup's) real train step traces with a batch of its
@@ -200,6 +216,21 @@ def write_imagefolder(path, count=24, image=picture, text=caption) -> str:
       f.write(json.dumps({"file_name": f"{i:03d}.png", "text": text(i)})
               + "\n")
   return path
+
+
+# Aspect-ratio buckets: 60% 4:3 landscapes, 30% 3:4 portraits, 10% squares
+# (width, height), and the shapes data.buckets="auto" makes of them at 16 px.
+BUCKET_SIZES = [(40, 30)] * 6 + [(30, 40)] * 3 + [(32, 32)]
+BUCKET_SHAPES_16 = [(12, 22), (14, 18), (16, 16), (18, 14), (22, 12)]
+
+
+def write_mixed_folder(path, count=30) -> str:
+  """An image folder of `count` RGB PNGs cycling through BUCKET_SIZES, each
+  its own noise, captioned "picture i"."""
+  def noise(i):
+    w, h = BUCKET_SIZES[i % len(BUCKET_SIZES)]
+    return np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8)
+  return write_imagefolder(path, count, noise, lambda i: f"picture {i}")
 
 
 # --- Latent diffusion -----------------------------------------------------------

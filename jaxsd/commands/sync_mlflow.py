@@ -1,22 +1,7 @@
-"""Copies a workdir's local MLflow run to a tracking server.
+"""Copies a workdir's local MLflow run to a tracking server: what is copied,
+and when again, is in jaxsd/tracking/sync.py.
 
 jaxsd-sync-mlflow --workdir=runs/mnist --to=http://mlflow:5000
-
-A run whose tracking server did not answer logs to the workdir's own store,
-WORKDIR/mlflow.db, instead (see jaxsd.tracking.mlflow_store.MlflowWriter). This
-copies that run into the experiment of the same name at --to (created if
-needed): params, tags, every metric value with its step and timestamp, the
-status and the artifacts. Then WORKDIR/mlflow_run.txt points at the copy, so
-a later resume of the run logs there. --to may be any MLflow tracking URI
-(default: MLFLOW_TRACKING_URI).
-
-Syncing again copies only what is new. The destination is the run this
-workdir synced to before, or the run it started in on that server when it
-fell back later (mlflow_run.txt names both), or a run there tagged
-jaxsd.source_run_id with the local run's id. A metric value is copied only
-at a step its key does not have there yet, params already there are kept,
-and an artifact already there with the same size is not sent again. The
-workdir's training lock is held meanwhile: a live run is not synced.
 """
 import os
 

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 from absl import logging
 
 from jaxsd import errors
+from jaxsd import workdir_lock
 from jaxsd.tracking import mlflow_store
 
 SOURCE_RUN_TAG = "jaxsd.source_run_id"
@@ -43,9 +44,7 @@ def sync(workdir: str, to: str) -> Dict[str, Any]:
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):  # (the lock would create it)
     raise errors.JaxsdError(f"--workdir={workdir} does not exist.")
-  # The run's lock lives with the workdir (jaxsd/training/workdir.py).
-  from jaxsd.training import lock as lock_lib  # pylint: disable=g-import-not-at-top
-  with lock_lib.Lock(workdir):  # no training run writes meanwhile
+  with workdir_lock.Lock(workdir):  # no training run writes meanwhile
     record = _local_record(workdir, to)
     local_uri = mlflow_store.local_tracking_uri(workdir)
     _check_answers(to)

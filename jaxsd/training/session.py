@@ -8,9 +8,9 @@ import jax
 from jaxsd import environment
 from jaxsd import errors
 from jaxsd import parallel
+from jaxsd import workdir_lock as lock_lib
 from jaxsd.checkpointing import run_config
 from jaxsd.tracking import writers as writers_lib
-from jaxsd.training import lock as lock_lib
 from jaxsd.training.preemption import Preempted, Preemption
 
 

@@ -1,53 +1,25 @@
 """Aspect-ratio buckets end to end: one compile per bucket shape, a bucketed
 latent cache equal to encoding on the fly, a tiny run on mixed shapes that
 trains, checkpoints and resumes exactly. The rest: tests/unit/test_buckets.py."""
-import json
 import os
-import signal
 
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from jaxsd.data import pipeline
 
-# 60% 4:3 landscapes, 30% 3:4 portraits, 10% squares (width, height).
-SIZES = [(40, 30)] * 6 + [(30, 40)] * 3 + [(32, 32)]
-SHAPES_16 = [(12, 22), (14, 18), (16, 16), (18, 14), (22, 12)]  # auto, 16 px
-
-
-def _folder(path, count=30):
-  """count PNGs cycling through SIZES, each with its own noise and
-  caption; returns the folder."""
-  os.makedirs(path)
-  with open(os.path.join(path, "metadata.jsonl"), "w") as f:
-    for i in range(count):
-      w, h = SIZES[i % len(SIZES)]
-      pixels = np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8)
-      Image.fromarray(pixels).save(os.path.join(path, f"{i:03d}.png"))
-      f.write(json.dumps({"file_name": f"{i:03d}.png",
-                          "text": f"picture {i}"}) + "\n")
-  return path
+import helpers
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  return _folder(str(tmp_path_factory.mktemp("mixed") / "images"))
+  return helpers.write_mixed_folder(
+      str(tmp_path_factory.mktemp("mixed") / "images"))
 
 
 def _config(tiny_config, folder, buckets_value="auto"):
-  config = tiny_config()
-  config.data.source = "imagefolder"
-  config.data.path = folder
-  config.data.image_size = 16
-  config.data.num_channels = 3
-  config.data.buckets = buckets_value
-  config.model.in_channels = config.model.out_channels = 3
-  config.text.max_length = 8
-  config.eval.metrics = ()
-  config.sampling.prompts = ()
-  return config
+  return helpers.bucket_config(tiny_config(), folder, buckets_value)
 
 
 def test_each_bucket_shape_compiles_the_step_once(tiny_config, folder):
@@ -71,30 +43,12 @@ def test_each_bucket_shape_compiles_the_step_once(tiny_config, folder):
   assert step.jitted._cache_size() == 2  # pylint: disable=protected-access
 
 
-def _write_vae(folder):
-  """A random 2x-downsampling AutoencoderKL of grey images, saved as
-  diffusers does."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from jaxsd.models import autoencoder as ae_lib  # pylint: disable=g-import-not-at-top
-  config = ae_lib.AutoencoderConfig(
-      in_channels=1, out_channels=1, block_out_channels=(8, 16),
-      latent_channels=4, norm_num_groups=4, scaling_factor=0.7)
-  params = ae_lib.init_params(ae_lib.AutoencoderKL(config), jax.random.key(0),
-                              16)
-  os.makedirs(folder)
-  save_file(ae_lib.to_diffusers_weights(params),
-            os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config.to_diffusers(), f)
-  return folder
-
-
 def test_a_bucketed_latent_cache_gives_the_batches_encoding_would(
     tiny_config, folder, tmp_path):
   from jaxsd.autoencoder import latent_cache as writer  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   config = _config(tiny_config, folder)
-  config.model.autoencoder = _write_vae(str(tmp_path / "vae"))
+  config.model.autoencoder = helpers.write_vae(str(tmp_path / "vae"))
   config.model.in_channels = config.model.out_channels = 4
   config.data.num_channels = 1
   out = str(tmp_path / "cache")
@@ -137,11 +91,6 @@ def test_a_bucketed_latent_cache_gives_the_batches_encoding_would(
     pipeline.make_latent_cache_source(square, source, frozen)
 
 
-def _leaves(state):
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(
-      (state.params, state.ema_params))]
-
-
 def test_a_tiny_run_on_mixed_shapes_trains_checkpoints_and_resumes_exactly(
     tiny_config, folder, tmp_path):
   from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
@@ -162,15 +111,12 @@ def test_a_tiny_run_on_mixed_shapes_trains_checkpoints_and_resumes_exactly(
   assert [a.path for a in client.list_artifacts(run.info.run_id, "data")] == [
       "data/examples_14x18", "data/examples_16x16", "data/examples_18x14"]
 
-  def stop_at_2(step):  # a preemption after step 2's checkpoint is due
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-  stopped = diffusion_task.train_and_evaluate(
+  stopped = diffusion_task.train_and_evaluate(  # preempted after step 2
       _config(tiny_config, folder), str(tmp_path / "resumed"),
-      hooks=[stop_at_2])
+      hooks=[helpers.sigterm_at_step(2)])
   assert int(stopped.step) == 2
   resumed = diffusion_task.train_and_evaluate(_config(tiny_config, folder),
                                               str(tmp_path / "resumed"))
   assert int(resumed.step) == 4
-  for a, b in zip(_leaves(resumed), _leaves(whole)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  helpers.assert_leaves_close(helpers.model_leaves(resumed),
+                              helpers.model_leaves(whole))

@@ -16,7 +16,7 @@ import pytest
 
 from jaxsd import errors
 from jaxsd.checkpointing import checkpoints as checkpoint
-from jaxsd.training import lock as lock_lib
+from jaxsd import workdir_lock as lock_lib
 
 import helpers
 
@@ -191,6 +191,7 @@ def test_sigterm_while_compiling_stops_within_seconds(tmp_path):
   # for many seconds.
   proc = _jaxsd_main(tmp_path, "--config.eval.metrics=()",
                      env={"JAXSD_COMPILATION_CACHE": "",
+                          "JAX_COMPILATION_CACHE_DIR": "",
                           "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})
   rc, seconds, stderr = _sigterm_after(proc, "Training from step")
   assert rc == 0, stderr[-3000:]

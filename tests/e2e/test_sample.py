@@ -1,9 +1,13 @@
 """Sampling from a real (tiny) checkpoint: samplers, determinism, CLI, errors."""
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from jaxsd import parallel
+from jaxsd.diffusion import generate
 from jaxsd.diffusion import sample_run as sample
+from jaxsd.diffusion import setup as build
 
 import helpers
 
@@ -12,17 +16,22 @@ pytestmark = pytest.mark.mnist
 PROMPTS = ["a photograph of the number 3", ""]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
-def test_each_sampler_from_checkpoint(trained_run, sampler):
+def test_each_sampler_from_checkpoint(trained_run):
+  """One restore, a Generator per sampler (generate_for_prompts, the
+  command's path, samples with each in the tests below)."""
   workdir, _ = trained_run
-  images, step = sample.generate_for_prompts(
-      workdir, PROMPTS, num_samples=3, sampler=sampler, steps=5,
-      guidance_scale=2.0)
+  mesh = parallel.make_mesh()
+  config, comps, params, step = build.restore_for_inference(workdir, mesh)
   assert step == 4
-  assert images.shape == (6, 28, 28, 1)
-  assert np.all(np.isfinite(images)) and images.std() > 0.05
-  # sampling.clip_x0: images stay in the data range.
-  assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
+  prompts = [p for p in PROMPTS for _ in range(3)]
+  for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+    images = generate.Generator.from_config(
+        comps, mesh, config.sampling, sampler=sampler, num_steps=5,
+        guidance_scale=2.0)(params, prompts, jax.random.key(0))
+    assert images.shape == (6, 28, 28, 1), sampler
+    assert np.all(np.isfinite(images)) and images.std() > 0.05, sampler
+    # sampling.clip_x0: images stay in the data range.
+    assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
 
 
 def test_same_seed_same_images(trained_run):

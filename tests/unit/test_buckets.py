@@ -7,7 +7,6 @@ trains on the batches encoding on the fly would; and (slow) a tiny run on
 mixed shapes trains, checkpoints and resumes exactly."""
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -20,23 +19,9 @@ from jaxsd.data import sources
 from jaxsd.data import transforms
 from jaxsd.errors import ConfigError
 
-# 60% 4:3 landscapes, 30% 3:4 portraits, 10% squares (width, height).
-SIZES = [(40, 30)] * 6 + [(30, 40)] * 3 + [(32, 32)]
-SHAPES_16 = [(12, 22), (14, 18), (16, 16), (18, 14), (22, 12)]  # auto, 16 px
+import helpers
 
-
-def _folder(path, count=30):
-  """count PNGs cycling through SIZES, each with its own noise and
-  caption; returns the folder."""
-  os.makedirs(path)
-  with open(os.path.join(path, "metadata.jsonl"), "w") as f:
-    for i in range(count):
-      w, h = SIZES[i % len(SIZES)]
-      pixels = np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8)
-      Image.fromarray(pixels).save(os.path.join(path, f"{i:03d}.png"))
-      f.write(json.dumps({"file_name": f"{i:03d}.png",
-                          "text": f"picture {i}"}) + "\n")
-  return path
+SHAPES_16 = helpers.BUCKET_SHAPES_16
 
 
 def _source(path):
@@ -63,7 +48,8 @@ def _loader(source, batch=4, shapes=SHAPES_16, **kwargs):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  return _folder(str(tmp_path_factory.mktemp("mixed") / "images"))
+  return helpers.write_mixed_folder(
+      str(tmp_path_factory.mktemp("mixed") / "images"))
 
 
 def test_auto_buckets_fit_the_model_and_the_aspect_bound():
@@ -205,17 +191,7 @@ def test_leftovers_carry_into_the_next_epoch_and_no_image_goes_unseen():
 
 
 def _config(tiny_config, folder, buckets_value="auto"):
-  config = tiny_config()
-  config.data.source = "imagefolder"
-  config.data.path = folder
-  config.data.image_size = 16
-  config.data.num_channels = 3
-  config.data.buckets = buckets_value
-  config.model.in_channels = config.model.out_channels = 3
-  config.text.max_length = 8
-  config.eval.metrics = ()
-  config.sampling.prompts = ()
-  return config
+  return helpers.bucket_config(tiny_config(), folder, buckets_value)
 
 
 def test_what_cannot_work_is_refused_in_one_line(tiny_config, folder):

@@ -18,7 +18,7 @@ import pytest
 
 from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import errors
-from jaxsd.training import lock as lock_lib
+from jaxsd import workdir_lock as lock_lib
 from jaxsd.checkpointing import resume
 
 import helpers
@@ -31,7 +31,7 @@ REPO = helpers.ROOT
 _HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from jaxsd.training import lock as lock_lib
+from jaxsd import workdir_lock as lock_lib
 lock = lock_lib.Lock({path!r})
 lock.acquire()
 print("held", flush=True)

@@ -214,7 +214,7 @@ def _read_only(monkeypatch, folder):
 
 
 def test_read_only_workdir_lock_is_one_line(tmp_path, monkeypatch):
-  from jaxsd.training import lock as lock_lib  # pylint: disable=g-import-not-at-top
+  from jaxsd import workdir_lock as lock_lib  # pylint: disable=g-import-not-at-top
   _read_only(monkeypatch, tmp_path)
   with pytest.raises(errors.NotWritableError) as e:
     lock_lib.Lock(tmp_path).acquire()

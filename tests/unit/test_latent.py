@@ -107,11 +107,13 @@ def test_stored_text_embeddings_train_the_same_loss_as_token_ids(
                                     num_timesteps=comps.schedule.num_timesteps,
                                     cfg_dropout=0.5)
   batch["drop"] = jnp.array([True, False, True, False])
-  loss = lambda b: step_lib.loss_fn(
+  # Jitted: the UNet op by op (its blocked attention a Python loop) costs
+  # more than the two compiles (a batch with and without "context").
+  loss = jax.jit(lambda b: step_lib.loss_fn(
       params, b, unet_apply=comps.unet.apply, text_apply=comps.text_encoder,
       schedule=comps.schedule, uncond_ids=jnp.asarray(comps.uncond_ids),
-      prediction_type="epsilon", min_snr_gamma=0.0, text_trainable=False)
-  context = comps.text_encoder(params["text"], batch["input_ids"])
+      prediction_type="epsilon", min_snr_gamma=0.0, text_trainable=False))
+  context = jax.jit(comps.text_encoder)(params["text"], batch["input_ids"])
   stored = {**batch, "context": context}
   np.testing.assert_allclose(loss(stored), loss(batch), rtol=1e-6)
   # The stored context is what trains: other embeddings, another loss.
