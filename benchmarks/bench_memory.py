@@ -349,7 +349,11 @@ def run_config(spec):
   times, losses = [], []
   for _ in range(1 + spec["steps"]):
     start = time.perf_counter()
-    state, loss = compiled(state, batch)
+    # Through jit's dispatch, not `compiled` itself: on CPU the remat
+    # policies (models/remat.py) close over constants that jit passes and
+    # an ahead-of-time executable called directly does not ("compiled for
+    # N inputs but called with M"). The warm-up step absorbs any compile.
+    state, loss = train.step(state, batch)
     losses.append(float(loss))  # waits for the step
     times.append(time.perf_counter() - start)
   result.update(warmup_step_s=times[0], step_s=statistics.median(times[1:]),
