@@ -58,6 +58,14 @@ def _first_leaf(tree):
   return jax.tree_util.tree_leaves(tree)[0]
 
 
+def _intercepted() -> bool:
+  """Whether a Flax method interceptor is active (LoRA's adapters,
+  `lora.apply_with_adapters`): it closes over traced values, which a custom
+  VJP cannot take as inputs (an UnexpectedTracerError)."""
+  from flax.linen import module as module_lib  # pylint: disable=g-import-not-at-top
+  return len(module_lib._global_interceptor_stack) > 0  # pylint: disable=protected-access
+
+
 def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,
                *args):
   """fn(module, *args), recomputed in the backward pass if `policy`
@@ -69,7 +77,10 @@ def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,
   if where != layer:
     return fn(module, *args)
   saveable = saveable or jax.checkpoint_policies.nothing_saveable
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or _intercepted():
+    # GPUs keep the barriers. Under an interceptor (LoRA) plain
+    # checkpointing is the correct choice, though XLA:CPU may fold its
+    # recomputation back (benchmarks/README.md: LoRA with remat on CPU).
     return nn.checkpoint(fn, policy=saveable)(module, *args)
   # The conditional keeps CSE out; the barrier would be dropped anyway.
   checkpointed = nn.checkpoint(fn, policy=saveable, prevent_cse=False)
