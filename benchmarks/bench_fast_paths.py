@@ -67,7 +67,7 @@ FLAGS = flags.FLAGS
 FIGURES = ("images_per_second", "seconds_per_step_median", "compile_seconds",
            "peak_memory_gb")
 STEPS_PER_CALL = 4
-_NO_BLOCKING = 2**62  # unet._CPU_BLOCKED_MIN_SCORES that no attention reaches
+_NO_BLOCKING = 2**62  # attention.CPU_MIN_SCORES that no attention reaches
 
 
 # --- Children: one variant measured in this process -------------------------
@@ -81,7 +81,7 @@ def _attention_everywhere(config):
 
 
 def _attention_info(config):
-  from jaxsd.models import unet  # pylint: disable=g-import-not-at-top
+  from jaxsd.models import attention  # pylint: disable=g-import-not-at-top
   n = len(config.model.block_out_channels)
   tokens = [(config.data.image_size // 2**i)**2 for i in range(n)]
   return {
@@ -89,7 +89,7 @@ def _attention_info(config):
                     "model.up_block_types": config.model.up_block_types},
       "self_attention_tokens": tokens,
       "blocked_tokens": [t for t in tokens
-                         if t * t >= unet._CPU_BLOCKED_MIN_SCORES],  # pylint: disable=protected-access
+                         if t * t >= attention.CPU_MIN_SCORES],
       "note": "measured with attention at every resolution (the overrides), "
               "not the config's own block types; blocking applies on CPU "
               "only (on GPU both variants are the same program)"}
@@ -103,8 +103,8 @@ def _measure_variant(config, path: str, variant: str):
     _attention_everywhere(config)
     info = _attention_info(config)
     if not on:
-      from jaxsd.models import unet  # pylint: disable=g-import-not-at-top
-      unet._CPU_BLOCKED_MIN_SCORES = _NO_BLOCKING  # pylint: disable=protected-access
+      from jaxsd.models import attention  # pylint: disable=g-import-not-at-top
+      attention.CPU_MIN_SCORES = _NO_BLOCKING
   elif path == "donation":
     donate = on
   elif path == "steps_per_call":

@@ -1,8 +1,9 @@
 """Peak memory of one Stable Diffusion 1.5-sized UNet train step.
 
   python benchmarks/bench_memory.py [--size=sd|small] [--mode=full,lora]
-      [--remat=none,blocks] [--compute_dtype=bfloat16]
-      [--base_dtype=bfloat16] [--batch=1] [--steps=2]
+      [--remat=none,blocks] [--compute_dtype=float32,bfloat16]
+      [--base_dtype=float32] [--framework=jaxsd,pytorch] [--batch=1]
+      [--steps=2]
 
 One train step is forward + backward + an AdamW update of jaxsd's `UNet`
 with random weights on random inputs: 64x64x4 latents (`--resolution`),
@@ -18,7 +19,13 @@ with random weights on random inputs: 64x64x4 latents (`--resolution`),
   LoRA adapters (`--lora_rank`) on the attention projections to_q, to_k,
   to_v and to_out_0 trained with AdamW, through `jaxsd.models.lora`
   (`init_adapters`, `apply_with_adapters`).
-- `--remat`: `UNet.remat` policies ("none", "blocks", "transformers").
+- `--remat`: `UNet.remat` policies (jaxsd/models/remat.py).
+- `--framework=pytorch`: the same step in PyTorch (diffusers'
+  `UNet2DConditionModel` with the same config, peft LoRA on to_q, to_k, to_v,
+  to_out.0, torch.optim.AdamW; remat = diffusers' gradient checkpointing,
+  bf16 compute = `torch.autocast`), each configuration in a fresh process
+  after jaxsd's, so the two are measured one after the other in one run;
+  the summary gives jaxsd / PyTorch ratios of peak RSS and step time.
 
 Every combination of the list flags (`--base_dtype` for lora only) runs in a
 fresh subprocess, one at a time, so its peak RSS is its own. A child
@@ -39,11 +46,9 @@ ru_maxrss and VmHWM, RSS after compiling and after setting up the state,
 XLA's figures, compile and step seconds) and a summary table, then the
 machine (CPU model name, AVX-512F, cores, MemAvailable at the start).
 
-On XLA:CPU, remat changes little: the CPU compiler drops the optimisation
-barriers `jax.checkpoint` puts around the recomputation, so common
-subexpression elimination folds most of it back into the forward pass
-(tests/test_unet.py measures the saved residuals instead). Its effect shows
-on GPUs: benchmarks/gpu_check.py.
+Remat takes effect on XLA:CPU through jaxsd/models/remat.py (plain
+`jax.checkpoint` does not there: the CPU compiler drops its optimisation
+barriers and CSE folds the recomputation back into the forward pass).
 """
 import itertools
 import json
@@ -75,7 +80,9 @@ SD_LAYOUT = dict(
                     "CrossAttnUpBlock2D"))
 MODES = ("full", "lora")
 DTYPES = ("float32", "bfloat16")
-REMATS = ("none", "blocks", "transformers")
+REMATS = ("none", "blocks", "transformers", "attention",
+          "blocks_saving_dots", "blocks_saving_names")
+FRAMEWORKS = ("jaxsd", "pytorch")
 GB = 1e9
 
 
@@ -86,8 +93,10 @@ def define_flags():
   flags.DEFINE_list("mode", list(MODES), "full and/or lora.")
   flags.DEFINE_list("remat", ["none", "blocks"],
                     f"UNet.remat policies {REMATS}.")
-  flags.DEFINE_list("compute_dtype", ["bfloat16"], f"UNet dtype {DTYPES}.")
-  flags.DEFINE_list("base_dtype", ["bfloat16"],
+  flags.DEFINE_list("compute_dtype", ["float32"], f"UNet dtype {DTYPES}.")
+  flags.DEFINE_list("framework", list(FRAMEWORKS),
+                    f"{FRAMEWORKS}: each configuration in each.")
+  flags.DEFINE_list("base_dtype", ["float32"],
                     f"Frozen base param storage in lora mode {DTYPES}.")
   flags.DEFINE_integer("batch", 1, "Batch size.")
   flags.DEFINE_integer("resolution", 64, "Latent height and width.")
@@ -241,16 +250,12 @@ class TrainStep:
 
 
 def memory_analysis(compiled):
-  """XLA's buffer sizes in bytes ({} where the backend gives none)."""
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  if stats is None:
-    return {}
-  fields = ("argument", "output", "alias", "temp", "generated_code")
-  return {f"{f}_bytes": int(getattr(stats, f"{f}_size_in_bytes", 0) or 0)
-          for f in fields}
+  """XLA's buffer sizes in bytes ({} where the backend gives none): the
+  figures a training run logs at start (jaxsd.tracking.memory)."""
+  from jaxsd.tracking import memory  # pylint: disable=g-import-not-at-top
+  plan = memory.compiled_plan(compiled)
+  plan.pop("peak_bytes", None)
+  return plan
 
 
 # ------------------------------------------------------------------------
@@ -344,7 +349,11 @@ def run_config(spec):
   times, losses = [], []
   for _ in range(1 + spec["steps"]):
     start = time.perf_counter()
-    state, loss = compiled(state, batch)
+    # Through jit's dispatch, not `compiled` itself: on CPU the remat
+    # policies (models/remat.py) close over constants that jit passes and
+    # an ahead-of-time executable called directly does not ("compiled for
+    # N inputs but called with M"). The warm-up step absorbs any compile.
+    state, loss = train.step(state, batch)
     losses.append(float(loss))  # waits for the step
     times.append(time.perf_counter() - start)
   result.update(warmup_step_s=times[0], step_s=statistics.median(times[1:]),
@@ -354,6 +363,72 @@ def run_config(spec):
   stats = jax.devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:
     result["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+  return result
+
+
+# ------------------------------------------------------------------------
+# The same step in PyTorch (child process)
+# ------------------------------------------------------------------------
+
+
+def torch_unet(size: str):
+  """diffusers' UNet2DConditionModel with make_unet's architecture (its
+  attention_head_dim is also the number of heads: diffusers issue #2011)."""
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  layout = dict(SD_LAYOUT, **SIZES[size])
+  return UNet2DConditionModel(
+      sample_size=64, norm_num_groups=32,
+      **{k: (list(v) if isinstance(v, tuple) else v)
+         for k, v in layout.items()})
+
+
+def run_torch_config(spec):
+  """Figures of one configuration in PyTorch, in this (fresh) process."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count())
+  result = dict(spec, backend="pytorch " + torch.__version__, device="cpu")
+  start = time.perf_counter()
+  unet = torch_unet(spec["size"])
+  result["params"] = sum(p.numel() for p in unet.parameters())
+  if spec["remat"] != "none":
+    unet.enable_gradient_checkpointing()
+  if spec["mode"] == "lora":
+    from peft import LoraConfig  # pylint: disable=g-import-not-at-top
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(
+        r=spec["lora_rank"], lora_alpha=spec["lora_rank"],
+        init_lora_weights="gaussian",
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+  unet.train()
+  trained = [p for p in unet.parameters() if p.requires_grad]
+  result["trained_params"] = sum(p.numel() for p in trained)
+  opt = torch.optim.AdamW(trained, lr=1e-5, weight_decay=1e-2)
+  b, r = spec["batch"], spec["resolution"]
+  x_t = torch.randn(b, 4, r, r)
+  noise = torch.randn(b, 4, r, r)
+  t = torch.randint(0, 1000, (b,))
+  context = torch.randn(b, spec["tokens"], SD_LAYOUT["cross_attention_dim"])
+  result["init_s"] = time.perf_counter() - start
+  result["rss_after_init_bytes"] = proc_status_bytes("VmRSS")
+  autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
+              if spec["compute_dtype"] == "bfloat16" else
+              torch.autocast("cpu", enabled=False))
+  times, losses = [], []
+  for _ in range(1 + spec["steps"]):
+    start = time.perf_counter()
+    with autocast:
+      out = unet(x_t, t, context).sample
+    loss = torch.mean((out.float() - noise) ** 2)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(float(loss))
+    times.append(time.perf_counter() - start)
+  result.update(warmup_step_s=times[0], step_s=statistics.median(times[1:]),
+                step_times_s=times[1:], losses=losses,
+                peak_rss_bytes=peak_rss_bytes(),
+                vm_hwm_bytes=proc_status_bytes("VmHWM"))
   return result
 
 
@@ -376,12 +451,18 @@ def configurations():
                 resolution=FLAGS.resolution, tokens=FLAGS.tokens,
                 lora_rank=FLAGS.lora_rank, steps=FLAGS.steps,
                 margin=FLAGS.margin, compile_only=FLAGS.compile_only)
+  _check_choice(FLAGS.framework, FRAMEWORKS, "framework")
   for mode in FLAGS.mode:
     bases = FLAGS.base_dtype if mode == "lora" else ["float32"]
     for compute, base, remat in itertools.product(FLAGS.compute_dtype, bases,
                                                   FLAGS.remat):
-      yield dict(common, mode=mode, compute_dtype=compute, base_dtype=base,
-                 remat=remat)
+      for framework in FLAGS.framework:
+        if framework == "pytorch" and (
+            FLAGS.compile_only or base != "float32" or
+            remat not in ("none", "blocks")):
+          continue  # no plan to print; diffusers has one remat, f32 bases
+        yield dict(common, mode=mode, compute_dtype=compute, base_dtype=base,
+                   remat=remat, framework=framework)
 
 
 def state_estimate_bytes(spec, num_params: int) -> int:
@@ -415,9 +496,10 @@ def _gb(value):
 
 
 def summary_table(results):
-  head = ("| mode | compute | base | remat | trained params | peak RSS GB | "
-          "XLA arg / temp / out GB | compile s | step s | status |")
-  rows = [head, "|" + " --- |" * 10]
+  head = ("| framework | mode | compute | base | remat | trained params | "
+          "peak RSS GB | XLA arg / temp / out GB | compile s | step s | "
+          "status |")
+  rows = [head, "|" + " --- |" * 11]
   for r in results:
     xla = r.get("xla") or {}
     status = ("compiled only" if r.get("compile_only") and "failed" not in r
@@ -430,7 +512,8 @@ def summary_table(results):
     step = r.get("step_s")
     compile_s = r.get("compile_s")
     rows.append(
-        f"| {r['mode']} | {r['compute_dtype']} | "
+        f"| {r.get('framework', 'jaxsd')} | {r['mode']} | "
+        f"{r['compute_dtype']} | "
         f"{r['base_dtype'] if r['mode'] == 'lora' else '-'} | {r['remat']} | "
         f"{r.get('trained_params', '')} | {_gb(r.get('peak_rss_bytes'))} | "
         f"{xla_cell} | {'' if compile_s is None else f'{compile_s:.0f}'} | "
@@ -438,11 +521,33 @@ def summary_table(results):
   return "\n".join(rows)
 
 
+def ratio_table(results):
+  """jaxsd / PyTorch peak RSS and step time, per configuration run in both."""
+  key = lambda r: (r["mode"], r["compute_dtype"], r["base_dtype"], r["remat"])
+  ok = lambda r: "step_s" in r
+  torch_runs = {key(r): r for r in results
+                if r.get("framework") == "pytorch" and ok(r)}
+  rows = ["| mode | compute | base | remat | jaxsd / PyTorch peak RSS | "
+          "jaxsd / PyTorch step time |", "|" + " --- |" * 6]
+  for r in results:
+    other = torch_runs.get(key(r))
+    if r.get("framework", "jaxsd") != "jaxsd" or not ok(r) or other is None:
+      continue
+    rows.append(
+        f"| {r['mode']} | {r['compute_dtype']} | {r['base_dtype']} | "
+        f"{r['remat']} | {r['peak_rss_bytes'] / other['peak_rss_bytes']:.2f} "
+        f"| {r['step_s'] / other['step_s']:.2f} |")
+  return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def main(argv):
   del argv
   if FLAGS.child:
     import jaxsd  # pylint: disable=g-import-not-at-top,unused-import  # XLA flags first
-    print(json.dumps(run_config(json.loads(FLAGS.child))), flush=True)
+    spec = json.loads(FLAGS.child)
+    run = (run_torch_config if spec.get("framework") == "pytorch"
+           else run_config)
+    print(json.dumps(run(spec)), flush=True)
     return
   model = make_unet(FLAGS.size)
   num_params = count(param_shapes(model, input_shapes(
@@ -467,6 +572,10 @@ def main(argv):
     results.append(result)
     print(json.dumps(result), flush=True)
   print(summary_table(results))
+  ratios = ratio_table(results)
+  if ratios:
+    print(ratios)
+  machine["load_average_end"] = os.getloadavg()
   print(json.dumps({"machine": machine}))
 
 

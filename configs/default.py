@@ -99,9 +99,12 @@ def get_config():
   # text.*, diffusion.* and the DDIM sampling settings
   # (jaxsd/interop/sd_pipeline.py).
   model.pretrained_pipeline = ""
-  # Gradient checkpointing (models/unet.py UNet.remat): "blocks" keeps only
-  # each down/mid/up block's inputs for the backward pass and recomputes the
-  # rest, "transformers" only the attention blocks; "none" keeps all.
+  # Gradient checkpointing (jaxsd/models/remat.py): "blocks" keeps only
+  # each down/mid/up block's inputs for the backward pass and recomputes
+  # the rest, "transformers" each spatial transformer, "attention" each
+  # attention layer; "blocks_saving_dots" / "blocks_saving_names" recompute
+  # blocks but keep their matmul outputs / their resnets' and transformers'
+  # outputs; "none" keeps all. Takes effect on XLA:CPU too.
   model.remat = "none"
   model.in_channels = 3  # data.num_channels in pixel space
   model.out_channels = 3
@@ -210,6 +213,12 @@ def get_config():
 
   # --- Optimisation -------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
+  # "adamw" or "adafactor" (factored second moment, no first: about no
+  # state for kernels); AdamW's moments in "float32" (8 bytes a param) or
+  # "bfloat16" (4; the second moment rounded stochastically). The state's
+  # bytes per parameter are logged at start (jaxsd/training/state.py).
+  optim.optimizer = "adamw"
+  optim.moment_dtype = "float32"
   optim.learning_rate = 1e-3
   optim.warmup_steps = 100
   optim.end_learning_rate_factor = 0.0  # cosine decays to lr * this

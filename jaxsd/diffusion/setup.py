@@ -307,6 +307,7 @@ class TrainSetup:
     def step(state, batch, rng):
       return jitted(state, batch, rng, base)
     step.jitted = jitted  # (state, batch, rng, base): for .lower()
+    step.base = base
     return step
 
   def inference_params(self, trained, lora_scale: float = 1.0):

@@ -85,6 +85,11 @@ RUN_META_WHAT = {
 }
 
 
+def _itemsize(tree) -> int:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return leaves[0].dtype.itemsize if leaves else 0
+
+
 def log_parameter_counts(config, state, step: int, writer, base=None):
   """Parameter counts; `base`: a LoRA run's frozen base (state.params are
   then its adapters, all trained)."""
@@ -104,9 +109,18 @@ def log_parameter_counts(config, state, step: int, writer, base=None):
     logging.info("Parameters: %d total (UNet %d, text %d), %d trainable.",
                  n_total, ts.param_count(state.params["unet"]),
                  ts.param_count(state.params["text"]), n_trainable)
+  per_param = ts.state_bytes_per_param(state.opt_state, state.params)
+  logging.info(
+      "State per trained parameter: %.2f bytes of optimiser state "
+      "(optim.optimizer=%s, moment_dtype=%s), %d of params, %d of EMA "
+      "params.", per_param, config.optim.get("optimizer", "adamw"),
+      config.optim.get("moment_dtype", "float32"),
+      _itemsize(state.params), _itemsize(state.ema_params))
   if jax.process_index() == 0:
     writer.write_scalars(step, {"model/params_total": n_total,
-                                "model/params_trainable": n_trainable})
+                                "model/params_trainable": n_trainable,
+                                "memory/optimizer_bytes_per_param":
+                                    per_param})
 
 
 # --- The chores ----------------------------------------------------------------

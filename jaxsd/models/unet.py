@@ -7,10 +7,11 @@ how it computes:
 
 * NHWC in and out: no layout transposes at the model's edges.
 * Attention keeps heads in [B, T, N, H] (no head<->batch transposes) and goes
-  through `dot_product_attention` below: `jax.nn.dot_product_attention` on
-  accelerators and for cross-attention; on CPU, long self-attention runs in
-  cache-sized blocks with a recomputing backward pass. That is where the
-  train-step speedup and memory saving come from (benchmarks/bench_unet.py).
+  through `attention.dot_product_attention`: cuDNN's fused kernel on GPUs
+  where it applies, XLA's for short attention, and for long self-attention
+  a blocked (flash-style) attention with a recomputing backward pass that
+  never holds the [T, S] scores. That is where the CPU train-step speedup
+  and memory saving come from (benchmarks/bench_unet.py, bench_memory.py).
 * GroupNorm (`group_norm`) reduces its statistics one axis at a time and has
   a hand-written backward pass: XLA:CPU's reductions over several axes are
   slow.
@@ -34,6 +35,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxsd.models import attention
+from jaxsd.models.remat import POLICIES as REMAT_POLICIES
+from jaxsd.models.remat import call as _call
+from jaxsd.models.remat import remat_call
 
 Dtype = Any
 IntOrTuple = Union[int, Tuple[int, ...]]
@@ -205,122 +213,7 @@ class ResnetBlock(nn.Module):
     if x.shape[-1] != self.features:
       x = nn.Conv(self.features, kernel_size=(1, 1), dtype=self.dtype,
                   name="conv_shortcut")(x)
-    return x + h
-
-
-# The CPU attention path works on [B, N, T, H] ("heads-major") operands so
-# every einsum below is a plain batched matmul: XLA then inserts no
-# transposes of the [B, N, T, S] scores, only of the small [T, H] operands.
-
-
-@jax.custom_vjp
-def _attention_saving_lse(q, k, v):
-  return _attention_saving_lse_fwd(q, k, v)[0]
-
-
-def _attention_saving_lse_fwd(q, k, v):
-  """Softmax attention that keeps only (inputs, output, log-sum-exp).
-
-  q: [B, N, T, H], k, v: [B, N, S, H] -> [B, N, T, H].
-  """
-  q = q * jnp.asarray(q.shape[-1]**-0.5, q.dtype)  # scale the small operand
-  logits = jnp.einsum("bnth,bnsh->bnts", q, k,
-                      preferred_element_type=jnp.float32)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  probs = jnp.exp(logits - row_max)  # unnormalised
-  row_sum = jnp.sum(probs, axis=-1, keepdims=True)
-  # Normalising the [.., T, H] output rather than the [.., T, S]
-  # probabilities saves a pass over the scores.
-  out = jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32) / row_sum
-  out = out.astype(v.dtype)
-  lse = row_max + jnp.log(row_sum)  # [B, N, T, 1]
-  return out, (q, k, v, out, lse)
-
-
-def _attention_saving_lse_bwd(residuals, d_out):
-  q, k, v, out, lse = residuals  # q is pre-scaled
-  probs = jnp.exp(jnp.einsum("bnth,bnsh->bnts", q, k,
-                             preferred_element_type=jnp.float32) - lse)
-  d_v = jnp.einsum("bnts,bnth->bnsh", probs.astype(v.dtype), d_out)
-  d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, v,
-                       preferred_element_type=jnp.float32)
-  # sum_s P dP == sum_h dO O: a [.., T, H] product instead of another pass
-  # over the scores (FlashAttention-2's D term).
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
-                  axis=-1, keepdims=True)
-  d_logits = (probs * (d_probs - delta)).astype(q.dtype)
-  d_q = jnp.einsum("bnts,bnsh->bnth", d_logits, k) * jnp.asarray(
-      q.shape[-1]**-0.5, q.dtype)
-  d_k = jnp.einsum("bnts,bnth->bnsh", d_logits, q)
-  return d_q, d_k, d_v
-
-
-_attention_saving_lse.defvjp(_attention_saving_lse_fwd,
-                             _attention_saving_lse_bwd)
-
-
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                          block: Optional[Tuple[int, int]] = None
-                          ) -> jnp.ndarray:
-  """Softmax attention, [B, T, N, H] x [B, S, N, H] -> [B, T, N, H].
-
-  Without `block` this is `jax.nn.dot_product_attention` (XLA, or cuDNN's
-  fused kernels where they apply). With `block=(samples, queries)` it is the
-  CPU path for long sequences: scores are computed one
-  [samples, N, queries, S] block at a time (exact: every softmax row is
-  whole) so they stay in cache, and the backward pass recomputes them from
-  the saved output and log-sum-exp instead of storing them.
-  """
-  if block is None:
-    return jax.nn.dot_product_attention(q, k, v, implementation=None)
-  batch, num_queries, heads, head_dim = q.shape
-  samples, queries = block
-  if batch % samples or num_queries % queries:
-    raise ValueError(f"block {block} does not divide {q.shape[:2]}")
-  num_blocks = num_queries // queries
-  heads_major = lambda t: jnp.transpose(t, (0, 2, 1, 3))
-  q, k, v = heads_major(q), heads_major(k), heads_major(v)
-  # Query blocks become extra "samples", each with a copy of its sample's
-  # keys and values ([N, S, H], small next to the scores).
-  q = q.reshape(batch, heads, num_blocks, queries, head_dim)
-  q = jnp.transpose(q, (0, 2, 1, 3, 4))
-  k, v = (jnp.repeat(t, num_blocks, axis=0) for t in (k, v))
-  per_step = lambda t: t.reshape(-1, samples, *t.shape[-3:])
-  out = jax.lax.map(lambda qkv: _attention_saving_lse(*qkv),
-                    (per_step(q), per_step(k), per_step(v)))
-  out = out.reshape(batch, num_blocks, heads, queries, head_dim)
-  out = jnp.transpose(out, (0, 1, 3, 2, 4))
-  return out.reshape(batch, num_queries, heads, head_dim)
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-  return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
-
-
-def _attention_block(batch: int, num_queries: int, num_keys: int,
-                     heads: int) -> Optional[Tuple[int, int]]:
-  """`block` for `dot_product_attention`: blocked on CPU for long sequences.
-
-  GPUs have the bandwidth and parallelism to take all scores at once; short
-  attention (cross-attention to a few text tokens) has no big scores.
-  """
-  if (jax.default_backend() != "cpu" or
-      num_queries * num_keys < _CPU_BLOCKED_MIN_SCORES):
-    return None
-  row_bytes = heads * num_keys * 4  # one query's f32 scores
-  queries = _largest_divisor_at_most(num_queries,
-                                     _CPU_BLOCK_BYTES // row_bytes)
-  samples = _largest_divisor_at_most(batch,
-                                     _CPU_BLOCK_BYTES // (queries * row_bytes))
-  return samples, queries
-
-
-# Blocks of a few MiB keep a block's scores in cache, which pays from about
-# 96x96 scores up; shorter attention gains nothing from blocking and stays
-# one XLA op (figures: benchmarks/README.md, "Attention on CPU").
-_CPU_BLOCK_BYTES = 4 * 2**20
-_CPU_BLOCKED_MIN_SCORES = 96 * 96
+    return checkpoint_name(x + h, "resnet_out")
 
 
 class Attention(nn.Module):
@@ -338,11 +231,10 @@ class Attention(nn.Module):
     split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
     q, k, v = (split(dense("to_q")(x)), split(dense("to_k")(context)),
                split(dense("to_v")(context)))
-    block = _attention_block(x.shape[0], x.shape[1], context.shape[1],
-                             self.heads)
-    out = dot_product_attention(q, k, v, block)
+    out = attention.dot_product_attention(q, k, v)
     out = out.reshape(*out.shape[:2], inner)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+    out = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+    return checkpoint_name(out, "attention_out")
 
 
 class GEGLU(nn.Module):
@@ -378,17 +270,19 @@ class TransformerBlock(nn.Module):
   only_cross_attention: bool = False
   dtype: Dtype = jnp.float32
   torch_numerics: bool = False
+  remat: str = "none"  # a REMAT_POLICIES name
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
     """x: [B, T, C], context: [B, S, D] -> [B, T, C]."""
     ln = lambda name: nn.LayerNorm(epsilon=_NORM_EPS, dtype=self.dtype,
                                    name=name)
-    attn = lambda name: Attention(self.heads, self.dim_head, self.dtype,
-                                  name=name)
+    attn = lambda name, *args: remat_call(
+        self.remat, "attention", _call,
+        Attention(self.heads, self.dim_head, self.dtype, name=name), *args)
     h = ln("norm1")(x)
-    x = x + attn("attn1")(h, context if self.only_cross_attention else h)
-    x = x + attn("attn2")(ln("norm2")(x), context)
+    x = x + attn("attn1", h, context if self.only_cross_attention else h)
+    x = x + attn("attn2", ln("norm2")(x), context)
     x = x + FeedForward(x.shape[-1], self.dtype, self.torch_numerics,
                         name="ff")(ln("norm3")(x))
     return x
@@ -403,6 +297,7 @@ class SpatialTransformer(nn.Module):
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
   torch_numerics: bool = False
+  remat: str = "none"  # a REMAT_POLICIES name
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
@@ -423,10 +318,10 @@ class SpatialTransformer(nn.Module):
     for i in range(self.depth):
       h = TransformerBlock(self.heads, c // self.heads,
                            self.only_cross_attention, self.dtype,
-                           self.torch_numerics,
+                           self.torch_numerics, self.remat,
                            name=f"transformer_blocks_{i}")(h, context)
     h = proj("proj_out")(h.reshape(b, height, width, c))
-    return x + h
+    return checkpoint_name(x + h, "transformer_out")
 
 
 class TimestepEmbedding(nn.Module):
@@ -454,19 +349,21 @@ class _Block(nn.Module):
   norm_num_groups: int = 32
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  remat_transformers: bool = False
+  remat: str = "none"  # a REMAT_POLICIES name
   torch_numerics: bool = False
 
   def resnet(self, name: str) -> ResnetBlock:
     return ResnetBlock(self.features, self.norm_num_groups, self.dropout,
                        self.dtype, name=name)
 
-  def transformer(self, name: str) -> SpatialTransformer:
-    cls = _RematSpatialTransformer if self.remat_transformers else (
-        SpatialTransformer)
-    return cls(self.heads, self.depth, self.use_linear_projection,
-               self.only_cross_attention, self.norm_num_groups, self.dtype,
-               self.torch_numerics, name=name)
+  def transformer(self, name: str):
+    """The spatial transformer `name` as a function of (x, context)."""
+    module = SpatialTransformer(
+        self.heads, self.depth, self.use_linear_projection,
+        self.only_cross_attention, self.norm_num_groups, self.dtype,
+        self.torch_numerics, self.remat, name=name)
+    return functools.partial(remat_call, self.remat, "transformers", _call,
+                             module)
 
 
 class DownBlock(_Block):
@@ -521,19 +418,8 @@ class UpBlock(_Block):
     return x
 
 
-# Gradient checkpointing (UNet.remat). The wrapped classes keep their
-# module names (the `name=` given at construction), so the parameter tree is
-# the one without remat. `train` is static (argument numbers count `self`
-# as 0): it selects dropout, a Python-level choice.
-REMAT_POLICIES = ("none", "blocks", "transformers")
-_RematSpatialTransformer = nn.remat(SpatialTransformer)
-_RematDownBlock = nn.remat(DownBlock, static_argnums=(4,))
-_RematMidBlock = nn.remat(MidBlock, static_argnums=(4,))
-_RematUpBlock = nn.remat(UpBlock, static_argnums=(5,))
-
-
 def remat_policy(remat: Union[bool, str]) -> str:
-  """`UNet.remat` as one of REMAT_POLICIES (False -> "none", True ->
+  """`UNet.remat` as one of remat.POLICIES (False -> "none", True ->
   "blocks")."""
   if remat is False or remat is None:
     return "none"
@@ -619,17 +505,15 @@ class UNet(nn.Module):
     depths = _per_block(self.transformer_layers_per_block, n)
     channels = self.block_out_channels
     policy = remat_policy(self.remat)
-    blocks = policy == "blocks"
-    down_cls = _RematDownBlock if blocks else DownBlock
-    mid_cls = _RematMidBlock if blocks else MidBlock
-    up_cls = _RematUpBlock if blocks else UpBlock
+    # `train` (dropout) is a Python-level choice: closed over, not traced.
+    block = functools.partial(remat_call, policy, "blocks",
+                              lambda mdl, *args: mdl(*args, train))
 
     def settings(i):
       return dict(heads=heads[i], depth=depths[i],
                   use_linear_projection=self.use_linear_projection,
                   norm_num_groups=self.norm_num_groups, dropout=self.dropout,
-                  dtype=self.dtype,
-                  remat_transformers=policy == "transformers",
+                  dtype=self.dtype, remat=policy,
                   torch_numerics=self.torch_numerics)
 
     t = jnp.asarray(timesteps, jnp.float32).reshape(-1)
@@ -649,26 +533,25 @@ class UNet(nn.Module):
     x = _conv3x3(channels[0], self.dtype, "conv_in")(sample.astype(self.dtype))
     skips = [x]
     for i, block_type in enumerate(self.down_block_types):
-      x, block_skips = down_cls(
+      x, block_skips = block(DownBlock(
           channels[i], self.layers_per_block,
           has_attention=_has_attention(block_type, "Down"),
           only_cross_attention=cross_only[i], add_downsample=i < n - 1,
-          name=f"down_blocks_{i}", **settings(i))(x, temb, context, train)
+          name=f"down_blocks_{i}", **settings(i)), x, temb, context)
       skips.extend(block_skips)
 
-    x = mid_cls(channels[-1], name="mid_block",
-                 **settings(n - 1))(x, temb, context, train)
+    x = block(MidBlock(channels[-1], name="mid_block", **settings(n - 1)),
+              x, temb, context)
 
     for i, block_type in enumerate(self.up_block_types):
       r = n - 1 - i  # the down block this one mirrors
       num_layers = self.layers_per_block + 1
       block_skips, skips = skips[-num_layers:], skips[:-num_layers]
-      x = up_cls(
+      x = block(UpBlock(
           channels[r], num_layers,
           has_attention=_has_attention(block_type, "Up"),
           only_cross_attention=cross_only[r], add_upsample=i < n - 1,
-          name=f"up_blocks_{i}", **settings(r))(x, block_skips, temb, context,
-                                                 train)
+          name=f"up_blocks_{i}", **settings(r)), x, block_skips, temb, context)
 
     x = GroupNorm(self.norm_num_groups, dtype=self.dtype,
                   name="conv_norm_out")(x)

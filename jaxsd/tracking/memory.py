@@ -26,3 +26,48 @@ def peak_memory_gb() -> float:
   if stats and "peak_bytes_in_use" in stats:
     return stats["peak_bytes_in_use"] / 2**30
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# XLA's plan of a compiled program: `compiled.memory_analysis()` fields.
+PLAN_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+
+
+def compiled_plan(compiled) -> dict:
+  """{"argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+  "generated_code_bytes", "peak_bytes"} of a compiled program; {} where the
+  backend reports none. peak_bytes = arguments + temporaries + outputs not
+  aliased to (donated) arguments: what running it needs at once."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # backends without it
+    return {}
+  if stats is None:
+    return {}
+  plan = {f"{f}_bytes": int(getattr(stats, f"{f}_size_in_bytes", 0) or 0)
+          for f in PLAN_FIELDS}
+  plan["peak_bytes"] = (plan["argument_bytes"] + plan["temp_bytes"] +
+                        plan["output_bytes"] - plan["alias_bytes"])
+  return plan
+
+
+def reporting_plan(step, report):
+  """`step(state, batch, rng)` that, the first time it sees a batch shape,
+  compiles ahead of time (`step.jitted.lower(...)`) and hands XLA's plan to
+  report(plan, shapes) before running. jax reuses that executable for the
+  call itself, so nothing is compiled twice."""
+  if hasattr(step, "jitted"):  # the diffusion step: (..., base)
+    lower = lambda *args: step.jitted.lower(*args, step.base)
+  elif hasattr(step, "lower"):  # a jitted (state, batch, rng) step
+    lower = step.lower
+  else:
+    return step
+  seen = set()
+
+  def wrapped(state, batch, rng):
+    shapes = tuple((k, tuple(v.shape), str(v.dtype))
+                   for k, v in sorted(batch.items()))
+    if shapes not in seen:
+      seen.add(shapes)
+      report(compiled_plan(lower(state, batch, rng).compile()), shapes)
+    return step(state, batch, rng)
+  return wrapped

@@ -5,6 +5,7 @@ runs them with the other sections before anything is built.
 """
 from jaxsd.checks import INT64, check_float, check_int
 from jaxsd.errors import ConfigError
+from jaxsd.training import state as ts
 
 
 def check_training(config):
@@ -31,9 +32,21 @@ def check_training(config):
 
 
 def check_optim(config):
-  """optim.*: AdamW, its schedule, clipping, EMA and gradient accumulation
+  """optim.*: the optimiser (AdamW or Adafactor, the moments' dtype), its schedule, clipping, EMA and gradient accumulation
   (the micro-batches split training.batch_size)."""
   o = config.optim
+  for key, allowed in (("optimizer", ts.OPTIMIZERS),
+                       ("moment_dtype", ts.MOMENT_DTYPES)):
+    value = o.get(key, allowed[0])
+    if value not in allowed:
+      raise ConfigError(f"optim.{key}={value!r}; choose one of "
+                        f"{list(allowed)}.")
+  if o.get("optimizer", "adamw") == "adafactor" and o.get(
+      "moment_dtype", "float32") != "float32":
+    raise ConfigError(
+        "optim.moment_dtype applies to AdamW; Adafactor keeps no first "
+        "moment and a factored second one. Set optim.moment_dtype="
+        "'float32' or optim.optimizer='adamw'.")
   check_float("optim.learning_rate", o.learning_rate, 0.0, low_open=True,
               hint="a rate <= 0 does not descend the loss")
   check_int("optim.warmup_steps", o.warmup_steps, 0)

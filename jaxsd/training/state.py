@@ -1,5 +1,15 @@
-"""Train state (params, EMA params, optimiser state) and the optimiser."""
-from typing import Any
+"""Train state (params, EMA params, optimiser state) and the optimiser.
+
+Optimisers (`optim.optimizer`, `optim.moment_dtype`), by the bytes of
+state they keep per trained parameter:
+
+| optimiser | moments | state bytes / param |
+| --- | --- | --- |
+| "adamw", "float32" | first and second, float32 | 8 |
+| "adamw", "bfloat16" | first and second, bfloat16 (the second stochastically rounded) | 4 |
+| "adafactor" | a factored second moment (row and column means of 2-D and larger kernels), no first | about 0 for kernels, 4 for vectors |
+"""
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -39,9 +49,108 @@ def weight_decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+MOMENT_DTYPES = ("float32", "bfloat16")
+
+
+def _round_to_bfloat16(x, key):
+  """float32 -> bfloat16 rounded up or down at random, in proportion to
+  the distance (unbiased: E[round(x)] = x). Round-to-nearest would freeze
+  Adam's second moment: an update's relative change, (1 - b2) = 1e-3, is
+  below bfloat16's 2^-8 resolution and would always round away."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+  bits = (bits + noise) & jnp.uint32(0xFFFF0000)  # exact in bfloat16
+  return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(jnp.bfloat16)
+
+
+class ScaleByAdamBf16State(NamedTuple):
+  count: jnp.ndarray  # int32 scalar
+  mu: Any  # bfloat16, as the params
+  nu: Any  # bfloat16, as the params
+
+
+def scale_by_adam_bfloat16(b1: float, b2: float, eps: float,
+                           seed: int = 0) -> optax.GradientTransformation:
+  """optax.scale_by_adam with both moments stored in bfloat16 (computed in
+  float32): half of AdamW's state. The first moment is rounded to nearest
+  (as optax's mu_dtype), the second stochastically (`_round_to_bfloat16`)
+  with keys from (seed, count, leaf): the same on a resumed run."""
+
+  def init(params):
+    zeros = lambda p: jnp.zeros(p.shape, jnp.bfloat16)
+    return ScaleByAdamBf16State(
+        count=jnp.zeros((), jnp.int32),
+        mu=jax.tree_util.tree_map(zeros, params),
+        nu=jax.tree_util.tree_map(zeros, params))
+
+  def update(updates, state, params=None):
+    del params
+    count = state.count + 1
+    key = jax.random.fold_in(jax.random.key(seed), count)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    c = count.astype(jnp.float32)
+    new_mu, new_nu, out = [], [], []
+    for i, (g, mu, nu) in enumerate(zip(leaves, mus, nus)):
+      g = g.astype(jnp.float32)
+      m = b1 * mu.astype(jnp.float32) + (1.0 - b1) * g
+      v = b2 * nu.astype(jnp.float32) + (1.0 - b2) * jnp.square(g)
+      m_hat = m / (1.0 - b1**c)
+      v_hat = v / (1.0 - b2**c)
+      out.append(m_hat / (jnp.sqrt(v_hat) + eps))
+      new_mu.append(m.astype(jnp.bfloat16))
+      new_nu.append(_round_to_bfloat16(v, jax.random.fold_in(key, i)))
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    return unflat(out), ScaleByAdamBf16State(count, unflat(new_mu),
+                                             unflat(new_nu))
+
+  return optax.GradientTransformation(init, update)
+
+
+def _update_rule(optim_config, schedule):
+  """The optimiser proper (after clipping): `optim.optimizer` with
+  decoupled, masked weight decay scaled by the learning rate (AdamW's)."""
+  name = optim_config.get("optimizer", "adamw")
+  moments = optim_config.get("moment_dtype", "float32")
+  decay = optax.add_decayed_weights(optim_config.weight_decay,
+                                    mask=weight_decay_mask)
+  if name == "adamw" and moments == "float32":
+    return optax.adamw(
+        schedule, b1=optim_config.b1, b2=optim_config.b2,
+        eps=optim_config.eps, weight_decay=optim_config.weight_decay,
+        mask=weight_decay_mask)
+  if name == "adamw" and moments == "bfloat16":
+    scale = scale_by_adam_bfloat16(optim_config.b1, optim_config.b2,
+                                   optim_config.eps)
+  elif name == "adafactor":
+    # optax.adafactor's own chain would decay weights after the learning
+    # rate (wd per step, not lr * wd) and rescale steps by the parameters'
+    # norms; this keeps AdamW's meaning of learning_rate and weight_decay.
+    scale = optax.chain(optax.scale_by_factored_rms(),
+                        optax.clip_by_block_rms(1.0))
+  else:
+    raise ValueError(f"optim.optimizer={name!r}, optim.moment_dtype="
+                     f"{moments!r}; choose from {OPTIMIZERS} and "
+                     f"{MOMENT_DTYPES}.")
+  return optax.chain(scale, decay, optax.scale_by_learning_rate(schedule))
+
+
+def state_bytes_per_param(opt_state, params) -> float:
+  """The optimiser state's bytes per parameter of `params` (the trained
+  tree): 8 for float32 AdamW."""
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize
+                            for x in jax.tree_util.tree_leaves(tree)
+                            if hasattr(x, "dtype"))
+  count = param_count(params)
+  return nbytes(opt_state) / count if count else 0.0
+
+
 def make_optimizer(optim_config, num_steps: int, text_trainable: bool = True,
                    step_offset: int = 0):
-  """AdamW with warmup-cosine, global-norm clipping, masked weight decay.
+  """`optim.optimizer` (AdamW or Adafactor, `_update_rule`) with
+  warmup-cosine, global-norm clipping, masked weight decay.
 
   `step_offset`: the schedule of an optimiser whose first update is global
   step `step_offset` (its k-th update gets step offset + k's rate), as the
@@ -53,10 +162,7 @@ def make_optimizer(optim_config, num_steps: int, text_trainable: bool = True,
   parts = []
   if optim_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
-  parts.append(optax.adamw(
-      schedule, b1=optim_config.b1,
-      b2=optim_config.b2, eps=optim_config.eps,
-      weight_decay=optim_config.weight_decay, mask=weight_decay_mask))
+  parts.append(_update_rule(optim_config, schedule))
   tx = optax.chain(*parts)
   if text_trainable:
     return tx

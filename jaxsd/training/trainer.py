@@ -11,6 +11,7 @@ its own chores. A new kind of training is one new task module.
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -24,6 +25,7 @@ from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd.checkpointing import resume
 from jaxsd.data import pipeline as data_pipeline
 from jaxsd.tracking import images as images_lib
+from jaxsd.tracking import memory
 from jaxsd.training import loop as loop_lib
 from jaxsd.training import preemption as preemption_lib
 from jaxsd.training import progress as progress_lib
@@ -182,6 +184,27 @@ def restore_or_create_state(task: Task, setup, mngr, rng, loader,
 # --- The run --------------------------------------------------------------------
 
 
+def log_step_plan(writer, step: int, plan: dict, shapes) -> None:
+  """XLA's memory plan of the compiled step, before it first runs: on the
+  console and as MLflow params and metrics (memory/step_*_gb), so a run
+  shows what a step needs before step 1 (or before an out-of-memory)."""
+  if not plan:
+    logging.info("The compiled step reports no memory plan (backend %s).",
+                 jax.default_backend())
+    return
+  gb = {k[:-len("_bytes")]: v / 1e9 for k, v in plan.items()}
+  logging.info(
+      "The compiled step needs %.2f GB: arguments %.2f GB (state, batch), "
+      "temporaries %.2f GB, outputs %.2f GB of which %.2f GB reuse donated "
+      "arguments; batch %s.", gb["peak"], gb["argument"], gb["temp"],
+      gb["output"], gb["alias"],
+      ", ".join(f"{k} {list(s)} {d}" for k, s, d in shapes))
+  if jax.process_index() == 0:
+    figures = {f"memory/step_{k}_gb": round(v, 4) for k, v in gb.items()}
+    writer.write_hparams(figures)
+    writer.write_scalars(step, figures)
+
+
 def train_and_evaluate(config, workdir: str, task: Task,
                        hooks: Sequence[Callable[[int], None]] = ()):
   """Trains `task` with `config` in `workdir`, resuming from its latest
@@ -253,7 +276,9 @@ def _train(config, workdir: str, task: Task,
               start_step=start_step)
     with progress.excluded():  # compiling and chores' set-up: not training
       task.log_parameters(run, state)
-      train_step = setup.make_train_step()
+      train_step = memory.reporting_plan(
+          setup.make_train_step(),
+          functools.partial(log_step_plan, writer, start_step))
       task_chores = task.chores(run)
     preemption.check()
 

@@ -154,23 +154,6 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert err < 0.05 * jnp.abs(outs[jnp.float32]).max()
 
 
-@pytest.mark.parametrize("block", [(1, 16), (2, 64)])
-def test_blocked_attention_matches_xla(block):
-  """Values and gradients of the CPU path (custom VJP) against jax.nn's."""
-  keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, d_out = (jax.random.normal(key, (2, 64, 3, 4)) for key in keys)
-
-  def vjp(fn):
-    out, pullback = jax.vjp(fn, q, k, v)
-    return (out,) + pullback(d_out)
-
-  got = jax.jit(lambda: vjp(functools.partial(
-      unet_lib.dot_product_attention, block=block)))()
-  expected = jax.jit(lambda: vjp(jax.nn.dot_product_attention))()
-  for g, e in zip(got, expected):
-    np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("shape", [(2, 6, 5, 32), (2, 6, 5, 96), (3, 4, 64)])
 def test_group_norm_matches_flax(shape):
   """Values and gradients of the hand-written backward against autodiff of
@@ -273,7 +256,8 @@ def _shapes(policy):
                         context)["params"]
 
 
-@pytest.mark.parametrize("policy", ["blocks", "transformers", True])
+@pytest.mark.parametrize("policy", [p for p in unet_lib.REMAT_POLICIES
+                                    if p != "none"] + [True])
 def test_remat_keeps_the_param_tree(policy):
   """Same names, shapes and dtypes: checkpoints and the diffusers
   conversion read the same tree with and without remat."""
@@ -282,7 +266,8 @@ def test_remat_keeps_the_param_tree(policy):
   assert flat(_shapes(policy)) == flat(_shapes("none"))
 
 
-@pytest.mark.parametrize("policy", ["blocks", "transformers"])
+@pytest.mark.parametrize("policy", [p for p in unet_lib.REMAT_POLICIES
+                                    if p != "none"])
 def test_remat_gives_the_same_output_and_gradients(policy):
   out, grads = _remat_output_and_grads(policy)
   ref_out, ref_grads = _remat_output_and_grads("none")
@@ -317,12 +302,6 @@ def test_remat_keeps_fewer_activations():
   assert blocks < transformers < 0.6 * none
 
 
-@pytest.mark.skipif(
-    jax.default_backend() == "cpu",
-    reason="XLA:CPU drops optimization barriers, so CSE merges the "
-    "recomputation back into the forward pass and the compiled temp "
-    "size does not change on CPU; test_remat_keeps_fewer_activations "
-    "measures the program instead.")
 def test_remat_reduces_compiled_memory():
   def temp_bytes(policy):
     loss, _ = _remat_loss(policy)
@@ -332,11 +311,49 @@ def test_remat_reduces_compiled_memory():
     grad = jax.grad(lambda p: loss(p, sample, timesteps, context)[0])
     compiled = jax.jit(grad).lower(_shapes(policy)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
+  # XLA's plan of the compiled gradient, on every backend: on CPU the
+  # recomputation sits in a conditional on the incoming gradient
+  # (jaxsd/models/remat.py), where CSE cannot fold it back.
   none = temp_bytes("none")
-  assert temp_bytes("blocks") < none
-  assert temp_bytes("transformers") < none
+  assert temp_bytes("blocks") < 0.75 * none
+  assert temp_bytes("transformers") < 0.85 * none
 
 
 def test_remat_rejects_an_unknown_policy():
   with pytest.raises(ValueError, match="model.remat"):
     _shapes("everything")
+
+
+@functools.lru_cache(maxsize=None)
+def _lora_grads(policy):
+  """Gradients w.r.t. LoRA adapters on to_q/to_v (random up, so that every
+  adapter's gradient is non-zero) with the base frozen."""
+  from jaxsd.models import lora  # pylint: disable=g-import-not-at-top
+  loss, model = _remat_loss(policy)
+  sample, timesteps, context = inputs(MIXED)
+  params = random_params(jax.eval_shape(model.init, jax.random.key(0), sample,
+                                        timesteps, context)["params"])
+  adapters = lora.init_adapters(jax.random.key(1), params, ("to_q", "to_v"),
+                                rank=2)
+  adapters = jax.tree_util.tree_map(
+      lambda a: a if a.any() else 0.1 * jax.random.normal(
+          jax.random.key(a.size), a.shape), adapters)
+
+  def adapted(adapters):
+    return lora.apply_with_adapters(
+        lambda p, *a: loss(p, *a)[0], params, adapters, sample, timesteps,
+        context, alpha=2.0)
+  return jax.jit(jax.grad(adapted))(adapters)
+
+
+@pytest.mark.parametrize("policy", ["blocks", "attention"])
+def test_remat_with_lora_gives_the_same_adapter_gradients(policy):
+  """LoRA reaches the Dense layers through a method interceptor that closes
+  over the adapters: remat must not leak them (the CPU custom-VJP path
+  cannot take closed-over tracers; it falls back to jax.checkpoint)."""
+  ref = _lora_grads("none")
+  assert min(float(jnp.abs(g).max())
+             for g in jax.tree_util.tree_leaves(ref)) > 0  # not vacuous
+  for g, r in zip(jax.tree_util.tree_leaves(_lora_grads(policy)),
+                  jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=0)

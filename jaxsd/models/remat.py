@@ -1,0 +1,99 @@
+"""Gradient checkpointing (`UNet.remat`) that takes effect on XLA:CPU too.
+
+A policy names what is recomputed in the backward pass and what is kept:
+
+| policy | recomputed from its inputs | kept inside it |
+| --- | --- | --- |
+| "none" | nothing | every activation |
+| "blocks" | each down, mid and up block | nothing |
+| "transformers" | each spatial transformer | nothing |
+| "attention" | each attention layer (projections, attention, output) | nothing |
+| "blocks_saving_dots" | each block | the outputs of matmuls without batch dimensions (the dense layers; `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) |
+| "blocks_saving_names" | each block | the outputs of its resnets and transformers (`SAVED_NAMES`) |
+
+Why not plain `jax.checkpoint` (`nn.remat`): it marks the recomputation
+with optimisation barriers, and XLA:CPU removes those before its
+optimisations, so CSE folds the recomputation back into the forward pass
+and the compiled step keeps every activation anyway (measured:
+benchmarks/README.md). The formulation CPU keeps: a custom VJP whose
+forward pass saves only what the policy saves (`nn.vjp` of the
+checkpointed function) and whose backward pass recomputes inside a
+`lax.cond` that takes the incoming gradient as an operand. A conditional's
+branches are separate computations (nothing to merge with the forward
+pass), and the gradient operand means the recomputation cannot be
+scheduled before the backward pass reaches it, so at most one block's
+activations are live at a time. GPUs keep the barriers; there `nn.remat`
+with the same policy is used, with no conditional (whose predicate a GPU
+reads back to the host).
+"""
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# policy -> (the layer it recomputes, what it keeps there; None = nothing)
+SAVED_NAMES = ("resnet_out", "transformer_out")
+
+
+_POLICIES = {
+    "none": (None, None),
+    "blocks": ("blocks", None),
+    "transformers": ("transformers", None),
+    "attention": ("attention", None),
+    "blocks_saving_dots": (
+        "blocks", jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "blocks_saving_names": (
+        "blocks", jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)),
+}
+POLICIES = tuple(_POLICIES)
+
+
+def call(module, *args):
+  """module(*args): the function of (module, *args) most layers are."""
+  return module(*args)
+
+
+def _first_leaf(tree):
+  return jax.tree_util.tree_leaves(tree)[0]
+
+
+def _intercepted() -> bool:
+  """Whether a Flax method interceptor is active (LoRA's adapters,
+  `lora.apply_with_adapters`): it closes over traced values, which a custom
+  VJP cannot take as inputs (an UnexpectedTracerError)."""
+  from flax.linen import module as module_lib  # pylint: disable=g-import-not-at-top
+  return len(module_lib._global_interceptor_stack) > 0  # pylint: disable=protected-access
+
+
+def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,
+               *args):
+  """fn(module, *args), recomputed in the backward pass if `policy`
+  checkpoints `layer` ("blocks", "transformers" or "attention").
+
+  The parameter tree is the same either way: `module` keeps its name.
+  """
+  where, saveable = _POLICIES[policy]
+  if where != layer:
+    return fn(module, *args)
+  saveable = saveable or jax.checkpoint_policies.nothing_saveable
+  if jax.default_backend() != "cpu" or _intercepted():
+    # GPUs keep the barriers. Under an interceptor (LoRA) plain
+    # checkpointing is the correct choice, though XLA:CPU may fold its
+    # recomputation back (benchmarks/README.md: LoRA with remat on CPU).
+    return nn.checkpoint(fn, policy=saveable)(module, *args)
+  # The conditional keeps CSE out; the barrier would be dropped anyway.
+  checkpointed = nn.checkpoint(fn, policy=saveable, prevent_cse=False)
+
+  def forward(mdl, *inputs):
+    return nn.vjp(checkpointed, mdl, *inputs)
+
+  def backward(pullback, d_out):
+    # Both branches are the same pullback: the predicate (finite or not)
+    # changes nothing but cannot be known when compiling.
+    pred = jnp.isfinite(jnp.ravel(_first_leaf(d_out))[0])
+    run = lambda operands: operands[0](operands[1])
+    return jax.lax.cond(pred, run, run, (pullback, d_out))
+
+  return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(
+      module, *args)
