@@ -28,6 +28,7 @@ frozen and are never differentiated.
 diffusers' LoRA file format (peft key names, safetensors read and write) is
 in jaxsd/interop/lora_format.py.
 """
+import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -36,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxsd.models import remat
 
 Path = Tuple[str, ...]
 
@@ -260,7 +263,7 @@ def apply_with_adapters(apply_fn: Callable, params, adapters, *args,
     if context.method_name != "__call__" or not isinstance(module, nn.Dense):
       return next_fun(*call_args, **call_kwargs)
     path = tuple(module.path)
-    pair = modules.get(path)
+    pair = current["modules"].get(path)
     if pair is None:
       return next_fun(*call_args, **call_kwargs)
     y = next_fun(*call_args, **call_kwargs)
@@ -276,7 +279,17 @@ def apply_with_adapters(apply_fn: Callable, params, adapters, *args,
     update = (h @ up.astype(y.dtype)) * (scale * alpha / down.shape[-1])
     return y + update.astype(y.dtype)
 
-  with nn.intercept_methods(interceptor):
+  # What the interceptor reads, swappable: remat's CPU recomputation passes
+  # the adapters through its custom VJP as inputs (remat.closure_inputs).
+  # With dropout the mask's rng is closed over too: not declared, so remat
+  # falls back to plain checkpointing there.
+  current = {"modules": modules}
+
+  def put(value):
+    current["modules"] = value
+  declared = (remat.closure_inputs(lambda: current["modules"], put)
+              if dropout == 0 else contextlib.nullcontext())
+  with nn.intercept_methods(interceptor), declared:
     out = apply_fn(params, *args, **kwargs)
   unused = sorted(set(modules) - set(calls))
   if unused:

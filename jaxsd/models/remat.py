@@ -26,7 +26,9 @@ activations are live at a time. GPUs keep the barriers; there `nn.remat`
 with the same policy is used, with no conditional (whose predicate a GPU
 reads back to the host).
 """
-from typing import Callable
+import contextlib
+import threading
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -58,30 +60,58 @@ def _first_leaf(tree):
   return jax.tree_util.tree_leaves(tree)[0]
 
 
-def _intercepted() -> bool:
-  """Whether a Flax method interceptor is active (LoRA's adapters,
-  `lora.apply_with_adapters`): it closes over traced values, which a custom
-  VJP cannot take as inputs (an UnexpectedTracerError)."""
+# The traced values method interceptors close over, registered by their
+# owners (`closure_inputs`, used by `lora.apply_with_adapters`): the CPU
+# recomputation below takes them as explicit inputs, since a custom VJP
+# cannot close over values being differentiated.
+_CLOSURES = threading.local()
+
+
+def _closures() -> list:
+  if not hasattr(_CLOSURES, "stack"):
+    _CLOSURES.stack = []
+  return _CLOSURES.stack
+
+
+@contextlib.contextmanager
+def closure_inputs(get: Callable[[], Any], put: Callable[[Any], None]):
+  """Declares, for the duration, what an interceptor pushed alongside reads
+  from its closure: get() returns the pytree of arrays, put(tree) makes the
+  interceptor read `tree` instead. Under one interceptor so declared (LoRA),
+  remat on CPU passes the tree through its custom VJP and swaps it in while
+  the checkpointed function is traced; under any undeclared interceptor it
+  falls back to plain checkpointing."""
+  _closures().append((get, put))
+  try:
+    yield
+  finally:
+    _closures().pop()
+
+
+def _interceptors() -> int:
+  """How many Flax method interceptors are active."""
   from flax.linen import module as module_lib  # pylint: disable=g-import-not-at-top
-  return len(module_lib._global_interceptor_stack) > 0  # pylint: disable=protected-access
+  return len(module_lib._global_interceptor_stack)  # pylint: disable=protected-access
 
 
-def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,
-               *args):
-  """fn(module, *args), recomputed in the backward pass if `policy`
-  checkpoints `layer` ("blocks", "transformers" or "attention").
+def _with_closure_inputs(fn: Callable, closures) -> Callable:
+  """fn(mdl, *args) as a function of (mdl, values, *args) that reads the
+  closures' values from its `values` argument."""
+  def wrapped(mdl, values, *args):
+    saved = [get() for get, _ in closures]
+    for (_, put), value in zip(closures, values):
+      put(value)
+    try:
+      return fn(mdl, *args)
+    finally:
+      for (_, put), value in zip(closures, saved):
+        put(value)
+  return wrapped
 
-  The parameter tree is the same either way: `module` keeps its name.
-  """
-  where, saveable = _POLICIES[policy]
-  if where != layer:
-    return fn(module, *args)
-  saveable = saveable or jax.checkpoint_policies.nothing_saveable
-  if jax.default_backend() != "cpu" or _intercepted():
-    # GPUs keep the barriers. Under an interceptor (LoRA) plain
-    # checkpointing is the correct choice, though XLA:CPU may fold its
-    # recomputation back (benchmarks/README.md: LoRA with remat on CPU).
-    return nn.checkpoint(fn, policy=saveable)(module, *args)
+
+def _recompute_in_cond(fn: Callable, saveable, module, *args):
+  """fn(module, *args) with a custom VJP that saves what `saveable` keeps
+  and recomputes the rest inside a conditional on the incoming gradient."""
   # The conditional keeps CSE out; the barrier would be dropped anyway.
   checkpointed = nn.checkpoint(fn, policy=saveable, prevent_cse=False)
 
@@ -97,3 +127,27 @@ def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,
 
   return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(
       module, *args)
+
+
+def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,
+               *args):
+  """fn(module, *args), recomputed in the backward pass if `policy`
+  checkpoints `layer` ("blocks", "transformers" or "attention").
+
+  The parameter tree is the same either way: `module` keeps its name.
+  """
+  where, saveable = _POLICIES[policy]
+  if where != layer:
+    return fn(module, *args)
+  saveable = saveable or jax.checkpoint_policies.nothing_saveable
+  closures = list(_closures())
+  if jax.default_backend() != "cpu" or _interceptors() != len(closures):
+    # GPUs keep the barriers. Under an interceptor that did not declare its
+    # closure (`closure_inputs`), plain checkpointing is the correct
+    # choice, though XLA:CPU may fold its recomputation back.
+    return nn.checkpoint(fn, policy=saveable)(module, *args)
+  if not closures:
+    return _recompute_in_cond(fn, saveable, module, *args)
+  values = [get() for get, _ in closures]
+  return _recompute_in_cond(_with_closure_inputs(fn, closures), saveable,
+                            module, values, *args)
