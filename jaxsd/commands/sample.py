@@ -28,10 +28,10 @@ def _define_flags():
   flags.DEFINE_float("clip_x0", None, "Clip the x0 estimate to [-c, c] at "
                      "every step, latent runs too; 0 = off (default: the "
                      "run's sampling.clip_x0).")
-  flags.DEFINE_enum("timestep_spacing", None,
-                    ["trailing", "leading", "linspace"], "Sampling "
-                    "timesteps (default: the run's sampling.timestep_spacing;"
-                    " 'leading' uses steps_offset 1 as SD).")
+  flags.DEFINE_string("timestep_spacing", None, "trailing | leading | "
+                      "linspace: sampling timesteps (default: the run's "
+                      "sampling.timestep_spacing; leading uses steps_offset "
+                      "1 as SD).")
   flags.DEFINE_string("out", "samples.png", "PNG grid to write.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_bool("save_individual", False, "Also write each image as "

@@ -171,10 +171,7 @@ def first_step_gain(config) -> float:
   an epsilon model's error multiplies into its x0 estimate there
   (x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab))."""
   d, s = config.diffusion, config.sampling
-  schedule = schedules.make_schedule(
-      d.schedule, d.num_timesteps, beta_start=d.beta_start or None,
-      beta_end=d.beta_end or None,
-      rescale_zero_snr=d.get("rescale_zero_snr", False))
+  schedule = schedules.from_config(d)
   first = samplers.timesteps_for(s.num_steps, d.num_timesteps,
                                  s.get("timestep_spacing", "trailing"),
                                  s.get("steps_offset", 0))[0]
@@ -190,10 +187,8 @@ def warn_unbounded_first_step(config, latent: bool):
   only by a numeric bound."""
   if config.diffusion.prediction_type != "epsilon":
     return
-  clip = config.sampling.get("clip_x0", True)
-  bounded = (not isinstance(clip, bool) and clip > 0) or (
-      clip is True and not latent)
-  if bounded:
+  if samplers.run_clip_bound(config.sampling.get("clip_x0", True),
+                             latent) is not None:
     return
   gain = first_step_gain(config)
   if gain > MAX_FIRST_STEP_GAIN:

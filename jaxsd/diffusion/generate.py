@@ -126,11 +126,9 @@ class Generator:
         final_alpha=final_alpha,
         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
         prediction_type=c.config.diffusion.prediction_type, eta=eta,
-        # Images live in [-1, 1]: clipping the x0 estimate keeps an epsilon
-        # model's near-pure-noise steps (ab ~ 1e-9 under cosine) bounded.
-        # Latents have no such range: only a numeric bound clips them.
-        clip_x0=(clip_x0 if c.autoencoder is None or not isinstance(
-            clip_x0, bool) else False),
+        # Clipping the x0 estimate keeps an epsilon model's near-pure-noise
+        # steps (ab ~ 1e-9 under cosine) bounded.
+        clip_x0=samplers.run_clip_bound(clip_x0, c.autoencoder is not None),
         guidance_interval=guidance_interval)
     return c.decode(autoencoder_params, x)
 

@@ -101,13 +101,10 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
   # run's schedule and downsampling (a latent run's autoencoder loaded for
   # its factor) before any checkpoint is restored.
   config = run_config.load_run_config(workdir, step)
-  spacing = {}
-  if timestep_spacing is not None:
+  if timestep_spacing is not None:  # the checks and the Generator read it
     with config.unlocked():
       config.sampling.timestep_spacing = timestep_spacing
       config.sampling.steps_offset = 1 if timestep_spacing == "leading" else 0
-    spacing = dict(timestep_spacing=timestep_spacing,
-                   steps_offset=config.sampling.steps_offset)
   config_checks.check_flags_against_run(config, steps=steps)
   comps = build.build_components(config)
   config_checks.check_flags_against_run(
@@ -121,7 +118,7 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
       comps, mesh, config.sampling, chunk_size=chunk_size, sampler=sampler,
       num_steps=steps, guidance_scale=guidance_scale, eta=eta,
       guidance_interval=guidance_interval, height=height, width=width,
-      clip_x0=None if clip_x0 is None else float(clip_x0), **spacing)
+      clip_x0=None if clip_x0 is None else float(clip_x0))
   all_prompts = [p for p in prompts for _ in range(num_samples)]
   images = generator(params, all_prompts, jax.random.key(seed))
   return images, step

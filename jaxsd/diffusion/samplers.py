@@ -228,6 +228,15 @@ def _clip_bound(clip_x0) -> Optional[float]:
       f"clip_x0 must be a bool or a positive number, got {clip_x0!r}.")
 
 
+def run_clip_bound(clip_x0, latent: bool) -> Optional[float]:
+  """The bound sampling.clip_x0 puts on a run's x0 estimates (None: none).
+  True is the images' range [-1, 1], so it clips pixel runs only (latents
+  have no such range); a number c > 0 bounds either to [-c, c]."""
+  if latent and isinstance(clip_x0, bool):
+    return None
+  return _clip_bound(clip_x0)
+
+
 def guided_denoise_fn(denoise_fn: DenoiseFn, cond_context, uncond_context,
                       guidance_scale,
                       guidance_timesteps: Optional[Tuple[int, int]] = None

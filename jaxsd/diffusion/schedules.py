@@ -111,6 +111,17 @@ class NoiseSchedule:
     return x0, eps
 
 
+def from_config(diffusion_config) -> "NoiseSchedule":
+  """The schedule a config's `diffusion` section names (schedule,
+  num_timesteps, beta_start / beta_end with 0 = the default,
+  rescale_zero_snr)."""
+  d = diffusion_config
+  return make_schedule(d.schedule, d.num_timesteps,
+                       beta_start=d.beta_start or None,
+                       beta_end=d.beta_end or None,
+                       rescale_zero_snr=d.get("rescale_zero_snr", False))
+
+
 def make_schedule(name: str, num_timesteps: int = 1000, beta_start=None,
                   beta_end=None, rescale_zero_snr: bool = False
                   ) -> NoiseSchedule:

@@ -187,12 +187,7 @@ def build_components(config) -> Components:
   tokenizer = text_lib.load_tokenizer(config.text.tokenizer)
   encoder = text_lib.TextEncoder(config.text, text_lib.vocab_size(tokenizer))
   unet = models.build_unet(config.model, encoder.hidden_size)
-  d = config.diffusion
-  schedule = schedules.make_schedule(d.schedule, d.num_timesteps,
-                                     beta_start=d.beta_start or None,
-                                     beta_end=d.beta_end or None,
-                                     rescale_zero_snr=d.get(
-                                         "rescale_zero_snr", False))
+  schedule = schedules.from_config(config.diffusion)
   uncond = text_lib.empty_prompt_ids(tokenizer, config.text.max_length)
   autoencoder = None
   if config.model.autoencoder:

@@ -297,7 +297,7 @@ def test_prompt_rows_grid_keeps_non_square_cells_aspect():
   assert (tile == 0).all()
 
 
-@pytest.mark.parametrize("clip, want", [(True, False), (False, False),
+@pytest.mark.parametrize("clip, want", [(True, None), (False, None),
                                         (3.0, 3.0)])
 def test_latent_runs_clip_only_with_a_numeric_bound(tiny_config, vae, clip,
                                                     want):
