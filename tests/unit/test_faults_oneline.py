@@ -224,6 +224,7 @@ def test_read_only_workdir_lock_is_one_line(tmp_path, monkeypatch):
   assert "train in another --workdir" in str(e.value)
 
 
+@pytest.mark.mnist  # configs/tiny.py trains on MNIST, checked before the workdir
 def test_read_only_workdir_jaxsd_train_is_one_line(
     fresh_flags, monkeypatch, capsys, tmp_path):
   del fresh_flags
