@@ -156,6 +156,7 @@ def maybe_initialize_distributed(mode: str = "auto"):
 HEARTBEAT_TIMEOUT_S = 10
 _FAILURE_KEY = "jaxsd/failure"  # /<process>: the failure it is told of
 _SEEN_KEY = "jaxsd/failure_seen"  # /<process>: it has read the failure
+_LEFT_KEY = "jaxsd/failure_left"  # /<process>: it is exiting now
 _NO_FAILURE = ""  # posted to a process's own key when it exits normally
 # At most: the others answer within milliseconds unless the machine is
 # swamped (3 s was too short with a load of 9 on 2 cores).
@@ -173,6 +174,38 @@ def _exit_now(code: int):
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)  # pylint: disable=protected-access
+
+
+# Process 0 hosts the coordination service. If it exits while another
+# process is still alive, that process's agent loses the service and aborts
+# (SIGABRT, a C++ stack) instead of exiting with its one line: seen with
+# process 1 failing, process 0 acknowledging and exiting before process 1
+# had read the acknowledgement. So every leaving process says so, and
+# process 0 goes last: after the others' word (at most _ACK_WAIT_S) and a
+# moment for their exit to complete.
+_LAST_EXIT_GRACE_S = 0.5
+
+
+def _leave(client, code: int):
+  """Exits with `code` after a failure; process 0 waits for the others to
+  leave first (see above)."""
+  me, count = jax.process_index(), jax.process_count()
+  try:
+    client.key_value_set(f"{_LEFT_KEY}/{me}", "1")
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if me == 0:
+    deadline = time.monotonic() + _ACK_WAIT_S
+    for other in range(1, count):
+      remaining_ms = int((deadline - time.monotonic()) * 1000)
+      if remaining_ms <= 0:
+        break
+      try:
+        client.blocking_key_value_get(f"{_LEFT_KEY}/{other}", remaining_ms)
+      except Exception:  # pylint: disable=broad-except
+        break  # dead or stuck: nothing to wait for
+    time.sleep(_LAST_EXIT_GRACE_S)
+  _exit_now(code)
 
 
 def leave_process_group(message: str, code: int = 1):
@@ -205,7 +238,7 @@ def leave_process_group(message: str, code: int = 1):
       client.blocking_key_value_get(f"{_SEEN_KEY}/{other}", remaining_ms)
     except Exception:  # pylint: disable=broad-except
       break  # dead or stuck: the heartbeat timeout stops it
-  _exit_now(code)
+  _leave(client, code)
 
 
 def _watch_for_failure(client, me: int, count: int):
@@ -226,7 +259,7 @@ def _watch_for_failure(client, me: int, count: int):
       pass
     sys.stderr.write(f"jaxsd: error: process {failed} of {count} failed: "
                      f"{message}\n")
-    _exit_now(1)
+    _leave(client, 1)
 
 
 def _stop_with_the_first_failure():

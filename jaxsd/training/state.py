@@ -53,13 +53,30 @@ OPTIMIZERS = ("adamw", "adafactor")
 MOMENT_DTYPES = ("float32", "bfloat16")
 
 
-def _round_to_bfloat16(x, key):
+def _mix32(x):
+  """A bijective uint32 mixer (Wellons' lowbias32): consecutive inputs give
+  decorrelated outputs. Stochastic rounding needs only that, and a few
+  integer ops fuse into the update, where `jax.random.bits` per leaf put one
+  threefry kernel per parameter array into the step (the tiny test step
+  compiled 4x slower: 32 s against 8 s, 2026-12-06, AMD EPYC)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _round_to_bfloat16(x, stream):
   """float32 -> bfloat16 rounded up or down at random, in proportion to
   the distance (unbiased: E[round(x)] = x). Round-to-nearest would freeze
   Adam's second moment: an update's relative change, (1 - b2) = 1e-3, is
-  below bfloat16's 2^-8 resolution and would always round away."""
+  below bfloat16's 2^-8 resolution and would always round away.
+
+  stream: a uint32 scalar; each element's 16 random bits hash (stream,
+  its flat index), so the same stream rounds the same way (resumes)."""
   bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-  noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+  index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+  noise = _mix32(_mix32(index) ^ stream) & jnp.uint32(0xFFFF)
   bits = (bits + noise) & jnp.uint32(0xFFFF0000)  # exact in bfloat16
   return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(jnp.bfloat16)
 
@@ -75,7 +92,8 @@ def scale_by_adam_bfloat16(b1: float, b2: float, eps: float,
   """optax.scale_by_adam with both moments stored in bfloat16 (computed in
   float32): half of AdamW's state. The first moment is rounded to nearest
   (as optax's mu_dtype), the second stochastically (`_round_to_bfloat16`)
-  with keys from (seed, count, leaf): the same on a resumed run."""
+  with a stream hashed from (seed, count, leaf): the same on a resumed
+  run."""
 
   def init(params):
     zeros = lambda p: jnp.zeros(p.shape, jnp.bfloat16)
@@ -87,7 +105,8 @@ def scale_by_adam_bfloat16(b1: float, b2: float, eps: float,
   def update(updates, state, params=None):
     del params
     count = state.count + 1
-    key = jax.random.fold_in(jax.random.key(seed), count)
+    stream = _mix32(count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+                    ^ jnp.uint32(seed))
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
@@ -101,7 +120,7 @@ def scale_by_adam_bfloat16(b1: float, b2: float, eps: float,
       v_hat = v / (1.0 - b2**c)
       out.append(m_hat / (jnp.sqrt(v_hat) + eps))
       new_mu.append(m.astype(jnp.bfloat16))
-      new_nu.append(_round_to_bfloat16(v, jax.random.fold_in(key, i)))
+      new_nu.append(_round_to_bfloat16(v, _mix32(stream + jnp.uint32(i))))
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflat(out), ScaleByAdamBf16State(count, unflat(new_mu),
                                              unflat(new_nu))

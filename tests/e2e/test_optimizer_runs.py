@@ -1,6 +1,9 @@
 """End to end: the memory-saving optimisers train the tiny config and
 resume exactly; the run logs the state's bytes per parameter and XLA's
 plan of the compiled step."""
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,19 +29,23 @@ def test_optimizer_trains_and_resumes_exactly(optimizer, moments,
   full = diffusion_task.train_and_evaluate(config(),
                                            str(tmp_path / "uninterrupted"))
   assert int(full.step) == 4
+  # Resumed from the uninterrupted run's step-2 checkpoint (a copy of its
+  # workdir without step 4): the optimiser state must restore exactly.
+  # Stopping a run (SIGTERM at a step) is tested elsewhere; a third run
+  # here would test it again.
   workdir = str(tmp_path / "resumed")
-  stopped = diffusion_task.train_and_evaluate(
-      config(), workdir, hooks=[helpers.sigterm_at_step(2)])
-  assert int(stopped.step) == 2
+  shutil.copytree(str(tmp_path / "uninterrupted"), workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
   resumed = diffusion_task.train_and_evaluate(config(), workdir)
   assert int(resumed.step) == 4
   helpers.assert_leaves_close(helpers.model_leaves(resumed),
                               helpers.model_leaves(full))
   helpers.assert_leaves_close(helpers.leaves(resumed.opt_state),
                               helpers.leaves(full.opt_state))
-  initial = helpers.model_leaves(stopped)
-  assert not all(np.array_equal(a, b) for a, b in
-                 zip(initial, helpers.model_leaves(full)))  # it trained
+  # It trained: the moments (zero at initialisation) moved.
+  moments = [np.asarray(x, np.float32) for x in
+             jax.tree_util.tree_leaves(full.opt_state) if x.ndim >= 1]
+  assert moments and any(np.abs(m).max() > 0 for m in moments)
 
   dtypes = {x.dtype for x in jax.tree_util.tree_leaves(full.opt_state)
             if x.ndim >= 2}

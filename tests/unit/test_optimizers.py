@@ -72,6 +72,25 @@ def test_bfloat16_adamw_follows_float32_adamw():
   np.testing.assert_allclose(got_nu.mean(), ref_nu.mean(), rtol=0.05)
 
 
+def test_stochastic_rounding_to_bfloat16_is_unbiased():
+  """The second moment's rounding: each value goes to one of its two
+  bfloat16 neighbours with probability by distance (mean = the value, to
+  the binomial standard error), the same stream the same way, another
+  stream another way."""
+  x = jnp.full((256, 1024), 1.0 + 2.0**-10, jnp.float32)  # 1/8 of a step
+  lo, hi = 1.0, 1.0 + 2.0**-7  # its bfloat16 neighbours
+  rounded = ts._round_to_bfloat16(x, jnp.uint32(7)).astype(jnp.float32)
+  assert set(np.unique(np.asarray(rounded))) == {lo, hi}
+  up = float((rounded == hi).mean())
+  assert abs(up - 0.125) < 4 * np.sqrt(0.125 * 0.875 / x.size), up
+  np.testing.assert_array_equal(
+      rounded, ts._round_to_bfloat16(x, jnp.uint32(7)).astype(jnp.float32))
+  other = ts._round_to_bfloat16(x, jnp.uint32(8)).astype(jnp.float32)
+  assert 0.15 < float((other != rounded).mean()) < 0.30  # ~2 * p * (1 - p)
+  # Neighbouring rows are not copies of each other (the index is hashed).
+  assert float((rounded[0] != rounded[1]).mean()) > 0.15
+
+
 def test_adafactor_is_optax_adafactor_without_parameter_scaling():
   """With weight decay 0, jaxsd's Adafactor is optax.adafactor with
   multiply_by_parameter_scale=False (AdamW's meaning of learning_rate)."""
