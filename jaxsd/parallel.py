@@ -186,6 +186,21 @@ def _exit_now(code: int):
 _LAST_EXIT_GRACE_S = 0.5
 
 
+def _wait_for_keys(client, keys):
+  """Waits until each key is set, _ACK_WAIT_S in all; stops early at the
+  first that fails (its process is dead or stuck: the heartbeat timeout
+  stops it)."""
+  deadline = time.monotonic() + _ACK_WAIT_S
+  for key in keys:
+    remaining_ms = int((deadline - time.monotonic()) * 1000)
+    if remaining_ms <= 0:
+      return
+    try:
+      client.blocking_key_value_get(key, remaining_ms)
+    except Exception:  # pylint: disable=broad-except
+      return
+
+
 def _leave(client, code: int):
   """Exits with `code` after a failure; process 0 waits for the others to
   leave first (see above)."""
@@ -195,15 +210,7 @@ def _leave(client, code: int):
   except Exception:  # pylint: disable=broad-except
     pass
   if me == 0:
-    deadline = time.monotonic() + _ACK_WAIT_S
-    for other in range(1, count):
-      remaining_ms = int((deadline - time.monotonic()) * 1000)
-      if remaining_ms <= 0:
-        break
-      try:
-        client.blocking_key_value_get(f"{_LEFT_KEY}/{other}", remaining_ms)
-      except Exception:  # pylint: disable=broad-except
-        break  # dead or stuck: nothing to wait for
+    _wait_for_keys(client, [f"{_LEFT_KEY}/{p}" for p in range(1, count)])
     time.sleep(_LAST_EXIT_GRACE_S)
   _exit_now(code)
 
@@ -229,15 +236,7 @@ def leave_process_group(message: str, code: int = 1):
       pass  # it failed too, or has exited, or another failure came first
   # The coordination service lives in process 0: wait (briefly) until the
   # others have read the failure, so they learn it even when 0 is leaving.
-  deadline = time.monotonic() + _ACK_WAIT_S
-  for other in told:
-    remaining_ms = int((deadline - time.monotonic()) * 1000)
-    if remaining_ms <= 0:
-      break
-    try:
-      client.blocking_key_value_get(f"{_SEEN_KEY}/{other}", remaining_ms)
-    except Exception:  # pylint: disable=broad-except
-      break  # dead or stuck: the heartbeat timeout stops it
+  _wait_for_keys(client, [f"{_SEEN_KEY}/{other}" for other in told])
   _leave(client, code)
 
 
