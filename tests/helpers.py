@@ -4,6 +4,7 @@ comparing states, reading a run's MLflow record, small image datasets.
 Imported as `helpers` (tests/ is on sys.path: pyproject's pytest pythonpath,
 and PYTHONPATH for the worker subprocesses).
 """
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,24 @@ import numpy as np
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)  # the repository
+
+
+# --- Compiling ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def xla_optimised():
+  """XLA's optimisations on inside (tests/conftest.py turns most of them off
+  for the session): for programs that run far longer than they compile. A
+  1000-step DDPM loop over [8000, 2] ran 4.6 s without them and 0.9 s with
+  them (2026-12-06, 2-core AMD EPYC with AVX-512). Compile options are part
+  of the persistent cache's key, so the two kinds of executable never mix."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 # --- Configs ------------------------------------------------------------------

@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import helpers
 import numpy as np
 import pytest
 
@@ -126,9 +127,10 @@ def test_samples_match_data(schedule_name, prediction_type, sampler, num_steps):
   # sd = 0.5 dimension by ~4%. test_dpmsolver_20_steps_is_accurate covers 20.
   schedule, fn = toy(schedule_name, prediction_type)
   n = 8000
-  x = samplers.sample(fn, schedule, jax.random.key(1), (n, len(MU)),
-                      zeros_context(n), sampler=sampler, num_steps=num_steps,
-                      prediction_type=prediction_type)
+  with helpers.xla_optimised():  # up to 1000 steps over [8000, 2]: 5x faster
+    x = samplers.sample(fn, schedule, jax.random.key(1), (n, len(MU)),
+                        zeros_context(n), sampler=sampler,
+                        num_steps=num_steps, prediction_type=prediction_type)
   z = (np.asarray(x) - MU) / SD
   # ~5 standard errors of 8000 samples (1/sqrt(n) = 0.011, sqrt(2/n) = 0.016).
   np.testing.assert_allclose(z.mean(0), 0.0, atol=0.05)

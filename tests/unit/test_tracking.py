@@ -117,6 +117,7 @@ def test_unreachable_server_falls_back_to_the_local_store(tmp_path,
                                                           monkeypatch):
   uri = _closed_port_uri()
   monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+  monkeypatch.setattr(mlflow_store, "PROBE_PAUSE_S", 0.1)  # 3 tries
   warnings = _warnings(monkeypatch)
   start = time.time()
   writer, mlflow_writer = writers.create_writers(_config(),
@@ -150,7 +151,9 @@ def test_unreachable_server_falls_back_to_the_local_store(tmp_path,
 def test_a_server_that_never_answers_is_given_up_on_in_time(
     tmp_path, monkeypatch, silent_server):
   monkeypatch.setenv("MLFLOW_TRACKING_URI", silent_server)
-  monkeypatch.setattr(mlflow_store, "PROBE_TRIES", 2)  # a faster test
+  # A faster test (2 tries of 1 s): the defaults' bound is checked below.
+  monkeypatch.setattr(mlflow_store, "PROBE_TRIES", 2)
+  monkeypatch.setattr(mlflow_store, "PROBE_TIMEOUT_S", (1.0, 1.0))
   warnings = _warnings(monkeypatch)
   start = time.time()
   writer = mlflow_store.MlflowWriter(str(tmp_path), "jaxsd")
