@@ -7,6 +7,7 @@ and PYTHONPATH for the worker subprocesses).
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,19 @@ def sigterm_at_step(step: int, process=None):
     if current == step and process in (None, jax.process_index()):
       os.kill(os.getpid(), signal.SIGTERM)
   return hook
+
+
+def copy_run_until(workdir: str, copy: str, step: int) -> str:
+  """A copy of a run's workdir without its checkpoints after `step`: the
+  next start resumes from `step`, as a run stopped there would. Cheaper
+  than a third run where stopping itself is not what a test checks
+  (SIGTERM at a step: test_train_mnist.py, test_faults_runs.py)."""
+  shutil.copytree(workdir, copy)
+  checkpoints = os.path.join(copy, "checkpoints")
+  for name in os.listdir(checkpoints):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(os.path.join(checkpoints, name))
+  return copy
 
 
 def leaves(tree):

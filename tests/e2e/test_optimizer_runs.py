@@ -1,9 +1,6 @@
 """End to end: the memory-saving optimisers train the tiny config and
 resume exactly; the run logs the state's bytes per parameter and XLA's
 plan of the compiled step."""
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,9 +32,8 @@ def test_optimizer_trains_and_resumes_exactly(optimizer, moments,
   # workdir without step 4): the optimiser state must restore exactly.
   # Stopping a run (SIGTERM at a step) is tested elsewhere; a third run
   # here would test it again.
-  workdir = str(tmp_path / "resumed")
-  shutil.copytree(str(tmp_path / "uninterrupted"), workdir)
-  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  workdir = helpers.copy_run_until(str(tmp_path / "uninterrupted"),
+                                   str(tmp_path / "resumed"), 2)
   resumed = diffusion_task.train_and_evaluate(config(), workdir)
   assert int(resumed.step) == 4
   helpers.assert_leaves_close(helpers.model_leaves(resumed),
