@@ -120,14 +120,30 @@ def remove_partial_saves(directory: str):
     time.sleep(0.1)
 
 
+def _settle(mngr: ocp.CheckpointManager, tries: int = 10):
+  """Waits for orbax's pending background writes, dropping their errors.
+  The manager's wait_until_finished returns at once when no finalize thread
+  started (a save that failed early) and never waits for the checkpoint
+  metadata writer; check_for_errors does, but re-raises the first failed
+  write and leaves those queued after it: call until a round is clean."""
+  for _ in range(tries):
+    try:
+      mngr.wait_until_finished()
+      mngr.check_for_errors()
+      return
+    except Exception:  # pylint: disable=broad-except
+      continue
+
+
 def _save_failed(mngr, step: int, state: Any, e: Exception
                  ) -> errors.CheckpointError:
   directory = str(mngr.directory)
-  try:  # let orbax's background part of the save stop first
-    mngr.wait_until_finished()
-  except Exception:  # pylint: disable=broad-except
-    pass
+  _settle(mngr)  # let orbax's background part of the save stop first
   _remove_partial(directory, step)
+  # A write queued behind the failure (orbax's checkpoint metadata) may
+  # have run into the removed folder: collect its error here, or the next
+  # restore would raise it (FileNotFoundError for _CHECKPOINT_METADATA).
+  _settle(mngr)
   try:
     mngr.reload()
   except Exception:  # pylint: disable=broad-except
