@@ -105,7 +105,13 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
     with config.unlocked():
       config.sampling.timestep_spacing = timestep_spacing
       config.sampling.steps_offset = 1 if timestep_spacing == "leading" else 0
-  config_checks.check_flags_against_run(config, steps=steps)
+  # A pixel run's --height/--width too, before the tokenizer and models are
+  # loaded (seconds); a latent run's need its autoencoder's factor, below.
+  pixel_run = not (config.model.autoencoder
+                   or config.model.get("pretrained_pipeline"))
+  config_checks.check_flags_against_run(
+      config, steps=steps, **(dict(height=height, width=width) if pixel_run
+                              else {}))
   comps = build.build_components(config)
   config_checks.check_flags_against_run(
       config, height=height, width=width,

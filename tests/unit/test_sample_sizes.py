@@ -5,8 +5,6 @@ one line unless multiples of the model's downsampling, and grids keep
 non-square cells' aspect ratio."""
 import json
 import os
-import subprocess
-import sys
 from unittest import mock
 
 import jax
@@ -24,7 +22,6 @@ from jaxsd.tracking import images as images_lib
 
 import helpers
 
-ROOT = helpers.ROOT  # the repository
 PROMPTS = ["a photograph of the number 3", ""]
 
 # Downsamples 2x: with the tiny UNet's 2 levels, sides are multiples of 4.
@@ -260,16 +257,16 @@ def test_size_flag_against_a_pixel_run(tiny_config):
       "--height=8.")
 
 
-def test_sample_command_refuses_a_bad_height_in_one_line(tiny_config,
-                                                          tmp_path):
+def test_sample_command_refuses_a_bad_height_in_one_line(
+    tiny_config, tmp_path, fresh_flags, monkeypatch, capsys):
+  del fresh_flags
   workdir = _workdir(tmp_path, tiny_config())
-  done = subprocess.run(
-      [sys.executable, "-m", "jaxsd.commands.sample", f"--workdir={workdir}",
-       "--prompt=a 3", "--height=9", "--width=16"],
-      cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
-      text=True, timeout=300, check=False)
-  assert done.returncode == 1, done.stderr
-  assert done.stderr.strip().splitlines()[-1] == (
+  code, _, err = helpers.run_command(
+      "jaxsd.commands.sample", [f"--workdir={workdir}", "--prompt=a 3",
+                                "--height=9", "--width=16"],
+      monkeypatch, capsys)
+  assert code == 1, err
+  assert err.strip().splitlines()[-1] == (
       "jaxsd: error: --height=9 must be a multiple of 2 (the UNet halves it "
       "at each of its 2 levels but the last: model.block_out_channels=(32, "
       "32)); e.g. --height=8.")
