@@ -97,6 +97,7 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
   from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
   from jaxsd import parallel  # pylint: disable=g-import-not-at-top
+  from jaxsd.models import checks as model_checks  # pylint: disable=g-import-not-at-top
   # The checkpoint's config, read once: the flags are checked against the
   # run's schedule and downsampling (a latent run's autoencoder loaded for
   # its factor) before any checkpoint is restored.
@@ -105,17 +106,17 @@ def generate_for_prompts(workdir: str, prompts: Sequence[str], *,
     with config.unlocked():
       config.sampling.timestep_spacing = timestep_spacing
       config.sampling.steps_offset = 1 if timestep_spacing == "leading" else 0
-  # A pixel run's --height/--width too, before the tokenizer and models are
-  # loaded (seconds); a latent run's need its autoencoder's factor, below.
-  pixel_run = not (config.model.autoencoder
-                   or config.model.get("pretrained_pipeline"))
-  config_checks.check_flags_against_run(
-      config, steps=steps, **(dict(height=height, width=width) if pixel_run
-                              else {}))
+  # A pixel run's --height/--width now, before the tokenizer and models
+  # load (seconds); a latent run's need its autoencoder's factor, loaded
+  # with the components.
+  sizes = dict(height=height, width=width)
+  latent = model_checks.is_latent_run(config)
+  config_checks.check_flags_against_run(config, steps=steps,
+                                        **({} if latent else sizes))
   comps = build.build_components(config)
-  config_checks.check_flags_against_run(
-      config, height=height, width=width,
-      autoencoder_factor=comps.autoencoder_factor)
+  if latent:
+    config_checks.check_flags_against_run(
+        config, autoencoder_factor=comps.autoencoder_factor, **sizes)
   mesh = parallel.make_mesh()
   config, comps, params, step = build.restore_for_inference(
       workdir, mesh, step=step, use_ema=use_ema, lora_scale=lora_scale,

@@ -8,12 +8,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import helpers
 import numpy as np
 import pytest
 
 from jaxsd.diffusion import samplers
 from jaxsd.diffusion import schedules
+
+import helpers
 
 MU = np.linspace(-1.0, 1.0, 8).astype(np.float32)
 SD = np.linspace(0.5, 1.5, 8).astype(np.float32)
