@@ -1,6 +1,8 @@
-"""End to end: the memory-saving optimisers train the tiny config and
-resume exactly; the run logs the state's bytes per parameter and XLA's
-plan of the compiled step."""
+"""End to end: bf16-moment AdamW trains the tiny config and resumes
+exactly; the run logs the state's bytes per parameter and XLA's plan of the
+compiled step. Adafactor's state takes the same path (the trainer does not
+depend on the optimiser): its checkpoint round trip and exact resume are
+tested in tests/unit/test_optimizers.py, with bf16 AdamW's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +16,13 @@ import _parallel_worker as worker  # tests/e2e/ is on sys.path under pytest
 
 
 @pytest.mark.mnist
-@pytest.mark.parametrize("optimizer,moments", [("adamw", "bfloat16"),
-                                               ("adafactor", "float32")])
+@pytest.mark.parametrize("optimizer,moments", [("adamw", "bfloat16")])
 def test_optimizer_trains_and_resumes_exactly(optimizer, moments,
                                               tiny_config, tmp_path):
   overrides = {"optim.optimizer": optimizer, "optim.moment_dtype": moments,
-               "training.eval_every": 100}  # no sampling: the optimiser's test
+               # Only the end-of-run sample grid: evaluation is not what
+               # this tests.
+               "training.eval_every": 100, "eval.metrics": []}
   def config():
     c = tiny_config()
     c.update_from_flattened_dict(overrides)
@@ -54,9 +57,7 @@ def test_optimizer_trains_and_resumes_exactly(optimizer, moments,
   _, runs = helpers.mlflow_runs(str(tmp_path / "uninterrupted"))
   metrics, params = runs[0].data.metrics, runs[0].data.params
   per_param = metrics["memory/optimizer_bytes_per_param"]
-  # bf16 AdamW: 4 bytes; Adafactor factors kernels of 128+ rows and columns
-  # only (none in the tiny UNet), so up to 4 here (tests/unit: < 0.2).
-  assert per_param < 4.1
+  assert 4.0 <= per_param < 4.1  # bf16 AdamW: 4 bytes (float32: 8)
   # XLA's plan of the compiled step, logged before step 1.
   for key in ("memory/step_peak_gb", "memory/step_temp_gb",
               "memory/step_argument_gb"):

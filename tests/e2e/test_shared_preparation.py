@@ -6,7 +6,6 @@ the others wait, then use what it wrote (jaxsd/shared_files.py). The
 processes here are plain subprocesses: no jax.distributed group is needed to
 race on a folder.
 """
-import json
 import os
 import subprocess
 import sys
@@ -101,31 +100,5 @@ def test_reference_statistics_computed_by_one_of_several_processes(tmp_path):
   np.testing.assert_array_equal(mu, [0, 1, 2])
 
 
-@pytest.mark.mnist
-def test_two_processes_prepare_mnist_in_one_empty_data_dir(tmp_path):
-  """A fresh cluster's first job: both processes find MNIST unprepared in
-  one TFDS_DATA_DIR. Unlocked, both built it and one died renaming its copy
-  into place (FileExistsError); now one builds and both read it."""
-  mnist_dir = os.environ.get("JAXSD_MNIST_DIR")
-  if not mnist_dir:
-    pytest.skip("needs JAXSD_MNIST_DIR (the four original MNIST files)")
-  data_dir = tmp_path / "tfds"
-  code = """
-      import json, types
-      from absl import logging
-      import tensorflow_datasets  # imported before the start barrier
-      logging.set_verbosity(logging.INFO)  # shows "Building mnist ..."
-      from jaxsd.data import mnist
-      start_together(int(sys.argv[1]))
-      data = types.SimpleNamespace(tfds_data_dir=%r, mnist_dir=%r)
-      images, labels = mnist.load_mnist(data, "test")
-      print("RESULT", json.dumps([list(images.shape), int(labels.sum())]))
-      """ % (str(data_dir), mnist_dir)
-  outputs = _start_together(code, 2, tmp_path, TF_CPP_MIN_LOG_LEVEL="2")
-  assert [rc for rc, _ in outputs] == [0, 0], outputs
-  results = [json.loads(out.split("RESULT ")[1].splitlines()[0])
-             for _, out in outputs]
-  assert results[0] == results[1] and results[0][0] == [10000, 28, 28, 1]
-  built = [("Building mnist" in out) for _, out in outputs]
-  assert sorted(built) == [False, True], outputs  # prepared once
-  assert not list((data_dir / "mnist").glob("incomplete*"))
+# Two processes preparing MNIST in one empty TFDS folder: the first start of
+# tests/e2e/test_parallel_runs.py::test_two_processes_stop_together_resume_and_evaluate.

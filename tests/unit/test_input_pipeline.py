@@ -1,5 +1,7 @@
 """MNIST through tfds (the one MNIST reader, offline from the four files)
 and caption tokens. The batches themselves: tests/test_data_loader.py."""
+import os
+import shutil
 import time
 
 import numpy as np
@@ -47,3 +49,42 @@ def test_mnist_dir_missing_files(tiny_config, tmp_path):
   config.data.tfds_data_dir = str(tmp_path / "tfds")
   with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz"):
     input_pipeline.load_mnist(config.data, "test")
+
+
+@pytest.mark.mnist
+def test_decoded_split_is_kept_beside_the_dataset(tiny_config, monkeypatch,
+                                                  caplog):
+  """The first load decodes the tfds split and keeps its arrays in the
+  version folder; the next load (another process) reads them without
+  decoding; a damaged file is decoded again, with a warning."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data = tiny_config().data
+  load = lambda: input_pipeline._load_split.__wrapped__(  # no lru cache
+      "mnist", "test", input_pipeline._tfds_data_dir(data),
+      data.mnist_dir or "")
+  images, labels = load()
+  path = input_pipeline.arrays_path(
+      tfds.builder("mnist", data_dir=input_pipeline._tfds_data_dir(data)),
+      "test")
+  assert path.endswith("jaxsd-test.npz") and images.shape == (10000, 28, 28, 1)
+  saved = path + ".saved"
+  shutil.copy(path, saved)  # the session's other tests keep using it
+  try:
+    def no_decoding(*args, **kwargs):
+      raise AssertionError("decoded again")
+    with monkeypatch.context() as m:
+      m.setattr(tfds.core.DatasetBuilder, "as_dataset", no_decoding)
+      again_images, again_labels = load()
+    np.testing.assert_array_equal(again_images, images)
+    np.testing.assert_array_equal(again_labels, labels)
+    assert again_images.dtype == np.uint8 and again_labels.dtype == np.int32
+
+    with open(path, "r+b") as f:
+      f.truncate(1000)
+    redone_images, _ = load()
+    np.testing.assert_array_equal(redone_images, images)
+    assert "decoding the split again" in caplog.text
+    np.load(path)["image"]  # rewritten whole
+  finally:
+    shutil.copy(saved, path)
+    os.remove(saved)

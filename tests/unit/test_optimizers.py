@@ -140,3 +140,62 @@ def test_config_checks_name_the_field(overrides, match):
       training=dict(batch_size=4)))
   with pytest.raises(ConfigError, match=match):
     checks.check_optim(config)
+
+
+@pytest.mark.parametrize("optimizer,moments", [("adamw", "bfloat16"),
+                                               ("adafactor", "float32")])
+def test_state_checkpoints_and_resumes_exactly(optimizer, moments, tmp_path):
+  """The state saved at step 3 restores with its dtypes and structure (into
+  the shapes a fresh `tx.init` gives, as a resumed run's TrainSetup does),
+  and steps 4-6 from it equal the uninterrupted run's bit for bit.
+  tests/e2e/test_optimizer_runs.py runs the same through the trainer."""
+  from jaxsd.checkpointing import checkpoints as checkpoint  # pylint: disable=g-import-not-at-top
+  # [128, 160]: Adafactor factors kernels of 128+ rows and columns.
+  keys = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(keys[0], (64, 128))
+  target = jax.random.normal(keys[1], (64, 160))
+  params = {"dense": {"kernel": 0.1 * jax.random.normal(keys[2], (128, 160)),
+                      "bias": jnp.zeros((160,))}}
+  loss = lambda p: jnp.mean(jnp.square(x @ p["dense"]["kernel"]
+                                       + p["dense"]["bias"] - target))
+  tx = ts.make_optimizer(_optim(optimizer=optimizer, moment_dtype=moments,
+                                weight_decay=0.01), 6)
+
+  @jax.jit
+  def step(state):
+    grads = jax.grad(loss)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, opt_state=opt_state,
+                         params=optax.apply_updates(state.params, updates))
+
+  def run(state, steps):
+    for _ in range(steps):
+      state = step(state)
+    return state
+
+  at_3 = run(ts.create(params, tx), 3)
+  uninterrupted = run(at_3, 3)
+  mngr = checkpoint.manager(str(tmp_path), keep=1)
+  checkpoint.save(mngr, 3, at_3, {"step": 3})
+  mngr.wait_until_finished()
+  abstract = jax.eval_shape(lambda: ts.create(params, tx))
+  restored, _, _ = checkpoint.restore(mngr, abstract)
+  mngr.close()
+  same_tree = jax.tree_util.tree_structure
+  assert same_tree(restored.opt_state) == same_tree(at_3.opt_state)
+  for a, b in zip(jax.tree_util.tree_leaves(restored),
+                  jax.tree_util.tree_leaves(at_3)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  if moments == "bfloat16":
+    assert {x.dtype for x in jax.tree_util.tree_leaves(restored.opt_state)
+            if x.ndim} == {jnp.dtype(jnp.bfloat16)}
+  else:  # factored: a row and a column vector for the kernel, not [128, 160]
+    assert all(x.size < 128 * 160 for x in
+               jax.tree_util.tree_leaves(restored.opt_state))
+  resumed = run(restored, 3)
+  assert not np.array_equal(resumed.params["dense"]["kernel"],
+                            at_3.params["dense"]["kernel"])  # it trained
+  for a, b in zip(jax.tree_util.tree_leaves(resumed),
+                  jax.tree_util.tree_leaves(uninterrupted)):
+    np.testing.assert_array_equal(a, b)
