@@ -135,11 +135,12 @@ def test_lora_export_loads_into_pytorch_with_load_lora_weights(
     want = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                      torch.from_numpy(t), torch.from_numpy(ctx)).sample
   want = want.numpy().transpose(0, 2, 3, 1)
-  got = np.asarray(comps.unet.apply(merged["unet"], x, t, ctx))
+  apply = jax.jit(comps.unet.apply)  # eagerly, each of ~400 ops compiles
+  got = np.asarray(apply(merged["unet"], x, t, ctx))
   scale = max(1.0, np.abs(want).max())
   assert np.abs(got - want).max() / scale < 1e-4
   # ... and the adapters matter: the base alone differs.
-  base = np.asarray(comps.unet.apply(comps.base_params()["unet"], x, t, ctx))
+  base = np.asarray(apply(comps.base_params()["unet"], x, t, ctx))
   assert np.abs(base - want).max() / scale > 1e-3
   pipe.unload_lora_weights()
   for k, v in pipe.unet.state_dict().items():
