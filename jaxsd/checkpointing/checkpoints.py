@@ -88,13 +88,17 @@ def _nbytes(tree: Any) -> int:
                  for x in jax.tree_util.tree_leaves(tree)))
 
 
-def _remove_partial(directory: str, step: int, settle_s: float = 10.0):
-  """The temporary folder(s) of a save of `step` that did not complete.
+def remove_partial_saves(directory: str, step: Optional[int] = None,
+                         settle_s: float = 1.0):
+  """Removes the temporary folders of unfinished saves in `directory` (of
+  `step`, or of every step: what a run stopped mid-save leaves).
 
-  When one part of a save fails, orbax's threads writing the other parts
-  may still be creating files for a moment: remove until the folder stays
-  gone for half a second (at most settle_s)."""
-  pattern = os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")
+  The writers of a failed or interrupted save may still be creating files
+  for a moment: removes until none has reappeared for half a second, or
+  settle_s has passed."""
+  name = f"{step}.orbax-checkpoint-tmp*" if step is not None else (
+      "*.orbax-checkpoint-tmp*")
+  pattern = os.path.join(directory, name)
   deadline = time.monotonic() + settle_s
   gone_since = None
   while time.monotonic() < deadline:
@@ -107,16 +111,6 @@ def _remove_partial(directory: str, step: int, settle_s: float = 10.0):
       gone_since = time.monotonic()
     elif time.monotonic() - gone_since > 0.5:
       return
-    time.sleep(0.1)
-
-
-def remove_partial_saves(directory: str):
-  """Removes every unfinished save's temporary folder in `directory` (what a
-  run stopped mid-save leaves), a few times over while the writers that
-  made them may still be ending."""
-  for _ in range(3):
-    for path in glob.glob(os.path.join(directory, "*.orbax-checkpoint-tmp*")):
-      shutil.rmtree(path, ignore_errors=True)
     time.sleep(0.1)
 
 
@@ -139,7 +133,7 @@ def _save_failed(mngr, step: int, state: Any, e: Exception
                  ) -> errors.CheckpointError:
   directory = str(mngr.directory)
   _settle(mngr)  # let orbax's background part of the save stop first
-  _remove_partial(directory, step)
+  remove_partial_saves(directory, step, settle_s=10.0)
   # A write queued behind the failure (orbax's checkpoint metadata) may
   # have run into the removed folder: collect its error here, or the next
   # restore would raise it (FileNotFoundError for _CHECKPOINT_METADATA).
