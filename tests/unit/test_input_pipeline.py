@@ -59,13 +59,12 @@ def test_decoded_split_is_kept_beside_the_dataset(tiny_config, monkeypatch,
   decoding; a damaged file is decoded again, with a warning."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data = tiny_config().data
+  data_dir = input_pipeline._tfds_data_dir(data)
   load = lambda: input_pipeline._load_split.__wrapped__(  # no lru cache
-      "mnist", "test", input_pipeline._tfds_data_dir(data),
-      data.mnist_dir or "")
+      "mnist", "test", data_dir, data.mnist_dir or "")
   images, labels = load()
-  path = input_pipeline.arrays_path(
-      tfds.builder("mnist", data_dir=input_pipeline._tfds_data_dir(data)),
-      "test")
+  path = input_pipeline.arrays_path(tfds.builder("mnist", data_dir=data_dir),
+                                    "test")
   assert path.endswith("jaxsd-test.npz") and images.shape == (10000, 28, 28, 1)
   saved = path + ".saved"
   shutil.copy(path, saved)  # the session's other tests keep using it

@@ -22,13 +22,15 @@ def _optim(**overrides):
   return optim
 
 
-def _problem():
-  """A least-squares fit: {"dense": {"kernel" [64, 32], "bias" [32]}}."""
+def _problem(n_in=64, n_out=32):
+  """A least-squares fit: {"dense": {"kernel" [n_in, n_out], "bias"
+  [n_out]}}."""
   keys = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(keys[0], (256, 64))
-  target = x @ jax.random.normal(keys[1], (64, 32)) + 1.0
-  params = {"dense": {"kernel": 0.1 * jax.random.normal(keys[2], (64, 32)),
-                      "bias": jnp.zeros((32,))}}
+  x = jax.random.normal(keys[0], (256, n_in))
+  target = x @ jax.random.normal(keys[1], (n_in, n_out)) + 1.0
+  params = {"dense": {"kernel": 0.1 * jax.random.normal(keys[2],
+                                                        (n_in, n_out)),
+                      "bias": jnp.zeros((n_out,))}}
   loss = lambda p: jnp.mean(jnp.square(x @ p["dense"]["kernel"]
                                        + p["dense"]["bias"] - target))
   return params, loss
@@ -151,13 +153,7 @@ def test_state_checkpoints_and_resumes_exactly(optimizer, moments, tmp_path):
   tests/e2e/test_optimizer_runs.py runs the same through the trainer."""
   from jaxsd.checkpointing import checkpoints as checkpoint  # pylint: disable=g-import-not-at-top
   # [128, 160]: Adafactor factors kernels of 128+ rows and columns.
-  keys = jax.random.split(jax.random.key(1), 3)
-  x = jax.random.normal(keys[0], (64, 128))
-  target = jax.random.normal(keys[1], (64, 160))
-  params = {"dense": {"kernel": 0.1 * jax.random.normal(keys[2], (128, 160)),
-                      "bias": jnp.zeros((160,))}}
-  loss = lambda p: jnp.mean(jnp.square(x @ p["dense"]["kernel"]
-                                       + p["dense"]["bias"] - target))
+  params, loss = _problem(128, 160)
   tx = ts.make_optimizer(_optim(optimizer=optimizer, moment_dtype=moments,
                                 weight_decay=0.01), 6)
 
