@@ -413,6 +413,9 @@ def run_command(module_name, args, monkeypatch, capsys):
   import pytest  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(module_name)
   monkeypatch.setattr(sys, "argv", [module_name, *args])
+  # A command turns transformers' PyTorch off for its process (cli.run);
+  # this test process keeps it for the tests that compare with PyTorch.
+  monkeypatch.setenv("USE_TORCH", os.environ.get("USE_TORCH", "AUTO"))
   with pytest.raises(SystemExit) as exit_info:
     module.run()
   out = capsys.readouterr()

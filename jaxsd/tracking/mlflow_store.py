@@ -10,8 +10,8 @@ import urllib.parse
 from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
-from clu.metric_writers import interface
-import numpy as np
+
+from jaxsd.tracking import metric_writer
 
 MLFLOW_RUN_FILE = "mlflow_run.txt"
 # In the run file: the workdir's own store, WORKDIR/mlflow.db. Kept relative
@@ -69,17 +69,6 @@ def tracking_uri(workdir) -> str:
 
 def is_remote(uri: str) -> bool:
   return urllib.parse.urlparse(uri).scheme in ("http", "https")
-
-
-def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(flatten_dict(v, key + "."))
-    else:
-      out[key] = v
-  return out
 
 
 # --- Where a workdir's run lives (mlflow_run.txt) ---------------------------
@@ -215,8 +204,8 @@ def _sync_hint(workdir: str, uri: str) -> str:
 # --- The writer ---------------------------------------------------------------
 
 
-class MlflowWriter(interface.MetricWriter):
-  """A clu MetricWriter that logs to one MLflow run and never stops training.
+class MlflowWriter(metric_writer.MetricWriter):
+  """A MetricWriter that logs to one MLflow run and never stops training.
 
   Which run: the one WORKDIR/mlflow_run.txt records (`RunRecord`), in the
   store recorded there, so a resumed run logs where it started; else a new
@@ -418,23 +407,13 @@ class MlflowWriter(interface.MetricWriter):
       self._call(f"logging metrics at step {step}", self.client.log_batch,
                  self.run_id, metrics=metrics[i:i + 1000])
 
-  def write_summaries(self, step, values, metadata=None):
-    self.write_scalars(step, {k: v for k, v in values.items()
-                              if np.ndim(v) == 0})
-
   def write_images(self, step: int, images: Mapping[str, Any]):
     for key, image in images.items():
       if not self.active:
         return
-      image = np.asarray(image)
-      if image.ndim == 4:
-        image = image[0]
-      if image.dtype != np.uint8:
-        image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-      if image.shape[-1] == 1:
-        image = image[..., 0]
       self._call(f"logging image {key} at step {int(step)}",
-                 self.client.log_image, self.run_id, image,
+                 self.client.log_image, self.run_id,
+                 metric_writer.image_uint8(image),
                  artifact_file=f"{key}/step_{int(step):08d}.png")
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
@@ -457,7 +436,7 @@ class MlflowWriter(interface.MetricWriter):
       return
     existing = run.data.params
     params = []
-    for k, v in flatten_dict(hparams).items():
+    for k, v in metric_writer.flatten_dict(hparams).items():
       v = str(v)[:6000]
       if k in existing:
         if existing[k] != v:
@@ -475,22 +454,13 @@ class MlflowWriter(interface.MetricWriter):
       self._call(f"logging artifact {path}", self.client.log_artifact,
                  self.run_id, path, artifact_path)
 
-  def write_videos(self, step, videos):
-    pass  # jaxsd writes no videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass  # jaxsd writes no audio
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass  # histograms go to TensorBoard only
-
   def flush(self):
     pass  # MlflowClient calls are synchronous
 
   def close(self, status: str = "FINISHED"):
     """Records how the run ended (FINISHED, FAILED or KILLED); never raises,
     and takes what MLFLOW_HTTP_DEFAULTS bound at most. The first call wins
-    (a later clu MultiWriter.close() must not turn FAILED into FINISHED).
+    (a later MultiWriter.close() must not turn FAILED into FINISHED).
     After a failed call it tries once more (at a server, only if `probe`
     finds it answering), and tags the run jaxsd.mlflow_incomplete with what
     failed."""

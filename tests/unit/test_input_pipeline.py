@@ -56,7 +56,8 @@ def test_decoded_split_is_kept_beside_the_dataset(tiny_config, monkeypatch,
                                                   caplog):
   """The first load decodes the tfds split and keeps its arrays in the
   version folder; the next load (another process) reads them without
-  decoding; a damaged file is decoded again, with a warning."""
+  decoding, and without tfds (nor TensorFlow); a damaged file is decoded
+  again, with a warning."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data = tiny_config().data
   data_dir = input_pipeline._tfds_data_dir(data)
@@ -66,6 +67,7 @@ def test_decoded_split_is_kept_beside_the_dataset(tiny_config, monkeypatch,
   path = input_pipeline.arrays_path(tfds.builder("mnist", data_dir=data_dir),
                                     "test")
   assert path.endswith("jaxsd-test.npz") and images.shape == (10000, 28, 28, 1)
+  assert input_pipeline._kept_arrays_path("mnist", "test", data_dir) == path
   saved = path + ".saved"
   shutil.copy(path, saved)  # the session's other tests keep using it
   try:
@@ -73,6 +75,7 @@ def test_decoded_split_is_kept_beside_the_dataset(tiny_config, monkeypatch,
       raise AssertionError("decoded again")
     with monkeypatch.context() as m:
       m.setattr(tfds.core.DatasetBuilder, "as_dataset", no_decoding)
+      m.setattr(tfds, "builder", no_decoding)
       again_images, again_labels = load()
     np.testing.assert_array_equal(again_images, images)
     np.testing.assert_array_equal(again_labels, labels)

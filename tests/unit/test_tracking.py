@@ -288,3 +288,42 @@ def test_run_record_round_trip(tmp_path):
   assert (tmp_path / mlflow_store.MLFLOW_RUN_FILE).read_text().split(
       "\n")[0] == "abc"  # line 1 stays the bare run id
   assert mlflow_store.tracking_uri(tmp_path) == "http://h:5000/?x=1"
+
+
+# --- TensorBoard event files -------------------------------------------------
+
+
+def test_tensorboard_reads_what_the_writers_write(tmp_path):
+  """Scalars, images (one, and a batch), texts and hparams, written without
+  TensorFlow, read back by TensorBoard's own event reader."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=g-import-not-at-top
+  from jaxsd.tracking import metric_writer  # pylint: disable=g-import-not-at-top
+  writer = metric_writer.MultiWriter([
+      metric_writer.LoggingWriter(),
+      metric_writer.TensorBoardWriter(str(tmp_path))])
+  writer.write_hparams({"optim": {"learning_rate": 1e-3, "schedule": None},
+                        "eval": {"metrics": ["fid", "clip"]}, "seed": 3})
+  writer.write_scalars(2, {"train/loss": 0.5})
+  writer.write_scalars(4, {"train/loss": 0.25})
+  grid = np.linspace(0, 1, 6 * 5 * 3).reshape(1, 6, 5, 3)
+  writer.write_images(4, {"samples": grid,
+                          "examples": np.zeros((2, 4, 4, 1), np.uint8)})
+  writer.write_texts(4, {"prompts": "flag of japan"})
+  writer.close()
+  (events,) = tmp_path.glob("events.out.tfevents.*.v2")
+  acc = ea.EventAccumulator(str(events), size_guidance={
+      ea.IMAGES: 0, ea.SCALARS: 0, ea.TENSORS: 0})
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+      (2, 0.5), (4, 0.25)]
+  (image,) = acc.Images("samples")
+  assert (image.step, image.height, image.width) == (4, 6, 5)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  png = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+  np.testing.assert_array_equal(png, metric_writer.image_uint8(grid))
+  assert {"examples/image/0", "examples/image/1"} <= set(acc.Tags()["images"])
+  (text,) = acc.Tensors("prompts")
+  assert text.tensor_proto.string_val == [b"flag of japan"]
+  assert "_hparams_/session_start_info" in acc.Tags()["tensors"]
