@@ -1,9 +1,11 @@
 """A run's MLflow record: where it lives (mlflow_run.txt), whether the
 server answers, and the MLflow metric writer (bounded HTTP, a local
 fallback, no replayed steps)."""
+import contextlib
 import dataclasses
 import os
 import re
+import sqlite3
 import threading
 import time
 import urllib.parse
@@ -53,6 +55,45 @@ def local_tracking_uri(workdir) -> str:
   """The workdir's own store: `mlflow ui --backend-store-uri
   sqlite:///WORKDIR/mlflow.db` opens it."""
   return "sqlite:///" + os.path.join(os.path.abspath(workdir), "mlflow.db")
+
+
+def follow_moved_workdir(workdir) -> None:
+  """Points the workdir's own store at the workdir's artifacts.
+
+  MLflow records absolute artifact locations (file://WORKDIR/mlartifacts/
+  ...). In a workdir moved or copied elsewhere (rsync'd from a cluster, a
+  copy to resume from), `mlflow ui` would show the images at the old place
+  and the run would log new ones there; the locations under the old
+  workdir's mlartifacts/ are rewritten to this one's (the files came with
+  the folder). Other locations (set by the user) are left alone.
+  """
+  workdir = os.path.abspath(workdir)
+  db = os.path.join(workdir, "mlflow.db")
+  if not os.path.exists(db):
+    return
+  here = "file://" + os.path.join(workdir, "mlartifacts")
+  try:
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+      moved = {loc for (loc,) in con.execute(
+          "SELECT artifact_location FROM experiments")
+               if loc and loc.startswith("file://")
+               and loc.endswith("/mlartifacts") and loc != here}
+      with con:  # one transaction
+        for old in moved:
+          con.execute("UPDATE experiments SET artifact_location = ? "
+                      "WHERE artifact_location = ?", (here, old))
+          con.execute("UPDATE runs SET artifact_uri = ? || substr("
+                      "artifact_uri, ?) WHERE substr(artifact_uri, 1, ?) = ?",
+                      (here, len(old) + 1, len(old) + 1, old + "/"))
+  except sqlite3.Error as e:  # not MLflow's schema, locked, read-only
+    logging.warning("MLflow: could not check where %s keeps artifacts (%s); "
+                    "images may be logged where the workdir was before.",
+                    db, e)
+    return
+  for old in sorted(moved):
+    logging.info("MLflow: %s was moved or copied from %s; its store now "
+                 "keeps artifacts in %s.", workdir,
+                 os.path.dirname(old[len("file://"):]), here)
 
 
 def default_tracking_uri(workdir) -> str:
@@ -321,6 +362,8 @@ class MlflowWriter(metric_writer.MetricWriter):
 
   def _connect(self, uri: str, run_id: Optional[str]):
     from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+    if uri == local_tracking_uri(self._workdir):
+      follow_moved_workdir(self._workdir)
     client = MlflowClient(tracking_uri=uri)
     run = self._existing_run(client, uri, run_id) if run_id else None
     if run is None:

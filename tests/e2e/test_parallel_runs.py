@@ -132,103 +132,87 @@ def reference(trained_run):
       worker.restore_state(workdir, {}, step)[0]) for step in (2, 4)}
 
 
-@pytest.fixture(scope="module")
-def four_devices(tmp_path_factory):
-  """One process with 4 devices: data parallel, stopped by SIGTERM after
-  step 2, then resumed with FSDP (2 x 2 mesh) to step 4, in one workdir."""
-  workdir = str(tmp_path_factory.mktemp("four_devices"))
-  _run_workers({"train": [
-      {"workdir": workdir, "tag": "dp", "overrides": NO_EVAL,
-       "sigterm_at": [0, 2]},
-      {"workdir": workdir, "tag": "fsdp", "overrides": FSDP}]},
-               os.path.join(workdir, "logs"), devices=4)
-  return workdir
-
-
 @pytest.mark.mnist
-def test_four_devices_match_one_device(four_devices, reference):
+def test_two_processes_of_two_devices_stop_resume_evaluate_and_restore(
+    reference, tmp_path):
+  """A two-node job in miniature: two processes with two CPU devices each
+  (one jax.distributed group over gloo, 4 devices), started on an empty
+  TFDS data folder as a fresh cluster's first job. One test, not several
+  sharing a fixture: pytest-xdist would run the fixture on each worker.
+
+  First start, FSDP over a model axis of 2 (each process's two devices; the
+  data axis spans the processes): SIGTERM reaches only process 1 after step
+  1; both checkpoint at step 2 and stop. MNIST is prepared once, by one
+  process under the file lock, while the other waits (unlocked, both built
+  it and one died renaming its copy into place). Second start, data
+  parallel over the 4 devices: both resume to step 4 with the one-device
+  run's losses and parameters, logging into one MLflow run, and evaluate
+  there (both sample, process 0 scores): eval/* is logged once and equals a
+  one-process evaluation of the same checkpoint with the same key. Then the
+  FSDP checkpoint restores replicated, the data-parallel one FSDP-split, on
+  2 devices, bit-exact."""
   ref_workdir, ref_states = reference
-  dp, fsdp = _result(four_devices, "dp"), _result(four_devices, "fsdp")
-  assert dp["devices"] == 4 and dp["step"] == 2 and dp["split"] == 0
-  assert fsdp["step"] == 4
-  # FSDP: all but the small arrays split, each device holding half of each.
-  assert fsdp["split_elements"] > 0.99 and fsdp["max_share"] == 0.5
-  _assert_same_metrics(four_devices, ref_workdir)
-  # Checkpoints saved with 4 devices restore on this process's one device.
-  for step in (2, 4):
-    state, _ = worker.restore_state(four_devices, {}, step)
-    _assert_close(worker.state_leaves(state), ref_states[step])
-
-
-@pytest.mark.mnist
-def test_four_device_checkpoints_restore_on_two(four_devices, tmp_path):
-  """The data-parallel checkpoint restores FSDP-split, the FSDP one
-  replicated; both bit-exact against a one-device restore."""
-  jobs = [{"workdir": four_devices, "step": 2, "overrides": FSDP,
-           "out": str(tmp_path / "2.npz")},
-          {"workdir": four_devices, "step": 4, "out": str(tmp_path / "4.npz")}]
-  _run_workers({"restore": jobs}, str(tmp_path / "logs"), devices=2)
-  for step in (2, 4):
-    expected = worker.state_leaves(
-        worker.restore_state(four_devices, {}, step)[0])
-    with np.load(tmp_path / f"{step}.npz") as saved:
-      assert int(saved["step"]) == step
-      restored = [saved[f"leaf_{i}"] for i in range(len(expected))]
-    _assert_close(restored, expected, rtol=0, atol=0)
-
-
-@pytest.mark.mnist
-def test_two_processes_stop_together_resume_and_evaluate(reference, tmp_path):
-  """Two processes (one device each, gloo collectives): SIGTERM reaches only
-  process 1 after step 1; both checkpoint at step 2 and stop; restarted, they
-  resume to step 4 with the one-device run's parameters, and evaluate at
-  step 4 (both sample, process 0 scores): eval/* is logged once, in the
-  run's one MLflow run, and equals a single-process evaluation of the same
-  checkpoint with the same key.
-
-  The processes start on an empty TFDS data folder, as a fresh cluster's
-  first job: one builds MNIST under the file lock while the other waits,
-  then both read it (unlocked, both built it and one died renaming its copy
-  into place)."""
-  from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
-  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
-  from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
-  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
-  from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
-  ref_workdir, ref_states = reference
-  workdir = str(tmp_path / "run")
-  logs = str(tmp_path / "logs")
-  data_dir = str(tmp_path / "tfds")
-  # Ten samples (the least prompt_accuracy takes; diversity takes 20) keep
-  # the two evaluations short: what is compared is one with the other.
-  job = {"workdir": workdir, "overrides": {
-      "parallel.distributed": "on", "data.tfds_data_dir": data_dir,
-      "eval.metrics": ["prompt_accuracy", "fid_mnist"],
-      "eval.num_samples": 10, "eval.chunk_size": 10}}
-  _run_workers({"train": [{**job, "overrides": {**job["overrides"], **NO_EVAL},
-                           "tag": "stopped", "sigterm_at": [1, 1]}]},
-               logs, processes=2)
+  workdir, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+  data = {"parallel.distributed": "on",
+          "data.tfds_data_dir": str(tmp_path / "tfds")}
+  _run_workers({"train": [{"workdir": workdir, "tag": "fsdp",
+                           "overrides": {**data, **FSDP},
+                           "sigterm_at": [1, 1]}]},
+               logs, devices=2, processes=2)
   for process in (0, 1):
-    result = _result(workdir, "stopped", process)
-    assert result["processes"] == 2 and result["step"] == 2
+    fsdp = _result(workdir, "fsdp", process)
+    assert (fsdp["processes"], fsdp["devices"], fsdp["step"]) == (2, 4, 2)
+    # All but the small arrays split, each device holding half of each.
+    assert fsdp["split_elements"] > 0.99 and fsdp["max_share"] == 0.5
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
   built = []
   for name in sorted(os.listdir(logs)):  # worker_0.log, worker_1.log
     with open(os.path.join(logs, name)) as f:
       built.append("Building mnist" in f.read())
   assert sorted(built) == [False, True]  # prepared once, by one process
-  assert not [f for f in os.listdir(os.path.join(data_dir, "mnist"))
+  assert not [f for f in os.listdir(tmp_path / "tfds" / "mnist")
               if f.startswith("incomplete")]
 
-  # The resume evaluates (the tiny config's metrics at its last step).
-  _run_workers({"train": [{**job, "tag": "resumed"}]}, logs, processes=2)
-  assert [_result(workdir, "resumed", p)["step"] for p in (0, 1)] == [4, 4]
-  state, _ = worker.restore_state(workdir, {}, 4)
-  _assert_close(worker.state_leaves(state), ref_states[4])
-  # Both starts log into one MLflow run.
+  # Twelve samples (prompt_accuracy takes 10 at least; diversity 20) keep
+  # the evaluation short: what is compared is it with a one-process one. A
+  # chunk of 12 divides over 4 devices and 1, so both draw the same noise
+  # (a chunk is rounded down to a multiple of the devices, and each chunk
+  # has its own key).
+  evaluation = {"eval.metrics": ["prompt_accuracy", "fid_mnist"],
+                "eval.num_samples": 12, "eval.chunk_size": 12}
+  _run_workers({"train": [{"workdir": workdir, "tag": "dp",
+                           "overrides": {**data, **evaluation}}]},
+               logs, devices=2, processes=2)
+  for process in (0, 1):
+    dp = _result(workdir, "dp", process)
+    assert dp["step"] == 4 and dp["split"] == 0
+  for step in (2, 4):  # restored on this process's one device
+    state, _ = worker.restore_state(workdir, {}, step)
+    _assert_close(worker.state_leaves(state), ref_states[step])
   run = _assert_same_metrics(workdir, ref_workdir)
   assert run.info.status == "FINISHED"
+  _assert_evaluation_reproduced(workdir, run)
 
+  jobs = [{"workdir": workdir, "step": 2, "out": str(tmp_path / "2.npz")},
+          {"workdir": workdir, "step": 4, "overrides": FSDP,
+           "out": str(tmp_path / "4.npz")}]
+  _run_workers({"restore": jobs}, str(tmp_path / "restore_logs"), devices=2)
+  for step in (2, 4):
+    expected = worker.state_leaves(worker.restore_state(workdir, {}, step)[0])
+    with np.load(tmp_path / f"{step}.npz") as saved:
+      assert int(saved["step"]) == step
+      restored = [saved[f"leaf_{i}"] for i in range(len(expected))]
+    _assert_close(restored, expected, rtol=0, atol=0)
+
+
+def _assert_evaluation_reproduced(workdir, run):
+  """eval/* logged once, at step 4, equal to a one-process evaluation of
+  the step-4 checkpoint with the same key."""
+  from jaxsd.checkpointing import run_config  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import setup as build  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import generate  # pylint: disable=g-import-not-at-top
+  from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
+  from jaxsd.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   client, _ = helpers.mlflow_runs(workdir)
   names = ("prompt_accuracy", "prompt_accuracy/7", "fid_mnist")
   logged = {}

@@ -290,6 +290,40 @@ def test_run_record_round_trip(tmp_path):
   assert mlflow_store.tracking_uri(tmp_path) == "http://h:5000/?x=1"
 
 
+
+def test_a_moved_workdir_logs_its_images_where_it_now_is(tmp_path):
+  """A workdir copied (or moved) elsewhere and resumed there: its store's
+  artifact locations follow it, so the old place gets no new files and
+  `mlflow ui` on the copy shows the copy's images."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  image = np.zeros((1, 4, 4, 3))
+  first = mlflow_store.MlflowWriter(str(tmp_path / "a"), "jaxsd")
+  first.write_images(1, {"samples": image})
+  first.close()
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  # The copy resumes in a new process: MLflow's per-process cache of each
+  # run's artifact store (keyed by run id) starts empty there.
+  from mlflow.tracking._tracking_service import utils  # pylint: disable=g-import-not-at-top
+  utils._artifact_repos_cache.clear()  # pylint: disable=protected-access
+  copy = mlflow_store.MlflowWriter(str(tmp_path / "b"), "jaxsd")
+  assert copy.run_id == first.run_id
+  copy.write_images(2, {"samples": image})
+  run = copy.client.get_run(copy.run_id)
+  assert run.info.artifact_uri.startswith(
+      f"file://{tmp_path / 'b' / 'mlartifacts'}/")
+  experiment = copy.client.get_experiment(run.info.experiment_id)
+  assert experiment.artifact_location == f"file://{tmp_path / 'b' / 'mlartifacts'}"
+  copy.close()
+  found = lambda d: sorted(p.name for p in (tmp_path / d).rglob("step_*.png"))
+  assert found("a") == ["step_00000001.png"]
+  assert found("b") == ["step_00000001.png", "step_00000002.png"]
+  # The original keeps its own locations.
+  utils._artifact_repos_cache.clear()  # pylint: disable=protected-access
+  again = mlflow_store.MlflowWriter(str(tmp_path / "a"), "jaxsd")
+  assert again.client.get_run(again.run_id).info.artifact_uri.startswith(
+      f"file://{tmp_path / 'a' / 'mlartifacts'}/")
+  again.close()
+
 # --- TensorBoard event files -------------------------------------------------
 
 
