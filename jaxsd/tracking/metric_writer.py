@@ -119,7 +119,10 @@ class TensorBoardWriter(MetricWriter):
                                 file_version="brain.Event:2"))
 
   def _write(self, event):
+    # Flushed at once: a run logs every few seconds at most, and TensorBoard
+    # then shows it live and a killed run loses nothing.
     self._records.write(event.SerializeToString())
+    self._records.flush()
 
   def _summary(self, step: int, values: Sequence[Any]):
     if values:
