@@ -40,7 +40,7 @@ class Run:
   setup: Any  # the task's setup (see Task.build)
   source: Any  # the training data's source (previews, prompts)
   loader: Any  # this process's loader
-  writer: Any  # the metric writer (clu; MLflow on process 0)
+  writer: Any  # the metric writer (tracking.metric_writer; MLflow on process 0)
   keys: loop_lib.RunKeys
   progress: progress_lib.Progress
   start_step: int
