@@ -29,7 +29,7 @@ only the spatial transformers; the parameter tree is the same either way.
 """
 import functools
 import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Tuple, Union
 
 import flax
 import flax.linen as nn
