@@ -112,12 +112,12 @@ def _kept_arrays_path(dataset: str, split: str, data_dir: str) -> str:
   """The kept arrays of the newest prepared version of `dataset` in
   data_dir, or "" (tfds writes a version folder under a temporary name and
   renames it when the dataset is complete)."""
-  def version(folder):
-    return tuple(int(p) if p.isdigit() else -1 for p in folder.split("."))
   root = os.path.join(data_dir, dataset)
+  # Version folders only ("3.0.1"): not "incomplete.*" nor "3.0.1.lock".
   folders = sorted((f for f in (os.listdir(root) if os.path.isdir(root) else [])
-                    if version(f) >= (0,) and not f.startswith("incomplete")),
-                   key=version, reverse=True)
+                    if all(p.isdigit() for p in f.split("."))),
+                   key=lambda f: tuple(int(p) for p in f.split(".")),
+                   reverse=True)
   for folder in folders:
     if os.path.exists(os.path.join(root, folder, "dataset_info.json")):
       path = os.path.join(root, folder, f"jaxsd-{split}.npz")
