@@ -248,6 +248,7 @@ class TrainSetup:
                            if self.steps_per_call == 1
                            else parallel.stacked_batch_sharding(self.mesh))
     self._encode = None
+    self._jitted_init = None
     self.autoencoder_params = None
     if self.components.autoencoder is not None:
       self.autoencoder_params = jax.device_put(
@@ -262,8 +263,10 @@ class TrainSetup:
 
   def create_train_state(self, rng) -> ts.TrainState:
     """A fresh state (params, EMA, optimiser), initialised in its shardings."""
-    return jax.jit(self._init_state,
-                   out_shardings=self.state_shardings)(rng)
+    if self._jitted_init is None:  # one jit: a second call reuses its compile
+      self._jitted_init = jax.jit(self._init_state,
+                                  out_shardings=self.state_shardings)
+    return self._jitted_init(rng)
 
   def restore_train_state(self, mngr, step: Optional[int] = None
                           ) -> Tuple[ts.TrainState, Dict[str, Any], int]:

@@ -222,7 +222,14 @@ def test_pooled_text_embedding_adds_a_prompt_dependent_term(pooling):
 
 # --- Gradient checkpointing (UNet.remat) ---------------------------------
 
-REMAT_CFG = dict(MIXED, dropout=0.1)  # dropout: the static `train` matters
+# Remat: one level of MIXED's blocks (a cross-attention down block, the mid
+# block, a cross-attention up block taking the down block's skips): every
+# policy's wrapping, at a third less tracing and compiling than two levels
+# (the remat tests: 58 -> 39 s cold, 2026-12-06). dropout: the static
+# `train` matters.
+REMAT_CFG = dict(MIXED, block_out_channels=(32,),
+                 down_block_types=("CrossAttnDownBlock2D",),
+                 up_block_types=("CrossAttnUpBlock2D",), dropout=0.1)
 del REMAT_CFG["sample_size"]
 
 
@@ -297,8 +304,8 @@ def _residual_bytes(policy):
 
 def test_remat_keeps_fewer_activations():
   """The residuals saved for the backward pass shrink: block remat keeps
-  only the blocks' inputs and outputs (MIXED: 23 MB -> 4 MB, of which the
-  params are about 3 MB)."""
+  only the blocks' inputs and outputs (REMAT_CFG: 21 MB -> 1.5 MB, of
+  which the params are about 1 MB)."""
   none, blocks = _residual_bytes("none"), _residual_bytes("blocks")
   transformers = _residual_bytes("transformers")
   assert blocks < 0.25 * none
@@ -309,8 +316,8 @@ def test_remat_reduces_compiled_memory():
   """XLA's plan of the compiled loss-and-gradient step (the one compared
   above), on every backend: on CPU the recomputation sits in a conditional
   on the incoming gradient (jaxsd/models/remat.py), where CSE cannot fold it
-  back. MIXED at 16x16, batch 2 (2026-12-06): none 31.2 MB, blocks 18.1 MB,
-  transformers 14.9 MB."""
+  back. REMAT_CFG at 16x16, batch 2 (2026-12-06): none 35.9 MB, blocks
+  19.4 MB, transformers 14.1 MB."""
   temp_bytes = lambda policy: _remat_output_and_grads(policy)[2]
   none = temp_bytes("none")
   assert temp_bytes("blocks") < 0.75 * none
