@@ -171,6 +171,28 @@ def param_shapes(model, shapes):
           "params"]
 
 
+def host_params(shapes, seed: int = 0):
+  """Params of `shapes` at an initialiser's scale (kernels N(0, 1/fan_in),
+  norm scales 1, biases 0), drawn with numpy and placed on the device one
+  leaf at a time: no compile, and no more memory than the params."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = getattr(path[-1], "key", "")
+    if name == "scale":
+      value = np.ones(s.shape, np.float32)
+    elif name == "bias":
+      value = np.zeros(s.shape, np.float32)
+    else:  # kernel [..., in, out]
+      fan_in = int(np.prod(s.shape[:-1])) or 1
+      value = rng.standard_normal(s.shape, dtype=np.float32)
+      value *= np.float32(1.0 / np.sqrt(fan_in))
+    return jax.device_put(value.astype(s.dtype))
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def count(tree) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -220,14 +242,15 @@ class TrainStep:
                                     params)
       return adapters, base, self.tx.init(adapters)
 
-    # The UNet's params op by op, not in one jitted program: compiling every
-    # initialiser together took longer than running them (SD: 67-78 s
-    # against 46 s; small: 34 s against 26 s) and held temporaries beyond
-    # the params (SD LoRA: 9.15 GB of RSS after the jitted init, 4.63 GB
-    # op by op; 2026-12-06, AMD EPYC, 2 cores). A real fine-tune imports
-    # its base leaf by leaf, as this does.
-    self._init_params = lambda rng: model.init(
-        rng, *init_inputs(model, shapes))["params"]
+    # The UNet's params drawn on the host leaf by leaf (host_params), not
+    # by its init: in one jitted program every initialiser compiles
+    # separately and the program holds temporaries beyond the params (SD
+    # LoRA: 9.15 GB of RSS after the jitted init, 67-78 s), and op by op
+    # each initialiser still compiles once per shape (SD 46-64 s, small
+    # 26-35 s; 2026-12-06, AMD EPYC, 2 cores). A real fine-tune imports
+    # its base leaf by leaf, as this does; the step does not depend on the
+    # values, only on their scale.
+    self._param_shapes = params
     self._init_rest = jax.jit(init_rest, donate_argnums=1)
     self.state_shapes = jax.eval_shape(init_rest, jax.random.key(0), params)
     self.num_trained = count(self.state_shapes[0])
@@ -253,7 +276,9 @@ class TrainStep:
     self.step = jax.jit(step, donate_argnums=0)
 
   def init_state(self, rng):
-    return self._init_rest(rng, self._init_params(rng))
+    import jax  # pylint: disable=g-import-not-at-top
+    seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+    return self._init_rest(rng, host_params(self._param_shapes, seed))
 
   def compile(self, shapes):
     return self.step.lower(self.state_shapes, shapes).compile()
