@@ -33,9 +33,10 @@ compiles the step ahead of time from shapes (`jit(...).lower(...).compile()`,
 its `memory_analysis()`: argument, output, alias and temp bytes), then
 checks that /proc/meminfo's MemAvailable covers what XLA planned
 (arguments + temp + non-aliased outputs, plus 10%) and skips with the
-figures if not; only then does it initialise the params (the UNet's
-`init` op by op, as a checkpoint import fills them leaf by leaf; the
-adapters and optimiser state jitted; `--compile_only` stops before this)
+figures if not; only then does it initialise the params (drawn on the
+host leaf by leaf by `host_params`, as a checkpoint import fills them,
+without the UNet's initialisers; the adapters and optimiser state jitted;
+`--compile_only` stops before this)
 and run 1 warm-up and
 `--steps` timed steps (median reported), the params and optimiser state
 donated. Before a child starts the parent
@@ -154,9 +155,9 @@ def random_batch(shapes, seed: int = 0):
 
 
 def init_inputs(model, shapes):
-  """Zero (latents, timesteps, context) for `model.init`: the latents at the
-  smallest size the blocks take (the params do not depend on it; init runs
-  a forward pass, at 64x64 a slow one), the context as given."""
+  """Zero (latents, timesteps, context) for `model.init` (traced for the
+  params' shapes by `param_shapes`): the latents at the smallest size the
+  blocks take (the params do not depend on it), the context as given."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   side = 2 ** (len(model.block_out_channels) - 1)
   return (jnp.zeros((1, side, side, model.in_channels), jnp.float32),
