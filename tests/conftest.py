@@ -142,18 +142,55 @@ def mnist_classifier(tiny_config):
         os.path.join(environment.cache_dir(), "classifier"), arrays)
 
 
+def _run_once(tmp_path_factory, name, train):
+  """`train(workdir)`'s picklable result, run once per test session.
+
+  pytest-xdist gives each worker its own session, so a session fixture
+  would train once per worker; here the first worker to ask trains under a
+  file lock in the workers' common temporary folder, and the others wait
+  for the lock and read what it saved (`train` must write only its workdir,
+  and tests must not write into it)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # shared by the workers of this run
+  workdir = os.path.join(str(base), name)
+  result_path = workdir + ".pkl"
+  with open(workdir + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(result_path):
+      if os.path.exists(workdir):  # a worker died training it
+        import shutil  # pylint: disable=g-import-not-at-top
+        shutil.rmtree(workdir)
+      result = train(workdir)
+      with open(result_path + ".tmp", "wb") as f:
+        pickle.dump(result, f)
+      os.replace(result_path + ".tmp", result_path)
+    with open(result_path, "rb") as f:
+      return workdir, pickle.load(f)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tiny_config, mnist_classifier, tmp_path_factory):
-  """(workdir, final state) of an uninterrupted 4-step tiny run.
+  """(workdir, final params) of an uninterrupted 4-step tiny run, trained
+  once per test session (shared by the xdist workers: no test writes into
+  it).
 
   The tiny config checkpoints at steps 2 and 4 and samples and evaluates
-  (with mnist_classifier) at step 4.
+  (with mnist_classifier) at step 4. The second item has the final state's
+  `step`, `params` and `ema_params` as host arrays.
   """
   del mnist_classifier  # trained (if it must be) before, optimised
+  import types  # pylint: disable=g-import-not-at-top
   from jaxsd.diffusion import task as diffusion_task  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("trained_run"))
-  state = diffusion_task.train_and_evaluate(tiny_config(), workdir)
-  return workdir, state
+
+  def train(workdir):
+    state = diffusion_task.train_and_evaluate(tiny_config(), workdir)
+    return jax.device_get({"step": state.step, "params": state.params,
+                           "ema_params": state.ema_params})
+  workdir, final = _run_once(tmp_path_factory, "trained_run", train)
+  return workdir, types.SimpleNamespace(**final)
 
 
 @pytest.fixture(scope="session")
@@ -171,20 +208,27 @@ def autoencoder_config(tiny_config):
 
 @pytest.fixture(scope="session")
 def autoencoder_run(autoencoder_config, tmp_path_factory):
-  """(workdir, final state) of an uninterrupted 4-step autoencoder run on
-  MNIST (checkpoints at 2 and 4), offline: no rFID."""
+  """(workdir, final params) of an uninterrupted 4-step autoencoder run on
+  MNIST (checkpoints at 2 and 4), offline: no rFID. Trained once per test
+  session, as trained_run; the second item has the final state's `step`
+  and `params` as host arrays."""
+  import types  # pylint: disable=g-import-not-at-top
   from jaxsd.autoencoder import task as autoencoder_task  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("autoencoder_run"))
-  previous = os.environ.get("JAXSD_OFFLINE")
-  os.environ["JAXSD_OFFLINE"] = "1"  # no download try for rFID
-  try:
-    state = autoencoder_task.train_autoencoder(autoencoder_config(), workdir)
-  finally:
-    if previous is None:
-      del os.environ["JAXSD_OFFLINE"]
-    else:
-      os.environ["JAXSD_OFFLINE"] = previous
-  return workdir, state
+
+  def train(workdir):
+    previous = os.environ.get("JAXSD_OFFLINE")
+    os.environ["JAXSD_OFFLINE"] = "1"  # no download try for rFID
+    try:
+      state = autoencoder_task.train_autoencoder(autoencoder_config(),
+                                                 workdir)
+    finally:
+      if previous is None:
+        del os.environ["JAXSD_OFFLINE"]
+      else:
+        os.environ["JAXSD_OFFLINE"] = previous
+    return jax.device_get({"step": state.step, "params": state.params})
+  workdir, final = _run_once(tmp_path_factory, "autoencoder_run", train)
+  return workdir, types.SimpleNamespace(**final)
 
 
 @pytest.fixture
