@@ -29,6 +29,14 @@ import jax.numpy as jnp
 # about 96x96 scores up (benchmarks/README.md, "Attention on CPU"); on GPUs
 # the blocked path is only the fallback for long sequences cuDNN declines.
 BLOCK_BYTES = 4 * 2**20
+# Rows longer than ROW_KEYS keys go in key blocks of up to 512 keys against
+# up to 512 queries (8 MiB of scores at 8 heads): at SD's 64x64 latents
+# (4096 tokens, 8 heads of 40) forward and backward take 1.4 s on 2 CPU
+# cores against 2.3 s in whole-row blocks of 32 queries; at 1024 tokens
+# whole rows stay as fast (benchmarks/README.md, "Attention block sizes").
+ROW_KEYS = 1024
+QUERY_BLOCK = KEY_BLOCK = 512
+KEY_BLOCKED_BYTES = 8 * 2**20
 CPU_MIN_SCORES = 96 * 96
 GPU_MIN_SCORES = 1024 * 1024
 
@@ -208,19 +216,24 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_blocks(batch: int, num_queries: int, num_keys: int, heads: int,
                  block_bytes: Optional[int] = None):
-  """(samples, queries, key_block) for `flash_attention`: blocks of about
-  `block_bytes` of float32 scores, whole rows (key_block == num_keys) when
-  one query's row fits, else 64 queries at a time against key blocks."""
-  block_bytes = block_bytes or BLOCK_BYTES
+  """(samples, queries, key_block) for `flash_attention`.
+
+  Up to ROW_KEYS keys: whole rows (key_block == num_keys), as many queries
+  and samples as fit in `block_bytes` (default BLOCK_BYTES) of float32
+  scores. Longer rows: up to QUERY_BLOCK queries against key blocks of up
+  to KEY_BLOCK keys, within `block_bytes` (default KEY_BLOCKED_BYTES)."""
   row_bytes = heads * num_keys * 4  # one query's float32 scores
-  if row_bytes <= block_bytes:
+  if num_keys <= ROW_KEYS and row_bytes <= (block_bytes or BLOCK_BYTES):
+    block_bytes = block_bytes or BLOCK_BYTES
     queries = _largest_divisor_at_most(num_queries, block_bytes // row_bytes)
     samples = _largest_divisor_at_most(
         batch, block_bytes // (queries * row_bytes))
     return samples, queries, num_keys
-  queries = _largest_divisor_at_most(num_queries, 64)
-  key_block = _largest_divisor_at_most(
-      num_keys, max(1, block_bytes // (heads * queries * 4)))
+  block_bytes = block_bytes or KEY_BLOCKED_BYTES
+  queries = _largest_divisor_at_most(num_queries, min(
+      QUERY_BLOCK, block_bytes // (heads * 4 * min(num_keys, KEY_BLOCK))))
+  key_block = _largest_divisor_at_most(num_keys, min(
+      KEY_BLOCK, block_bytes // (heads * queries * 4)))
   return 1, queries, key_block
 
 

@@ -1,6 +1,6 @@
-"""benchmarks/bench_memory.py at --size=small, so the script cannot rot:
-jaxsd and PyTorch each run one LoRA step in a fresh process and the
-summary compares them. Without remat: remat under LoRA is tested in
+"""benchmarks/bench_memory.py at --size=small and bench_attention.py at a
+small size, so the scripts cannot rot. bench_memory: jaxsd and PyTorch
+each run one LoRA step in a fresh process and the summary compares them. Without remat: remat under LoRA is tested in
 tests/unit/test_unet.py, and on CPU its step ran 10x slower here (this
 test took 157 s with it, 78 s without)."""
 import json
@@ -33,3 +33,17 @@ def test_bench_memory_small_runs_jaxsd_and_pytorch():
           by_framework["pytorch"]["trained_params"])
   assert by_framework["jaxsd"]["xla"]["temp_bytes"] > 0
   assert "jaxsd / PyTorch peak RSS" in out.stdout
+
+
+def test_bench_attention_prints_each_path_and_pytorch():
+  """benchmarks/bench_attention.py at a small size: every path it times
+  (flash_blocks' choice, XLA's, given blocks) and PyTorch's SDPA."""
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"),
+       "--sizes=256x2x8", "--blocks=auto,xla,64x128", "--repeats=1"],
+      cwd=ROOT, capture_output=True, text=True, check=False, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [line.split("|")[2].strip() for line in out.stdout.splitlines()
+          if line.startswith("| 256x2x8 |")]
+  assert rows == ["jaxsd blocked 256x256 (auto)", "jaxsd xla, unblocked",
+                  "jaxsd blocked 64x128", "PyTorch SDPA"], out.stdout

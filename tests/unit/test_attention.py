@@ -77,12 +77,19 @@ def test_flash_attention_keeps_no_scores():
 
 
 def test_blocks_cover_long_rows_with_key_blocks():
-  """One query's scores over the block budget: key blocks, 64 queries."""
+  """Rows over ROW_KEYS keys, or one query's scores over the block budget:
+  key blocks, within the budget."""
+  # SD-1.5's 64x64 latents: 512 queries x 512 keys (8 MiB at 8 heads).
+  assert attention.flash_blocks(2, 4096, 4096, 8) == (1, 512, 512)
+  assert attention.flash_blocks(1, 1024, 1024, 8) == (1, 128, 1024)  # rows
   samples, queries, key_block = attention.flash_blocks(
       2, 4096, 4096, 8, block_bytes=64 * 1024)
-  assert (samples, queries) == (1, 64)
+  assert samples == 1 and 4096 % queries == 0
   assert 4096 % key_block == 0 and key_block < 4096
   assert 8 * queries * key_block * 4 <= 64 * 1024
+  # Sizes without large divisors still divide.
+  samples, queries, key_block = attention.flash_blocks(1, 4099, 2053, 8)
+  assert 4099 % queries == 0 and 2053 % key_block == 0
 
 
 def test_flash_attention_rejects_blocks_that_do_not_divide():
