@@ -216,16 +216,10 @@ def autoencoder_run(autoencoder_config, tmp_path_factory):
   from jaxsd.autoencoder import task as autoencoder_task  # pylint: disable=g-import-not-at-top
 
   def train(workdir):
-    previous = os.environ.get("JAXSD_OFFLINE")
-    os.environ["JAXSD_OFFLINE"] = "1"  # no download try for rFID
-    try:
+    with pytest.MonkeyPatch.context() as env:
+      env.setenv("JAXSD_OFFLINE", "1")  # no download try for rFID
       state = autoencoder_task.train_autoencoder(autoencoder_config(),
                                                  workdir)
-    finally:
-      if previous is None:
-        del os.environ["JAXSD_OFFLINE"]
-      else:
-        os.environ["JAXSD_OFFLINE"] = previous
     return jax.device_get({"step": state.step, "params": state.params})
   workdir, final = _run_once(tmp_path_factory, "autoencoder_run", train)
   return workdir, types.SimpleNamespace(**final)

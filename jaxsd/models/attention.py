@@ -31,8 +31,8 @@ import jax.numpy as jnp
 BLOCK_BYTES = 4 * 2**20
 # Rows longer than ROW_KEYS keys go in key blocks of up to 512 keys against
 # up to 512 queries (8 MiB of scores at 8 heads): at SD's 64x64 latents
-# (4096 tokens, 8 heads of 40) forward and backward take 1.4 s on 2 CPU
-# cores against 2.3 s in whole-row blocks of 32 queries; at 1024 tokens
+# (4096 tokens, 8 heads of 40) forward and backward take 1.7 s on 2 AVX2
+# cores against 2.5 s in whole-row blocks of 32 queries; at 1024 tokens
 # whole rows stay as fast (benchmarks/README.md, "Attention block sizes").
 ROW_KEYS = 1024
 QUERY_BLOCK = KEY_BLOCK = 512
@@ -223,11 +223,11 @@ def flash_blocks(batch: int, num_queries: int, num_keys: int, heads: int,
   scores. Longer rows: up to QUERY_BLOCK queries against key blocks of up
   to KEY_BLOCK keys, within `block_bytes` (default KEY_BLOCKED_BYTES)."""
   row_bytes = heads * num_keys * 4  # one query's float32 scores
-  if num_keys <= ROW_KEYS and row_bytes <= (block_bytes or BLOCK_BYTES):
-    block_bytes = block_bytes or BLOCK_BYTES
-    queries = _largest_divisor_at_most(num_queries, block_bytes // row_bytes)
+  rows_budget = block_bytes or BLOCK_BYTES
+  if num_keys <= ROW_KEYS and row_bytes <= rows_budget:
+    queries = _largest_divisor_at_most(num_queries, rows_budget // row_bytes)
     samples = _largest_divisor_at_most(
-        batch, block_bytes // (queries * row_bytes))
+        batch, rows_budget // (queries * row_bytes))
     return samples, queries, num_keys
   block_bytes = block_bytes or KEY_BLOCKED_BYTES
   queries = _largest_divisor_at_most(num_queries, min(
