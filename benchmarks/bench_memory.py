@@ -360,6 +360,9 @@ def run_config(spec):
   compiled = train.compile(shapes)
   result["compile_s"] = time.perf_counter() - start
   result["xla"] = xla = memory_analysis(compiled)
+  # As jaxsd's trainer does after compiling its step (tracking.memory).
+  from jaxsd.tracking import memory  # pylint: disable=g-import-not-at-top
+  memory.release_freed_host_memory()
   result["rss_after_compile_bytes"] = proc_status_bytes("VmRSS")
   result["peak_rss_compile_bytes"] = peak_rss_bytes()
   if spec.get("compile_only"):

@@ -17,14 +17,15 @@ optimisations, so CSE folds the recomputation back into the forward pass
 and the compiled step keeps every activation anyway (measured:
 benchmarks/README.md). The formulation CPU keeps: a custom VJP whose
 forward pass saves only what the policy saves (`nn.vjp` of the
-checkpointed function) and whose backward pass recomputes inside a
-`lax.cond` that takes the incoming gradient as an operand. A conditional's
-branches are separate computations (nothing to merge with the forward
-pass), and the gradient operand means the recomputation cannot be
-scheduled before the backward pass reaches it, so at most one block's
-activations are live at a time. GPUs keep the barriers; there `nn.remat`
-with the same policy is used, with no conditional (whose predicate a GPU
-reads back to the host).
+checkpointed function) and whose backward pass recomputes from inputs
+tied to the incoming gradient (each input plus `0 * d_out[0]`, which XLA
+cannot fold for floats). Its operands differ from the forward pass's, so
+CSE has nothing to merge, and it depends on the gradient, so it cannot be
+scheduled before the backward pass reaches it: one block's activations are
+live at a time. (The first version recomputed inside a `lax.cond` on the
+gradient; XLA:CPU leaves the convolutions of a conditional's branches out
+of its canonical form, and their weight gradients ran 3x slower.) GPUs
+keep the barriers; there `nn.remat` with the same policy is used.
 """
 import contextlib
 import threading
@@ -109,21 +110,29 @@ def _with_closure_inputs(fn: Callable, closures) -> Callable:
   return wrapped
 
 
-def _recompute_in_cond(fn: Callable, saveable, module, *args):
+def _recompute_after_gradient(fn: Callable, saveable, module, *args):
   """fn(module, *args) with a custom VJP that saves what `saveable` keeps
-  and recomputes the rest inside a conditional on the incoming gradient."""
-  # The conditional keeps CSE out; the barrier would be dropped anyway.
+  and recomputes the rest from residuals tied to the incoming gradient.
+
+  The backward pass adds `0 * d_out[0]` to every floating residual (the
+  inputs, the parameters, what the policy saved) before recomputing: XLA
+  does not fold a float times zero (NaN and infinity), so the
+  recomputation's operands differ from the forward pass's (no CSE) and
+  nothing of it, not even a parameter's transpose, can run before the
+  backward pass reaches it. It stays in the step's main computation,
+  where XLA:CPU turns the weight-gradient convolutions into its fast
+  canonical form; inside a conditional's branches it does not, and those
+  ran 3x slower (benchmarks/README.md, "Remat on XLA:CPU")."""
   checkpointed = nn.checkpoint(fn, policy=saveable, prevent_cse=False)
 
   def forward(mdl, *inputs):
     return nn.vjp(checkpointed, mdl, *inputs)
 
   def backward(pullback, d_out):
-    # Both branches are the same pullback: the predicate (finite or not)
-    # changes nothing but cannot be known when compiling.
-    pred = jnp.isfinite(jnp.ravel(_first_leaf(d_out))[0])
-    run = lambda operands: operands[0](operands[1])
-    return jax.lax.cond(pred, run, run, (pullback, d_out))
+    zero = jnp.ravel(_first_leaf(d_out))[0].astype(jnp.float32) * 0
+    tie = lambda r: (r + zero.astype(r.dtype)
+                     if jnp.issubdtype(r.dtype, jnp.floating) else r)
+    return jax.tree_util.tree_map(tie, pullback)(d_out)
 
   return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(
       module, *args)
@@ -147,7 +156,7 @@ def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,
     # choice, though XLA:CPU may fold its recomputation back.
     return nn.checkpoint(fn, policy=saveable)(module, *args)
   if not closures:
-    return _recompute_in_cond(fn, saveable, module, *args)
+    return _recompute_after_gradient(fn, saveable, module, *args)
   values = [get() for get, _ in closures]
-  return _recompute_in_cond(_with_closure_inputs(fn, closures), saveable,
+  return _recompute_after_gradient(_with_closure_inputs(fn, closures), saveable,
                             module, values, *args)

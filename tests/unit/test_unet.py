@@ -1,5 +1,7 @@
 """jaxsd's UNet against diffusers' FlaxUNet2DConditionModel as the oracle."""
+import collections
 import functools
+import re
 
 import flax
 import jax
@@ -247,8 +249,8 @@ def _remat_loss(policy):
 
 @functools.lru_cache(maxsize=None)
 def _remat_output_and_grads(policy):
-  """(output, gradients, XLA's planned temporary bytes) of the compiled
-  loss-and-gradient step under a remat policy."""
+  """(output, gradients, XLA's planned temporary bytes, optimised HLO
+  text) of the compiled loss-and-gradient step under a remat policy."""
   loss, model = _remat_loss(policy)
   sample, timesteps, context = inputs(MIXED)
   params = random_params(jax.eval_shape(model.init, jax.random.key(0), sample,
@@ -256,7 +258,8 @@ def _remat_output_and_grads(policy):
   compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(
       params, sample, timesteps, context).compile()
   (_, out), grads = compiled(params, sample, timesteps, context)
-  return out, grads, compiled.memory_analysis().temp_size_in_bytes
+  return (out, grads, compiled.memory_analysis().temp_size_in_bytes,
+          compiled.as_text())
 
 
 def _shapes(policy):
@@ -279,8 +282,8 @@ def test_remat_keeps_the_param_tree(policy):
 @pytest.mark.parametrize("policy", [p for p in unet_lib.REMAT_POLICIES
                                     if p != "none"])
 def test_remat_gives_the_same_output_and_gradients(policy):
-  out, grads, _ = _remat_output_and_grads(policy)
-  ref_out, ref_grads, _ = _remat_output_and_grads("none")
+  out, grads, _, _ = _remat_output_and_grads(policy)
+  ref_out, ref_grads, _, _ = _remat_output_and_grads("none")
   np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
   assert float(jnp.abs(ref_out).max()) > 0.1  # not vacuous
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
@@ -314,14 +317,29 @@ def test_remat_keeps_fewer_activations():
 
 def test_remat_reduces_compiled_memory():
   """XLA's plan of the compiled loss-and-gradient step (the one compared
-  above), on every backend: on CPU the recomputation sits in a conditional
-  on the incoming gradient (jaxsd/models/remat.py), where CSE cannot fold it
-  back. REMAT_CFG at 16x16, batch 2 (2026-12-06): none 35.9 MB, blocks
-  19.4 MB, transformers 14.1 MB."""
+  above), on every backend: on CPU the recomputation takes inputs tied to
+  the incoming gradient (jaxsd/models/remat.py), so CSE cannot fold it
+  back. REMAT_CFG at 16x16, batch 2 (2026-12-06, in a conditional then):
+  none 35.9 MB, blocks 19.4 MB, transformers 14.1 MB."""
   temp_bytes = lambda policy: _remat_output_and_grads(policy)[2]
   none = temp_bytes("none")
   assert temp_bytes("blocks") < 0.75 * none
   assert temp_bytes("transformers") < 0.85 * none
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's HLO")
+def test_remat_recomputes_in_the_main_computation_on_cpu():
+  """Every convolution of the remat gradient in XLA:CPU's canonical form
+  (NHWC input, HWIO kernel), none in a conditional: recomputed in a
+  conditional's branch (the first remat formulation), the weight-gradient
+  convolutions stayed in another layout and ran 3x slower (a small SD-layout
+  UNet's full fine-tune step: 6.7 s without remat, 20.7 s with, 7.4 s tied;
+  benchmarks/README.md, "Remat on XLA:CPU")."""
+  hlo = _remat_output_and_grads("blocks")[3]
+  labels = re.findall(r" convolution\(.*?dim_labels=([^,\s]+)", hlo)
+  assert labels  # not vacuous: REMAT_CFG has 3x3 convolutions
+  assert set(labels) == {"b01f_01io->b01f"}, collections.Counter(labels)
+  assert " conditional(" not in hlo
 
 
 def test_remat_rejects_an_unknown_policy():
