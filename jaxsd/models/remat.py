@@ -17,9 +17,9 @@ optimisations, so CSE folds the recomputation back into the forward pass
 and the compiled step keeps every activation anyway (measured:
 benchmarks/README.md). The formulation CPU keeps: a custom VJP whose
 forward pass saves only what the policy saves (`nn.vjp` of the
-checkpointed function) and whose backward pass recomputes from inputs
-tied to the incoming gradient (each input plus `0 * d_out[0]`, which XLA
-cannot fold for floats). Its operands differ from the forward pass's, so
+checkpointed function) and whose backward pass recomputes from residuals
+tied to the incoming gradient (each plus `0 * d_out[0]`, which XLA cannot
+fold for floats). Its operands differ from the forward pass's, so
 CSE has nothing to merge, and it depends on the gradient, so it cannot be
 scheduled before the backward pass reaches it: one block's activations are
 live at a time. (The first version recomputed inside a `lax.cond` on the
@@ -122,7 +122,8 @@ def _recompute_after_gradient(fn: Callable, saveable, module, *args):
   backward pass reaches it. It stays in the step's main computation,
   where XLA:CPU turns the weight-gradient convolutions into its fast
   canonical form; inside a conditional's branches it does not, and those
-  ran 3x slower (benchmarks/README.md, "Remat on XLA:CPU")."""
+  ran 3x slower (benchmarks/README.md, "Remat recomputed in the main
+  computation")."""
   checkpointed = nn.checkpoint(fn, policy=saveable, prevent_cse=False)
 
   def forward(mdl, *inputs):

@@ -333,8 +333,8 @@ def test_remat_recomputes_in_the_main_computation_on_cpu():
   (NHWC input, HWIO kernel), none in a conditional: recomputed in a
   conditional's branch (the first remat formulation), the weight-gradient
   convolutions stayed in another layout and ran 3x slower (a small SD-layout
-  UNet's full fine-tune step: 6.7 s without remat, 20.7 s with, 7.4 s tied;
-  benchmarks/README.md, "Remat on XLA:CPU")."""
+  UNet's full fine-tune step: 6.7 s without remat, 20.7 s with, 7.2 s tied;
+  benchmarks/README.md, "Remat recomputed in the main computation")."""
   hlo = _remat_output_and_grads("blocks")[3]
   labels = re.findall(r" convolution\(.*?dim_labels=([^,\s]+)", hlo)
   assert labels  # not vacuous: REMAT_CFG has 3x3 convolutions
