@@ -159,5 +159,5 @@ def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,
   if not closures:
     return _recompute_after_gradient(fn, saveable, module, *args)
   values = [get() for get, _ in closures]
-  return _recompute_after_gradient(_with_closure_inputs(fn, closures), saveable,
-                            module, values, *args)
+  return _recompute_after_gradient(_with_closure_inputs(fn, closures),
+                                   saveable, module, values, *args)

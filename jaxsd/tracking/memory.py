@@ -1,7 +1,6 @@
 """Memory figures of this process: device memory where reported, else
 host RSS, in GiB."""
 import ctypes
-import ctypes.util
 import os
 import resource
 
@@ -35,13 +34,12 @@ def release_freed_host_memory() -> bool:
   False where there is no glibc.
 
   Compiling a large step leaves its freed buffers in malloc's arenas, and
-  they count in RSS for the rest of the run: an SD-1.5-sized UNet's remat
-  step left 2.5 GB after compiling, and a small one 1.98 GB, 1.14 GB
-  after the trim (2026-12-07, benchmarks/README.md)."""
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    trim = libc.malloc_trim
-  except (OSError, AttributeError):
+  they count in RSS for the rest of the run: the SD-1.5-sized UNet's LoRA
+  step with remat had 2.48 GB of RSS after compiling, 1.13 GB with the
+  trim (2026-12-07, benchmarks/README.md)."""
+  try:  # the process's own symbols: glibc's where it is the C library
+    trim = ctypes.CDLL(None).malloc_trim
+  except (OSError, AttributeError):  # musl, macOS: no malloc_trim
     return False
   trim.argtypes = [ctypes.c_size_t]
   trim(0)

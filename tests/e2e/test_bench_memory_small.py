@@ -1,9 +1,9 @@
 """benchmarks/bench_memory.py at --size=small and bench_attention.py at a
 small size, so the scripts cannot rot. bench_memory: jaxsd and PyTorch
 each run one LoRA step in a fresh process and the summary compares them.
-Without remat: remat under LoRA is tested in tests/unit/test_unet.py, and
-on CPU its step ran 10x slower here (this test took 157 s with it, 78 s
-without)."""
+Without remat, to keep it short: remat under LoRA is tested in
+tests/unit/test_unet.py, its speed and memory at SD size are
+benchmarks/README.md's."""
 import json
 import os
 import subprocess

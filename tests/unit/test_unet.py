@@ -317,8 +317,8 @@ def test_remat_keeps_fewer_activations():
 
 def test_remat_reduces_compiled_memory():
   """XLA's plan of the compiled loss-and-gradient step (the one compared
-  above), on every backend: on CPU the recomputation takes inputs tied to
-  the incoming gradient (jaxsd/models/remat.py), so CSE cannot fold it
+  above), on every backend: on CPU the recomputation reads residuals tied
+  to the incoming gradient (jaxsd/models/remat.py), so CSE cannot fold it
   back. REMAT_CFG at 16x16, batch 2 (2026-12-06, in a conditional then):
   none 35.9 MB, blocks 19.4 MB, transformers 14.1 MB."""
   temp_bytes = lambda policy: _remat_output_and_grads(policy)[2]
