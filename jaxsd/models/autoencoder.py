@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd.models import torch_weights
+from jaxsd.models.tied_gradient import Conv
 from jaxsd.models.unet import GroupNorm, Upsample2x
 
 Dtype = Any
@@ -142,9 +143,9 @@ def config_from_dict(d: Dict[str, Any]) -> AutoencoderConfig:
 def _conv(features: int, dtype, name: str, kernel: int = 3, strides: int = 1,
           padding=None):
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=padding if padding is not None else
-                 ((pad, pad), (pad, pad)), dtype=dtype, name=name)
+  return Conv(features, (kernel, kernel), strides=(strides, strides),
+              padding=padding if padding is not None else
+              ((pad, pad), (pad, pad)), dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):

@@ -19,10 +19,14 @@ benchmarks/README.md). The formulation CPU keeps: a custom VJP whose
 forward pass saves only what the policy saves (`nn.vjp` of the
 checkpointed function) and whose backward pass recomputes from residuals
 tied to the incoming gradient (each plus `0 * d_out[0]`, which XLA cannot
-fold for floats). Its operands differ from the forward pass's, so
-CSE has nothing to merge, and it depends on the gradient, so it cannot be
-scheduled before the backward pass reaches it: one block's activations are
-live at a time. (The first version recomputed inside a `lax.cond` on the
+fold for floats; `tied_gradient.tie`). Its operands differ from the
+forward pass's, so CSE has nothing to merge, and it depends on the
+gradient, so it cannot be scheduled before the backward pass reaches it:
+one block's activations are live at a time. The parameters stay untied
+(a tied copy of each would be live through its block's backward pass);
+the layers' own backward passes (`tied_gradient`'s convolutions and
+matmuls) keep their kernel transposes from being built early instead.
+(The first version recomputed inside a `lax.cond` on the
 gradient; XLA:CPU leaves the convolutions of a conditional's branches out
 of its canonical form, and their weight gradients ran 3x slower.) GPUs
 keep the barriers; there `nn.remat` with the same policy is used.
@@ -33,7 +37,8 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+
+from jaxsd.models import tied_gradient
 
 # policy -> (the layer it recomputes, what it keeps there; None = nothing)
 SAVED_NAMES = ("resnet_out", "transformer_out")
@@ -55,10 +60,6 @@ POLICIES = tuple(_POLICIES)
 def call(module, *args):
   """module(*args): the function of (module, *args) most layers are."""
   return module(*args)
-
-
-def _first_leaf(tree):
-  return jax.tree_util.tree_leaves(tree)[0]
 
 
 # The traced values method interceptors close over, registered by their
@@ -110,30 +111,54 @@ def _with_closure_inputs(fn: Callable, closures) -> Callable:
   return wrapped
 
 
+@jax.tree_util.register_static
+class _Static:
+  """A residual of structure only (which residuals stay untied)."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def __hash__(self):
+    return hash(self.value)
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and self.value == other.value
+
+
 def _recompute_after_gradient(fn: Callable, saveable, module, *args):
   """fn(module, *args) with a custom VJP that saves what `saveable` keeps
   and recomputes the rest from residuals tied to the incoming gradient.
 
-  The backward pass adds `0 * d_out[0]` to every floating residual (the
-  inputs, the parameters, what the policy saved) before recomputing: XLA
-  does not fold a float times zero (NaN and infinity), so the
-  recomputation's operands differ from the forward pass's (no CSE) and
-  nothing of it, not even a parameter's transpose, can run before the
-  backward pass reaches it. It stays in the step's main computation,
-  where XLA:CPU turns the weight-gradient convolutions into its fast
-  canonical form; inside a conditional's branches it does not, and those
-  ran 3x slower (benchmarks/README.md, "Remat recomputed in the main
-  computation")."""
+  The backward pass adds `0 * d_out[0]` to every floating residual but
+  the module's variables (the inputs, the closure inputs, what the policy
+  saved) before recomputing: XLA does not fold a float times zero (NaN and
+  infinity), so the recomputation's operands differ from the forward
+  pass's (no CSE) and nothing of it can run before the backward pass
+  reaches it. It stays in the step's main computation, where XLA:CPU turns
+  the weight-gradient convolutions into its fast canonical form; inside a
+  conditional's branches it does not, and those ran 3x slower
+  (benchmarks/README.md, "Remat recomputed in the main computation").
+  Tying the parameters too cost a copy of the largest block's (SD-1.5
+  LoRA: 1.94 GB of temporaries against 1.14 GB untied with
+  `tied_gradient`'s layers; benchmarks/README.md, "Operands tied to the
+  incoming gradient")."""
   checkpointed = nn.checkpoint(fn, policy=saveable, prevent_cse=False)
 
   def forward(mdl, *inputs):
-    return nn.vjp(checkpointed, mdl, *inputs)
+    out, pullback = nn.vjp(checkpointed, mdl, *inputs)
+    # The pullback's residuals that are the module's own variables, by
+    # identity (jax forwards an input that is a residual as itself).
+    own = {id(leaf) for leaf in jax.tree_util.tree_leaves(mdl.variables)}
+    untied = tuple(id(leaf) in own
+                   for leaf in jax.tree_util.tree_leaves(pullback))
+    return out, (pullback, _Static(untied))
 
-  def backward(pullback, d_out):
-    zero = jnp.ravel(_first_leaf(d_out))[0].astype(jnp.float32) * 0
-    tie = lambda r: (r + zero.astype(r.dtype)
-                     if jnp.issubdtype(r.dtype, jnp.floating) else r)
-    return jax.tree_util.tree_map(tie, pullback)(d_out)
+  def backward(residuals, d_out):
+    pullback, untied = residuals
+    leaves, treedef = jax.tree_util.tree_flatten(pullback)
+    leaves = [leaf if keep else tied_gradient.tie(leaf, d_out)
+              for leaf, keep in zip(leaves, untied.value)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)(d_out)
 
   return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(
       module, *args)

@@ -42,6 +42,7 @@ from jaxsd.models import attention
 from jaxsd.models.remat import POLICIES as REMAT_POLICIES
 from jaxsd.models.remat import call as _call
 from jaxsd.models.remat import remat_call
+from jaxsd.models.tied_gradient import Conv
 
 Dtype = Any
 IntOrTuple = Union[int, Tuple[int, ...]]
@@ -134,8 +135,8 @@ class GroupNorm(nn.Module):
 
 
 def _conv3x3(features: int, dtype: Dtype, name: str, strides: int = 1):
-  return nn.Conv(features, kernel_size=(3, 3), strides=(strides, strides),
-                 padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+  return Conv(features, kernel_size=(3, 3), strides=(strides, strides),
+              padding=((1, 1), (1, 1)), dtype=dtype, name=name)
 
 
 def timestep_embedding(timesteps: jnp.ndarray, dim: int,
@@ -211,8 +212,8 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv3x3(self.features, self.dtype, "conv2")(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, kernel_size=(1, 1), dtype=self.dtype,
-                  name="conv_shortcut")(x)
+      x = Conv(self.features, kernel_size=(1, 1), dtype=self.dtype,
+               name="conv_shortcut")(x)
     return checkpoint_name(x + h, "resnet_out")
 
 
@@ -312,8 +313,8 @@ class SpatialTransformer(nn.Module):
     if self.use_linear_projection:
       proj = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
     else:
-      proj = lambda name: nn.Conv(c, kernel_size=(1, 1), dtype=self.dtype,
-                                  name=name)
+      proj = lambda name: Conv(c, kernel_size=(1, 1), dtype=self.dtype,
+                               name=name)
     h = proj("proj_in")(h).reshape(b, height * width, c)
     for i in range(self.depth):
       h = TransformerBlock(self.heads, c // self.heads,
