@@ -24,8 +24,8 @@ forward pass's, so CSE has nothing to merge, and it depends on the
 gradient, so it cannot be scheduled before the backward pass reaches it:
 one block's activations are live at a time. The parameters stay untied
 (a tied copy of each would be live through its block's backward pass);
-the layers' own backward passes (`tied_gradient`'s convolutions and
-matmuls) keep their kernel transposes from being built early instead.
+the convolutions' own backward passes (`tied_gradient.Conv`) keep their
+kernel transposes from being built early instead.
 (The first version recomputed inside a `lax.cond` on the
 gradient; XLA:CPU leaves the convolutions of a conditional's branches out
 of its canonical form, and their weight gradients ran 3x slower.) GPUs
