@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxsd.models import torch_weights
 from jaxsd.models.tied_gradient import Conv
+from jaxsd.models.tied_gradient import Dense
 from jaxsd.models.unet import GroupNorm, Upsample2x
 
 Dtype = Any
@@ -176,7 +177,7 @@ class AttentionBlock(nn.Module):
     b, h, w, c = x.shape
     y = GroupNorm(self.norm_num_groups, epsilon=_EPS, dtype=self.dtype,
                   name="group_norm")(x).reshape(b, h * w, c)
-    dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
+    dense = lambda name: Dense(c, dtype=self.dtype, name=name)
     q, k, v = dense("to_q")(y), dense("to_k")(y), dense("to_v")(y)
     scores = jnp.einsum("btc,bsc->bts", q, k).astype(jnp.float32) / np.sqrt(c)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

@@ -25,7 +25,11 @@ gradient, so it cannot be scheduled before the backward pass reaches it:
 one block's activations are live at a time. The parameters stay untied
 (a tied copy of each would be live through its block's backward pass);
 the convolutions' own backward passes (`tied_gradient.Conv`) keep their
-kernel transposes from being built early instead.
+kernel transposes from being built early instead. A block computing in
+another dtype than its parameters (bf16 over f32) has them tied all the
+same: its layers cast them, and tied the cast is made anew in the
+compute dtype (SD-1.5 LoRA at bf16 with remat: 3.64 GB of temporaries
+against 4.13 GB untied).
 (The first version recomputed inside a `lax.cond` on the
 gradient; XLA:CPU leaves the convolutions of a conditional's branches out
 of its canonical form, and their weight gradients ran 3x slower.) GPUs
@@ -37,6 +41,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxsd.models import tied_gradient
 
@@ -147,8 +152,14 @@ def _recompute_after_gradient(fn: Callable, saveable, module, *args):
   def forward(mdl, *inputs):
     out, pullback = nn.vjp(checkpointed, mdl, *inputs)
     # The pullback's residuals that are the module's own variables, by
-    # identity (jax forwards an input that is a residual as itself).
-    own = {id(leaf) for leaf in jax.tree_util.tree_leaves(mdl.variables)}
+    # identity (jax forwards an input that is a residual as itself). Those
+    # its layers cast to another compute dtype (`mdl.dtype`) are tied all
+    # the same: tied, the recomputation's cast is a new op, made (in the
+    # compute dtype) when the block's gradient exists; untied, CSE would
+    # hand it the forward pass's cast, live from the forward pass on.
+    compute = getattr(mdl, "dtype", None)
+    own = {id(leaf) for leaf in jax.tree_util.tree_leaves(mdl.variables)
+           if compute is None or not _cast_to(leaf, compute)}
     untied = tuple(id(leaf) in own
                    for leaf in jax.tree_util.tree_leaves(pullback))
     return out, (pullback, _Static(untied))
@@ -162,6 +173,12 @@ def _recompute_after_gradient(fn: Callable, saveable, module, *args):
 
   return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(
       module, *args)
+
+
+def _cast_to(leaf, dtype) -> bool:
+  """Whether a layer computing in `dtype` casts this floating variable."""
+  return (jnp.issubdtype(leaf.dtype, jnp.floating)
+          and jnp.dtype(dtype) != leaf.dtype)
 
 
 def remat_call(policy: str, layer: str, fn: Callable, module: nn.Module,

@@ -43,6 +43,7 @@ from jaxsd.models.remat import POLICIES as REMAT_POLICIES
 from jaxsd.models.remat import call as _call
 from jaxsd.models.remat import remat_call
 from jaxsd.models.tied_gradient import Conv
+from jaxsd.models.tied_gradient import Dense
 
 Dtype = Any
 IntOrTuple = Union[int, Tuple[int, ...]]
@@ -205,7 +206,7 @@ class ResnetBlock(nn.Module):
                                   name=name)
     h = nn.swish(norm("norm1")(x))
     h = _conv3x3(self.features, self.dtype, "conv1")(h)
-    temb = nn.Dense(self.features, dtype=self.dtype,
+    temb = Dense(self.features, dtype=self.dtype,
                     name="time_emb_proj")(nn.swish(temb))
     h = h + temb[:, None, None, :]
     h = nn.swish(norm("norm2")(h))
@@ -227,14 +228,14 @@ class Attention(nn.Module):
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
     """x: [B, T, C], context: [B, S, D] -> [B, T, C]."""
     inner = self.heads * self.dim_head
-    dense = lambda name: nn.Dense(inner, use_bias=False, dtype=self.dtype,
+    dense = lambda name: Dense(inner, use_bias=False, dtype=self.dtype,
                                   name=name)
     split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
     q, k, v = (split(dense("to_q")(x)), split(dense("to_k")(context)),
                split(dense("to_v")(context)))
     out = attention.dot_product_attention(q, k, v)
     out = out.reshape(*out.shape[:2], inner)
-    out = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+    out = Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
     return checkpoint_name(out, "attention_out")
 
 
@@ -246,7 +247,7 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    h = nn.Dense(self.dim * 8, dtype=self.dtype, name="proj")(x)
+    h = Dense(self.dim * 8, dtype=self.dtype, name="proj")(x)
     value, gate = jnp.split(h, 2, axis=-1)
     # Tanh-approximate GELU, as diffusers' FlaxGEGLU (nn.gelu's default);
     # the exact one (PyTorch's) with torch_numerics.
@@ -261,7 +262,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     h = GEGLU(self.dim, self.dtype, self.exact_gelu, name="net_0")(x)
-    return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+    return Dense(self.dim, dtype=self.dtype, name="net_2")(h)
 
 
 class TransformerBlock(nn.Module):
@@ -311,7 +312,7 @@ class SpatialTransformer(nn.Module):
     # The same matmul either way; the param tree keeps the kernel's shape
     # ([C, C] or [1, 1, C, C]).
     if self.use_linear_projection:
-      proj = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
+      proj = lambda name: Dense(c, dtype=self.dtype, name=name)
     else:
       proj = lambda name: Conv(c, kernel_size=(1, 1), dtype=self.dtype,
                                name=name)
@@ -333,8 +334,8 @@ class TimestepEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """[B, D_in] -> [B, features]."""
-    x = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x)
-    return nn.Dense(self.features, dtype=self.dtype,
+    x = Dense(self.features, dtype=self.dtype, name="linear_1")(x)
+    return Dense(self.features, dtype=self.dtype,
                     name="linear_2")(nn.swish(x))
 
 
