@@ -123,25 +123,38 @@ def _flash_forward(q, k, v, blocks):
   return _merge(out, 0), _merge(lse, 0)
 
 
-def _backward_block(q, k, v, d_out, lse, delta):
+def _backward_block(q, k, v, d_out, lse, delta, kv_transposed=False):
   """Gradients of one (query block, key block) pair from recomputed
-  probabilities: (d_q (of pre-scaled q), d_k, d_v), float32."""
+  probabilities: (d_q (of pre-scaled q), d_k, d_v), float32; d_k and d_v
+  [b, N, H, tk] if `kv_transposed`, else [b, N, tk, H].
+
+  d_k and d_v contract the scores over their rows (queries). As
+  [H, tq] x [tq, tk] products XLA:CPU reads the scores in their own
+  layout: whole rows of 1024 keys (8 heads of 80) took 130 ms forward and
+  backward against 163 as [tk, tq] x [tq, H]. Key blocks keep the latter:
+  at 4096 tokens the transposed form gained nothing measurable
+  (benchmarks/README.md, "Attention backward" under "Kernels cast inside
+  the op").
+  """
   probs = jnp.exp(_scores(q, k) - lse)
-  d_v = jnp.einsum("bnts,bnth->bnsh", probs.astype(d_out.dtype), d_out,
-                   preferred_element_type=jnp.float32)
   d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, v,
                        preferred_element_type=jnp.float32)
   d_logits = (probs * (d_probs - delta)).astype(q.dtype)
   d_q = jnp.einsum("bnts,bnsh->bnth", d_logits, k,
                    preferred_element_type=jnp.float32)
-  d_k = jnp.einsum("bnts,bnth->bnsh", d_logits, q,
-                   preferred_element_type=jnp.float32)
-  return d_q, d_k, d_v
+  if kv_transposed:
+    product = lambda a, p: jnp.einsum("bnth,bnts->bnhs", a, p,
+                                      preferred_element_type=jnp.float32)
+  else:
+    product = lambda a, p: jnp.einsum("bnts,bnth->bnsh", p, a,
+                                      preferred_element_type=jnp.float32)
+  return d_q, product(q, d_logits), product(d_out, probs.astype(d_out.dtype))
 
 
 def _flash_backward(q, k, v, out, lse, d_out, blocks):
   """(d_q of the pre-scaled q, d_k, d_v), float32, one block at a time."""
   samples, queries, key_block = blocks
+  whole_rows = key_block >= k.shape[2]
   # sum_s P dP == sum_h dO O: a [.., T, H] product instead of another pass
   # over the scores (FlashAttention-2's D term).
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
@@ -153,9 +166,9 @@ def _flash_backward(q, k, v, out, lse, d_out, blocks):
     def per_queries(carry, qblk):
       d_k, d_v = carry
       q_b, d_out_b, lse_b, delta_b = qblk
-      if key_block >= k_s.shape[2]:
+      if whole_rows:
         d_q, d_k_b, d_v_b = _backward_block(q_b, k_s, v_s, d_out_b, lse_b,
-                                            delta_b)
+                                            delta_b, kv_transposed=True)
         return (d_k + d_k_b, d_v + d_v_b), d_q
 
       def per_keys(d_q, kv):
@@ -168,10 +181,15 @@ def _flash_backward(q, k, v, out, lse, d_out, blocks):
           (_split(k_s, 2, key_block), _split(v_s, 2, key_block)))
       return (d_k + _merge(d_k_b, 2), d_v + _merge(d_v_b, 2)), d_q
 
-    zeros = jnp.zeros(k_s.shape, jnp.float32)
+    # Whole rows accumulate d_k, d_v as [b, N, H, S] (_backward_block).
+    kv_shape = k_s.shape[:2] + ((k_s.shape[3], k_s.shape[2]) if whole_rows
+                                else k_s.shape[2:])
+    zeros = jnp.zeros(kv_shape, jnp.float32)
     (d_k, d_v), d_q = jax.lax.scan(
         per_queries, (zeros, zeros),
         tuple(_split(t, 2, queries) for t in (q_s, d_out_s, lse_s, delta_s)))
+    if whole_rows:
+      d_k, d_v = jnp.swapaxes(d_k, 2, 3), jnp.swapaxes(d_v, 2, 3)
     return _merge(d_q, 2), d_k, d_v
 
   d_q, d_k, d_v = jax.lax.map(
