@@ -181,10 +181,9 @@ def _flash_backward(q, k, v, out, lse, d_out, blocks):
           (_split(k_s, 2, key_block), _split(v_s, 2, key_block)))
       return (d_k + _merge(d_k_b, 2), d_v + _merge(d_v_b, 2)), d_q
 
-    # Whole rows accumulate d_k, d_v as [b, N, H, S] (_backward_block).
-    kv_shape = k_s.shape[:2] + ((k_s.shape[3], k_s.shape[2]) if whole_rows
-                                else k_s.shape[2:])
-    zeros = jnp.zeros(kv_shape, jnp.float32)
+    zeros = jnp.zeros(k_s.shape, jnp.float32)
+    if whole_rows:  # accumulated as [b, N, H, S] (_backward_block)
+      zeros = jnp.swapaxes(zeros, 2, 3)
     (d_k, d_v), d_q = jax.lax.scan(
         per_queries, (zeros, zeros),
         tuple(_split(t, 2, queries) for t in (q_s, d_out_s, lse_s, delta_s)))

@@ -207,7 +207,7 @@ class ResnetBlock(nn.Module):
     h = nn.swish(norm("norm1")(x))
     h = _conv3x3(self.features, self.dtype, "conv1")(h)
     temb = Dense(self.features, dtype=self.dtype,
-                    name="time_emb_proj")(nn.swish(temb))
+                 name="time_emb_proj")(nn.swish(temb))
     h = h + temb[:, None, None, :]
     h = nn.swish(norm("norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -229,7 +229,7 @@ class Attention(nn.Module):
     """x: [B, T, C], context: [B, S, D] -> [B, T, C]."""
     inner = self.heads * self.dim_head
     dense = lambda name: Dense(inner, use_bias=False, dtype=self.dtype,
-                                  name=name)
+                               name=name)
     split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
     q, k, v = (split(dense("to_q")(x)), split(dense("to_k")(context)),
                split(dense("to_v")(context)))
@@ -336,7 +336,7 @@ class TimestepEmbedding(nn.Module):
     """[B, D_in] -> [B, features]."""
     x = Dense(self.features, dtype=self.dtype, name="linear_1")(x)
     return Dense(self.features, dtype=self.dtype,
-                    name="linear_2")(nn.swish(x))
+                 name="linear_2")(nn.swish(x))
 
 
 class _Block(nn.Module):
