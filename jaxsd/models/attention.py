@@ -31,9 +31,12 @@ import jax.numpy as jnp
 BLOCK_BYTES = 4 * 2**20
 # Rows longer than ROW_KEYS keys go in key blocks of up to 512 keys against
 # up to 512 queries (8 MiB of scores at 8 heads): at SD's 64x64 latents
-# (4096 tokens, 8 heads of 40) forward and backward take 1.7 s on 2 AVX2
-# cores against 2.5 s in whole-row blocks of 32 queries; at 1024 tokens
-# whole rows stay as fast (benchmarks/README.md, "Attention block sizes").
+# (4096 tokens, 8 heads of 40) forward and backward took 1.7 s on 2 AVX2
+# cores against 2.5 s in whole-row blocks of 32 queries, and 1.2-1.35 s
+# since their backward works on transposed scores; at 1024 tokens whole
+# rows stay as fast (benchmarks/README.md, "Attention block sizes" and
+# "Key blocks' backward on transposed scores"). 256 x 512 blocks time the
+# same as 512 x 512 since.
 ROW_KEYS = 1024
 QUERY_BLOCK = KEY_BLOCK = 512
 KEY_BLOCKED_BYTES = 8 * 2**20
@@ -123,18 +126,16 @@ def _flash_forward(q, k, v, blocks):
   return _merge(out, 0), _merge(lse, 0)
 
 
-def _backward_block(q, k, v, d_out, lse, delta, kv_transposed=False):
-  """Gradients of one (query block, key block) pair from recomputed
-  probabilities: (d_q (of pre-scaled q), d_k, d_v), float32; d_k and d_v
-  [b, N, H, tk] if `kv_transposed`, else [b, N, tk, H].
+def _backward_block(q, k, v, d_out, lse, delta):
+  """Gradients of one block of whole rows from recomputed probabilities:
+  (d_q (of pre-scaled q) [b, N, tq, H], d_k and d_v transposed [b, N, H,
+  S]), float32.
 
   d_k and d_v contract the scores over their rows (queries). As
-  [H, tq] x [tq, tk] products XLA:CPU reads the scores in their own
+  [H, tq] x [tq, S] products XLA:CPU reads the scores in their own
   layout: whole rows of 1024 keys (8 heads of 80) took 130 ms forward and
-  backward against 163 as [tk, tq] x [tq, H]. Key blocks keep the latter:
-  at 4096 tokens the transposed form gained nothing measurable
-  (benchmarks/README.md, "Attention backward" under "Kernels cast inside
-  the op").
+  backward against 163 as [S, tq] x [tq, H] (benchmarks/README.md,
+  "Attention backward" under "Kernels cast inside the op").
   """
   probs = jnp.exp(_scores(q, k) - lse)
   d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, v,
@@ -142,13 +143,38 @@ def _backward_block(q, k, v, d_out, lse, delta, kv_transposed=False):
   d_logits = (probs * (d_probs - delta)).astype(q.dtype)
   d_q = jnp.einsum("bnts,bnsh->bnth", d_logits, k,
                    preferred_element_type=jnp.float32)
-  if kv_transposed:
-    product = lambda a, p: jnp.einsum("bnth,bnts->bnhs", a, p,
-                                      preferred_element_type=jnp.float32)
-  else:
-    product = lambda a, p: jnp.einsum("bnts,bnth->bnsh", p, a,
-                                      preferred_element_type=jnp.float32)
+  product = lambda a, p: jnp.einsum("bnth,bnts->bnhs", a, p,
+                                    preferred_element_type=jnp.float32)
   return d_q, product(q, d_logits), product(d_out, probs.astype(d_out.dtype))
+
+
+def _backward_keys_major(q, k, v, d_out, lse, delta):
+  """Gradients of one (query block, key block) pair, computed on the
+  transposed scores [b, N, tk, tq]: (d_q transposed [b, N, H, tq] (of
+  pre-scaled q), d_k, d_v [b, N, tk, H]), float32.
+
+  Every product reads its operands in their own layout: d_k and d_v
+  contract over the queries, the transposed scores' minor axis, and d_q is
+  built transposed. On the untransposed scores d_k and d_v read the
+  scores across (a [tk, tq] x [tq, H] product over a [tq, tk] block), at
+  about half the speed of the other products on XLA:CPU; this form made
+  the forward and backward at 4096 tokens 17-27% faster (benchmarks/
+  README.md, "Key blocks' backward on transposed scores"). Whole rows keep
+  `_backward_block`: there this form was slower at 784 tokens."""
+  scores_t = jnp.einsum("bnsh,bnth->bnst", k, q,
+                        preferred_element_type=jnp.float32)
+  probs_t = jnp.exp(scores_t - jnp.swapaxes(lse, 2, 3))
+  d_probs_t = jnp.einsum("bnsh,bnth->bnst", v, d_out,
+                         preferred_element_type=jnp.float32)
+  d_logits_t = (probs_t * (d_probs_t - jnp.swapaxes(delta, 2, 3))
+                ).astype(q.dtype)
+  d_q_t = jnp.einsum("bnsh,bnst->bnht", k, d_logits_t,
+                     preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("bnst,bnth->bnsh", d_logits_t, q,
+                   preferred_element_type=jnp.float32)
+  d_v = jnp.einsum("bnst,bnth->bnsh", probs_t.astype(d_out.dtype), d_out,
+                   preferred_element_type=jnp.float32)
+  return d_q_t, d_k, d_v
 
 
 def _flash_backward(q, k, v, out, lse, d_out, blocks):
@@ -168,18 +194,20 @@ def _flash_backward(q, k, v, out, lse, d_out, blocks):
       q_b, d_out_b, lse_b, delta_b = qblk
       if whole_rows:
         d_q, d_k_b, d_v_b = _backward_block(q_b, k_s, v_s, d_out_b, lse_b,
-                                            delta_b, kv_transposed=True)
+                                            delta_b)
         return (d_k + d_k_b, d_v + d_v_b), d_q
 
-      def per_keys(d_q, kv):
-        d_q_b, d_k_b, d_v_b = _backward_block(q_b, *kv, d_out_b, lse_b,
-                                              delta_b)
-        return d_q + d_q_b, (d_k_b, d_v_b)
+      def per_keys(d_q_t, kv):
+        d_q_b, d_k_b, d_v_b = _backward_keys_major(q_b, *kv, d_out_b, lse_b,
+                                                   delta_b)
+        return d_q_t + d_q_b, (d_k_b, d_v_b)
 
-      d_q, (d_k_b, d_v_b) = jax.lax.scan(
-          per_keys, jnp.zeros(q_b.shape, jnp.float32),
+      b, n, tq, h = q_b.shape
+      d_q_t, (d_k_b, d_v_b) = jax.lax.scan(
+          per_keys, jnp.zeros((b, n, h, tq), jnp.float32),
           (_split(k_s, 2, key_block), _split(v_s, 2, key_block)))
-      return (d_k + _merge(d_k_b, 2), d_v + _merge(d_v_b, 2)), d_q
+      return ((d_k + _merge(d_k_b, 2), d_v + _merge(d_v_b, 2)),
+              jnp.swapaxes(d_q_t, 2, 3))
 
     zeros = jnp.zeros(k_s.shape, jnp.float32)
     if whole_rows:  # accumulated as [b, N, H, S] (_backward_block)
