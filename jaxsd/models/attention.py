@@ -158,12 +158,10 @@ def _backward_keys_major(q, k, v, d_out, lse, delta):
   built transposed. On the untransposed scores d_k and d_v read the
   scores across (a [tk, tq] x [tq, H] product over a [tq, tk] block), at
   about half the speed of the other products on XLA:CPU; this form made
-  the forward and backward at 4096 tokens 17-27% faster (benchmarks/
+  the forward and backward at 2304-4096 tokens 17-27% faster (benchmarks/
   README.md, "Key blocks' backward on transposed scores"). Whole rows keep
   `_backward_block`: there this form was slower at 784 tokens."""
-  scores_t = jnp.einsum("bnsh,bnth->bnst", k, q,
-                        preferred_element_type=jnp.float32)
-  probs_t = jnp.exp(scores_t - jnp.swapaxes(lse, 2, 3))
+  probs_t = jnp.exp(_scores(k, q) - jnp.swapaxes(lse, 2, 3))
   d_probs_t = jnp.einsum("bnsh,bnth->bnst", v, d_out,
                          preferred_element_type=jnp.float32)
   d_logits_t = (probs_t * (d_probs_t - jnp.swapaxes(delta, 2, 3))
