@@ -305,6 +305,52 @@ def test_resume_drops_replayed_steps(tmp_path):
   assert (3, 30.0) in _history(tmp_path, first.run_id, "a")
 
 
+def test_a_new_local_store_is_a_copy_of_mlflows_own(tmp_path, monkeypatch):
+  """A new workdir's store is copied from the empty store jaxsd keeps in
+  its cache (made once by MLflow), not migrated again: the same schema as
+  a store MLflow makes itself; runs log and read back in it; a damaged
+  empty store is made again, not copied."""
+  import sqlite3  # pylint: disable=g-import-not-at-top
+  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAXSD_CACHE", str(tmp_path / "cache"))
+  template = mlflow_store.empty_store_path()
+  assert template.startswith(str(tmp_path / "cache"))
+  # MLflow's own store, made by MLflow in a workdir jaxsd does not seed.
+  own = tmp_path / "own"
+  MlflowClient(tracking_uri=f"sqlite:///{own}/mlflow.db").search_experiments()
+  made = []
+  real_make = mlflow_store._make_empty_store  # pylint: disable=protected-access
+  monkeypatch.setattr(mlflow_store, "_make_empty_store",
+                      lambda path: made.append(path) or real_make(path))
+  for name in ("a", "b"):
+    writer = mlflow_store.MlflowWriter(str(tmp_path / name), "jaxsd")
+    writer.write_scalars(1, {"train/loss": 0.5})
+    writer.close("FINISHED")
+    assert _history(tmp_path / name, writer.run_id, "train/loss") == [
+        (1, 0.5)]
+  assert made == [template]  # once, for both workdirs
+
+  def schema(db):
+    # MLflow's migrations list a table's constraints in no fixed order (two
+    # stores it makes can differ there): each statement's lines as a set.
+    revision, statements = mlflow_store._store_schema(db)  # pylint: disable=protected-access
+    return revision, sorted(
+        sorted(line.strip().rstrip(",").strip() for line in sql.splitlines())
+        for sql in statements)
+  assert schema(str(tmp_path / "a" / "mlflow.db")) == schema(
+      str(own / "mlflow.db"))
+  assert not mlflow_store.seed_local_store(tmp_path / "a")  # has a store
+  # A damaged empty store is made again, then copied.
+  with open(template, "r+b") as f:
+    f.write(b"\0" * 4096)
+  with pytest.raises(sqlite3.DatabaseError):
+    schema(template)
+  assert mlflow_store.seed_local_store(tmp_path / "c")
+  assert made == [template, template]
+  assert schema(str(tmp_path / "c" / "mlflow.db")) == schema(
+      str(own / "mlflow.db"))
+
+
 def test_run_record_round_trip(tmp_path):
   record = mlflow_store.RunRecord("abc", tracking_uri="http://h:5000/?x=1",
                                     local_run_id="def")
