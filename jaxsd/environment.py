@@ -11,7 +11,7 @@ on another machine, paths that do not exist there are resolved again here.
 | JAXSD_MNIST_DIR | folder of the four original MNIST files (data.mnist_dir) |
 | TFDS_DATA_DIR | tensorflow-datasets' prepared data (data.tfds_data_dir) |
 | JAXSD_CLIP_TOKENIZER | CLIP tokenizer folder or hub id (text.tokenizer) |
-| JAXSD_CACHE | classifier and reference statistics (eval.cache_dir) |
+| JAXSD_CACHE | classifier and reference statistics (eval.cache_dir); the empty MLflow store new runs copy |
 | JAXSD_COMPILATION_CACHE | persistent XLA compilation cache ("" disables) |
 | JAXSD_FID_INCEPTION_WEIGHTS | pt_inception-2015-12-05-6726825d.pth |
 | JAXSD_OFFLINE | 1: never try a download |
