@@ -104,7 +104,6 @@ def _make_empty_store(path: str):
     store = sqlalchemy_store.SqlAlchemyStore("sqlite:///" + db, "./mlruns")
     store.engine.dispose()  # no connection stays open on the file
     _store_schema(db)
-    os.chmod(db, 0o644)
     os.replace(db, path)
   finally:
     shutil.rmtree(folder, ignore_errors=True)
@@ -118,32 +117,29 @@ def seed_local_store(workdir) -> bool:
   EPYC, AVX2, 2026-12-07), longer on a network file system. Each new store
   of one MLflow version starts the same, so the first is made once in
   jaxsd's cache (`empty_store_path`) and copied: 0.1 s. Returns whether it
-  copied; on any failure (a read-only cache, a copy that is not whole)
-  MLflow makes the store itself, as before. The store's unused Default
-  experiment keeps the time the empty store was made.
+  copied; on any failure (a read-only cache, an empty store MLflow could
+  not make) MLflow makes the store itself, as before. The store's unused
+  Default experiment keeps the time the empty store was made.
   """
   db = os.path.join(os.path.abspath(workdir), "mlflow.db")
   if os.path.exists(db):
     return False
   try:
     template = empty_store_path()
-    os.makedirs(os.path.dirname(template), exist_ok=True)
-    # A damaged empty store (a disk fault) is made again, not copied.
+    # Checked whole before each copy: a damaged empty store (a disk fault)
+    # is made again, not copied. The copy appears whole or not at all.
     shared_files.prepare_once(template + ".lock",
                               lambda: _is_whole_store(template),
                               lambda: _make_empty_store(template))
     with open(template, "rb") as source:
       shared_files.atomic_write(
           db, lambda f: shutil.copyfileobj(source, f))
-    _store_schema(db)
     return True
   except Exception as e:  # pylint: disable=broad-except
     # Only a shortcut: whatever fails here (a read-only cache, a disk fault,
     # another MLflow's internals), MLflow still makes the store.
     logging.info("MLflow: no copy of an empty store for %s (%s); MLflow "
                  "creates it.", db, e)
-    if os.path.exists(db):
-      os.remove(db)
     return False
 
 
