@@ -56,7 +56,11 @@ def _run_processes(argv, log_dir, *, devices=1, processes=1, timeout=600):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC",
                               "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE"))}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # The test session's flags (tests/conftest.py) with this device count.
+  env["XLA_FLAGS"] = parallel.xla_flags_with_cpu_devices(
+      " ".join(f for f in env.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")),
+      devices)
   # As jaxsd's commands start (jaxsd.commands.cli.run): transformers leaves
   # PyTorch unimported, 11-12 s -> 5 s of each worker's start (2-core AMD
   # EPYC, AVX2, 2026-12-07). The workers run jaxsd only.

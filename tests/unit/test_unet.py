@@ -135,11 +135,13 @@ def test_gradients_flow():
     out = ours.apply({"params": p}, sample, timesteps, context, train=True)
     return jnp.mean(jnp.square(out - sample))
 
-  grads = jax.jit(jax.grad(loss_fn))(params)
+  # Checked in NumPy: an eager jnp op compiles once per leaf shape (tens of
+  # milliseconds each on CPU, hundreds of leaves).
+  grads = jax.device_get(jax.jit(jax.grad(loss_fn))(params))
   leaves = jax.tree_util.tree_leaves_with_path(grads)
   for path, g in leaves:
-    assert jnp.all(jnp.isfinite(g)), jax.tree_util.keystr(path)
-    assert jnp.any(g != 0), jax.tree_util.keystr(path)
+    assert np.all(np.isfinite(g)), jax.tree_util.keystr(path)
+    assert np.any(g != 0), jax.tree_util.keystr(path)
 
 
 def test_bfloat16_compute_stays_close_to_float32():
@@ -377,7 +379,7 @@ def test_remat_with_lora_gives_the_same_adapter_gradients(policy):
   (remat.closure_inputs): the same gradients, no leaked tracer, and the
   recomputation still saves memory."""
   ref, ref_temp = _lora_grads("none")
-  assert min(float(jnp.abs(g).max())
+  assert min(float(np.abs(g).max())
              for g in jax.tree_util.tree_leaves(ref)) > 0  # not vacuous
   grads, temp = _lora_grads(policy)
   for g, r in zip(jax.tree_util.tree_leaves(grads),
