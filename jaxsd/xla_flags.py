@@ -38,8 +38,9 @@ def backends_started() -> bool:
   return xla_bridge.backends_are_initialized()
 
 
-def _jaxlib_knows_flags() -> bool:
-  # XLA aborts on flags it does not know; YNNPACK fusions came with 0.10.
+def jaxlib_knows_flags() -> bool:
+  """Whether this jaxlib knows the XLA:CPU flags jaxsd and its tests set
+  (XLA aborts on a flag it does not know; YNNPACK fusions came with 0.10)."""
   try:
     from jaxlib import version  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -49,7 +50,7 @@ def _jaxlib_knows_flags() -> bool:
 
 def use_fast_cpu_kernels() -> bool:
   """Adds FAST_CPU_FLAGS to XLA_FLAGS; True if XLA_FLAGS now carry them."""
-  if os.environ.get(OPT_OUT_ENV) == "1" or not _jaxlib_knows_flags():
+  if os.environ.get(OPT_OUT_ENV) == "1" or not jaxlib_knows_flags():
     return False
   flags = os.environ.get("XLA_FLAGS", "")
   for flag in FAST_CPU_FLAGS:

@@ -65,8 +65,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # (benchmarks/README.md, "The suite's small compiles"). In the environment,
 # so that the commands and workers the tests start compile as this process
 # does. XLA reads XLA_FLAGS when JAX starts its backends, after this.
-os.environ["XLA_FLAGS"] = xla_flags.with_flag(
-    os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false")
+if xla_flags.jaxlib_knows_flags():
+  os.environ["XLA_FLAGS"] = xla_flags.with_flag(
+      os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false")
 
 MNIST_SKIPPED = "MNIST unavailable offline"
 MNIST_HINT = "set JAXSD_MNIST_DIR to a folder of the four MNIST .gz files"
