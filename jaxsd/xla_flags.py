@@ -20,6 +20,11 @@ from absl import logging
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 FAST_CPU_FLAGS = (f"{YNN_FUSION_FLAG}=-individual_convolution",)
 OPT_OUT_ENV = "JAXSD_XLA_DEFAULTS"
+# XLA:CPU's older LLVM emitters instead of its MLIR fusion emitters: every
+# program compiles faster (a small one in about half the time), a train step
+# runs 6-21% slower (benchmarks/README.md, "The suite's small compiles").
+# jaxsd's runs keep XLA's default; the tests set it (tests/conftest.py).
+FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 
 def with_flag(xla_flags: str, flag: str) -> str:
@@ -28,6 +33,12 @@ def with_flag(xla_flags: str, flag: str) -> str:
   if name in xla_flags:
     return xla_flags
   return f"{xla_flags} {flag}".strip()
+
+
+def without_flag(xla_flags: str, flag: str) -> str:
+  """xla_flags less any `--name` or `--name=value` of flag's name."""
+  name = flag.split("=", 1)[0]
+  return " ".join(f for f in xla_flags.split() if f.split("=", 1)[0] != name)
 
 
 def backends_started() -> bool:

@@ -59,15 +59,15 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 jax.config.update("jax_disable_most_optimizations",
                   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# XLA:CPU's older LLVM emitters instead of its MLIR fusion emitters: the
-# suite compiles thousands of small programs (every op a test runs outside
-# jit compiles once per shape), and each compiles in about half the time
-# (benchmarks/README.md, "The suite's small compiles"). In the environment,
-# so that the commands and workers the tests start compile as this process
-# does. XLA reads XLA_FLAGS when JAX starts its backends, after this.
+# XLA:CPU's older LLVM emitters (xla_flags.FAST_COMPILE_FLAG): the suite
+# compiles thousands of small programs (every op a test runs outside jit
+# compiles once per shape), and each compiles in about half the time. In
+# the environment, so that the commands and workers the tests start compile
+# as this process does. XLA reads XLA_FLAGS when JAX starts its backends,
+# after this.
 if xla_flags.jaxlib_knows_flags():
   os.environ["XLA_FLAGS"] = xla_flags.with_flag(
-      os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false")
+      os.environ.get("XLA_FLAGS", ""), xla_flags.FAST_COMPILE_FLAG)
 
 MNIST_SKIPPED = "MNIST unavailable offline"
 MNIST_HINT = "set JAXSD_MNIST_DIR to a folder of the four MNIST .gz files"

@@ -17,6 +17,7 @@ import pytest
 from jaxsd import errors
 from jaxsd.checkpointing import checkpoints as checkpoint
 from jaxsd import workdir_lock as lock_lib
+from jaxsd import xla_flags
 
 import helpers
 
@@ -190,8 +191,8 @@ def test_sigterm_while_compiling_stops_within_seconds(tmp_path):
   # No persistent cache and XLA's optimisations on: the first step compiles
   # for many seconds. XLA's own emitters, as a user's run has them (the
   # tests' LLVM emitters, tests/conftest.py, take longer here).
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if not f.startswith("--xla_cpu_use_fusion_emitters"))
+  flags = xla_flags.without_flag(os.environ.get("XLA_FLAGS", ""),
+                                 xla_flags.FAST_COMPILE_FLAG)
   proc = _jaxsd_main(tmp_path, "--config.eval.metrics=()",
                      env={"JAXSD_COMPILATION_CACHE": "",
                           "JAX_COMPILATION_CACHE_DIR": "",

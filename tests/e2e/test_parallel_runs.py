@@ -18,6 +18,7 @@ import pytest
 import helpers
 
 from jaxsd import parallel
+from jaxsd import xla_flags
 
 import _parallel_worker as worker  # tests/e2e/ is on sys.path under pytest
 
@@ -58,8 +59,8 @@ def _run_processes(argv, log_dir, *, devices=1, processes=1, timeout=600):
                               "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE"))}
   # The test session's flags (tests/conftest.py) with this device count.
   env["XLA_FLAGS"] = parallel.xla_flags_with_cpu_devices(
-      " ".join(f for f in env.get("XLA_FLAGS", "").split()
-               if not f.startswith("--xla_force_host_platform_device_count")),
+      xla_flags.without_flag(env.get("XLA_FLAGS", ""),
+                             "--xla_force_host_platform_device_count"),
       devices)
   # As jaxsd's commands start (jaxsd.commands.cli.run): transformers leaves
   # PyTorch unimported, 11-12 s -> 5 s of each worker's start (2-core AMD

@@ -49,6 +49,13 @@ def test_with_flag_keeps_other_flags_and_an_existing_value():
   assert xla_flags.with_flag("--xla_foo=7", flag) == "--xla_foo=7"
 
 
+def test_without_flag_drops_that_name_alone():
+  assert xla_flags.without_flag("--xla_bar=2 --xla_foo=7 --xla_foo_x=3",
+                                "--xla_foo=1") == "--xla_bar=2 --xla_foo_x=3"
+  assert xla_flags.without_flag("--xla_foo", "--xla_foo") == ""
+  assert xla_flags.without_flag("", "--xla_foo=1") == ""
+
+
 def test_too_late_once_jax_runs_says_so(monkeypatch, caplog):
   import jax  # pylint: disable=g-import-not-at-top
   jax.devices()  # backends started: XLA_FLAGS were read already
