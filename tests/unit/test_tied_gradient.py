@@ -60,6 +60,71 @@ def test_conv_equals_lax_in_values_and_gradients(dtype, kwargs):
     np.testing.assert_allclose(np.float32(a), np.float32(b), **tol)
 
 
+@pytest.mark.parametrize("x_shape,w_shape,padding,dtype", [
+    ((1, 2, 2, 8), (3, 3, 8, 32), ((1, 1), (1, 1)), jnp.float32),
+    ((2, 3, 2, 8), (3, 3, 8, 64), "SAME", jnp.float32),
+    ((1, 4, 3, 8), (3, 3, 8, 64), "VALID", jnp.float32),
+    ((1, 3, 3, 8), (1, 1, 8, 64), "SAME", jnp.float32),
+    ((1, 3, 4, 8), (3, 2, 8, 64), ((2, 0), (0, 1)), jnp.float32),
+    ((1, 2, 2, 8), (3, 3, 8, 32), "SAME", jnp.bfloat16),
+])
+def test_matmul_input_gradient_equals_lax(x_shape, w_shape, padding, dtype):
+  """Small, wide convolutions (output channels >= 4x the output
+  positions) take their input gradient from one matmul over the kernel in
+  place: values and both gradients are lax's, for symmetric, one-sided
+  and string paddings, 1x1 and non-square kernels, batches and bf16."""
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape, dtype)
+  w = jax.random.normal(kw, w_shape, dtype)
+  dims = ("NHWC", "HWIO", "NHWC")
+  assert tied_gradient._matmul_input_gradient(  # pylint: disable=protected-access
+      x, w, (1, 1), padding, None, None, dims, 1, 1) is not None
+  plain = lambda a, b: lax.conv_general_dilated(
+      a, b, (1, 1), padding, dimension_numbers=dims)
+  tied = lambda a, b: tied_gradient.conv_general_dilated(
+      a, b, (1, 1), padding, dimension_numbers=dims)
+  want, pull_want = jax.vjp(plain, x, w)
+  got, pull_got = jax.vjp(tied, x, w)
+  g = jax.random.normal(kg, want.shape, dtype)
+  tol = dict(rtol=2e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(
+      rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.float32(got), np.float32(want), **tol)
+  for a, b in zip(pull_got(g), pull_want(g)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.float32(a), np.float32(b), **tol)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("x_shape,channels,matmul", [
+    ((1, 8, 8, 2560), 1280, True),     # SD-1.5's 8x8 level
+    ((1, 16, 16, 1280), 1280, True),   # its 16x16 level
+    ((2, 16, 16, 1280), 1280, False),  # 2.5 channels per position
+    ((1, 32, 32, 640), 640, False),
+])
+def test_input_gradient_skips_the_flipped_kernel_where_it_pays(
+    x_shape, channels, matmul):
+  """Where the kernel outweighs the gradient the compiled input gradient
+  has one convolution (the forward pass) and a matmul, no second
+  convolution over a flipped copy of the kernel; elsewhere it keeps the
+  convolution."""
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, x_shape[-1], channels), jnp.float32)
+  conv = lambda a, b: tied_gradient.conv_general_dilated(
+      a, b, (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  grad = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b) ** 2)))
+  hlo = grad.lower(x, w).as_text()
+  assert hlo.count("stablehlo.convolution") == (1 if matmul else 2), hlo
+  # Strided, dilated and grouped convolutions keep XLA's input gradient.
+  base = dict(window_strides=(1, 1), padding="SAME", lhs_dilation=None,
+              rhs_dilation=None, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+              feature_group_count=1, batch_group_count=1)
+  for change in (dict(window_strides=(2, 2)), dict(rhs_dilation=(2, 2)),
+                 dict(feature_group_count=2)):
+    assert tied_gradient._matmul_input_gradient(  # pylint: disable=protected-access
+        x, w, **{**base, **change}) is None, change
+
+
 class _ConvChain(nn.Module):
   conv: type
 
