@@ -1,0 +1,125 @@
+"""GroupNorm + SiLU forward and backward at SD-1.5's and MNIST's shapes:
+jaxsd's `unet.group_norm`, flax's `GroupNorm`, PyTorch's.
+
+  python benchmarks/bench_group_norm.py [--repeats=10] [--skip_torch]
+
+ms, median of `--repeats` jitted calls, float32, 32 groups: the forward
+pass, and forward + input gradient (a frozen norm, as under LoRA). The
+PyTorch side runs in a child process after JAX's.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (batch, height = width, channels): SD-1.5's levels at 64x64 latents, then
+# the MNIST UNet's widest.
+SHAPES = ((1, 64, 320), (1, 64, 640), (1, 64, 960), (1, 32, 640),
+          (1, 32, 1280), (1, 16, 1280), (1, 16, 2560), (1, 8, 1280),
+          (1, 8, 2560), (32, 28, 64))
+GROUPS, EPS = 32, 1e-5
+
+flags.DEFINE_integer("repeats", 10, "Timed calls per figure (median).")
+flags.DEFINE_bool("skip_torch", False, "JAX's figures only.")
+flags.DEFINE_bool("torch_child", False, "Internal: PyTorch's side.")
+FLAGS = flags.FLAGS
+
+
+def _median_ms(fn, repeats, sync=lambda r: r):
+  sync(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def jax_figures(repeats):
+  import jaxsd  # pylint: disable=g-import-not-at-top,unused-import
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxsd.models import unet  # pylint: disable=g-import-not-at-top
+  norms = {
+      "jaxsd": lambda x, s, b: unet.group_norm(x, s, b, GROUPS, EPS),
+      "flax": lambda x, s, b: nn.GroupNorm(GROUPS, epsilon=EPS).apply(
+          {"params": {"scale": s, "bias": b}}, x),
+  }
+  rng = np.random.default_rng(0)
+  rows = []
+  for batch, size, c in SHAPES:
+    x, g = (jax.device_put(rng.standard_normal((batch, size, size, c),
+                                               dtype=np.float32))
+            for _ in range(2))
+    s, b = (jax.device_put(rng.standard_normal((c,), dtype=np.float32))
+            for _ in range(2))
+    row = {"shape": (batch, size, c)}
+    for name, norm in norms.items():
+      fwd = jax.jit(lambda x, s, b, n=norm: jax.nn.silu(n(x, s, b)))
+      bwd = jax.jit(lambda x, s, b, g, n=norm: jax.vjp(
+          lambda a: jax.nn.silu(n(a, s, b)), x)[1](g)[0])
+      row[f"{name}_fwd_ms"] = _median_ms(lambda: fwd(x, s, b), repeats,
+                                         jax.block_until_ready)
+      row[f"{name}_fwd_dx_ms"] = _median_ms(lambda: bwd(x, s, b, g), repeats,
+                                            jax.block_until_ready)
+    rows.append(row)
+  return rows
+
+
+def torch_figures(repeats):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  out = []
+  for batch, size, c in SHAPES:
+    x = torch.randn(batch, c, size, size, requires_grad=True)
+    g = torch.randn(batch, c, size, size)
+    norm = torch.nn.GroupNorm(GROUPS, c, eps=EPS).requires_grad_(False)
+    f = lambda: torch.nn.functional.silu(norm(x))
+    with torch.no_grad():
+      fwd = _median_ms(f, repeats)
+    both = _median_ms(lambda: torch.autograd.grad(f(), x, g)[0], repeats)
+    out.append((fwd, both))
+  return out
+
+
+def main(argv):
+  del argv
+  if FLAGS.torch_child:
+    print(json.dumps(torch_figures(FLAGS.repeats)))
+    return
+  rows = jax_figures(FLAGS.repeats)
+  if not FLAGS.skip_torch:
+    child = subprocess.run(
+        [sys.executable, __file__, "--torch_child",
+         f"--repeats={FLAGS.repeats}"], check=True, capture_output=True,
+        text=True)
+    for row, (fwd, both) in zip(
+        rows, json.loads(child.stdout.splitlines()[-1])):
+      row["pytorch_fwd_ms"], row["pytorch_fwd_dx_ms"] = fwd, both
+  names = ["jaxsd", "flax"] + ([] if FLAGS.skip_torch else ["pytorch"])
+  print("| batch x size x channels | "
+        + " | ".join(f"{n} fwd / fwd+dx ms" for n in names) + " |")
+  print("| --- |" + " --- |" * len(names))
+  for r in rows:
+    b, s, c = r["shape"]
+    cells = [f"{r[n + '_fwd_ms']:.2f} / {r[n + '_fwd_dx_ms']:.2f}"
+             for n in names]
+    print(f"| {b} x {s}x{s} x {c} | " + " | ".join(cells) + " |")
+  totals = {n: sum(r[n + "_fwd_dx_ms"] for r in rows[:-1]) for n in names}
+  print("SD shapes, fwd+dx summed:", json.dumps(totals))
+  print(json.dumps(rows))
+  from bench_memory import cpu_info  # pylint: disable=g-import-not-at-top
+  print(json.dumps(cpu_info()))
+
+
+if __name__ == "__main__":
+  app.run(main)
