@@ -182,6 +182,32 @@ def test_group_norm_matches_flax(shape):
   assert float(jnp.abs(got[2]).max()) > 0.1  # the input gradient is not 0
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 32), (2, 3, 5, 96), (4, 8)])
+def test_layer_norm_matches_flax(shape):
+  """Values and gradients (input, scale, bias) of the hand-written
+  backward against autodiff of flax's LayerNorm, and the compute dtype."""
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = 3.0 * jax.random.normal(keys[0], shape) + 1.0
+  c = shape[-1]
+  params = {"scale": 1.0 + 0.3 * jax.random.normal(keys[1], (c,)),
+            "bias": 0.3 * jax.random.normal(keys[2], (c,))}
+  d_y = jax.random.normal(keys[3], shape)
+
+  def vjp(module):
+    fn = lambda p, x: module.apply({"params": p}, x)
+    out, pullback = jax.vjp(fn, params, x)
+    return (out,) + pullback(d_y)
+
+  got = jax.jit(lambda: vjp(unet_lib.LayerNorm()))()
+  expected = jax.jit(lambda: vjp(flax.linen.LayerNorm(epsilon=1e-5)))()
+  for g, e in zip(jax.tree_util.tree_leaves(got),
+                  jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(g, e, atol=2e-5, rtol=1e-5)
+  assert float(jnp.abs(got[2]).max()) > 0.1  # the input gradient is not 0
+  out = unet_lib.LayerNorm(dtype=jnp.bfloat16).apply({"params": params}, x)
+  assert out.dtype == jnp.bfloat16
+
+
 def test_group_norm_keeps_compute_dtype_and_rejects_bad_groups():
   x = jnp.ones((2, 4, 4, 64), jnp.bfloat16)
   norm = unet_lib.GroupNorm(32, dtype=jnp.bfloat16)
