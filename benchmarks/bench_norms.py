@@ -1,7 +1,9 @@
-"""GroupNorm + SiLU forward and backward at SD-1.5's and MNIST's shapes:
-jaxsd's `unet.group_norm`, flax's `GroupNorm`, PyTorch's.
+"""The UNet's norms forward and backward at SD-1.5's and MNIST's shapes:
+GroupNorm + SiLU (jaxsd's `unet.group_norm`, flax's `GroupNorm`,
+PyTorch's) and LayerNorm (jaxsd's `unet.layer_norm`, flax's `LayerNorm`,
+PyTorch's).
 
-  python benchmarks/bench_group_norm.py [--repeats=10] [--skip_torch]
+  python benchmarks/bench_norms.py [--repeats=10] [--skip_torch]
 
 ms, median of `--repeats` jitted calls, float32, 32 groups: the forward
 pass, and forward + input gradient (a frozen norm, as under LoRA). The
@@ -25,6 +27,10 @@ sys.path.insert(0, ROOT)
 SHAPES = ((1, 64, 320), (1, 64, 640), (1, 64, 960), (1, 32, 640),
           (1, 32, 1280), (1, 16, 1280), (1, 16, 2560), (1, 8, 1280),
           (1, 8, 2560), (32, 28, 64))
+# LayerNorm (batch, tokens, channels): SD-1.5's transformer blocks, then
+# the MNIST UNet's.
+LN_SHAPES = ((1, 4096, 320), (1, 1024, 640), (1, 256, 1280), (1, 64, 1280),
+             (32, 784, 64))
 GROUPS, EPS = 32, 1e-5
 
 flags.DEFINE_integer("repeats", 10, "Timed calls per figure (median).")
@@ -72,6 +78,27 @@ def jax_figures(repeats):
       row[f"{name}_fwd_dx_ms"] = _median_ms(lambda: bwd(x, s, b, g), repeats,
                                             jax.block_until_ready)
     rows.append(row)
+  layer_norms = {
+      "jaxsd": lambda x, s, b: unet.layer_norm(x, s, b, EPS),
+      "flax": lambda x, s, b: nn.LayerNorm(epsilon=EPS).apply(
+          {"params": {"scale": s, "bias": b}}, x),
+  }
+  for shape in LN_SHAPES:
+    x, g = (jax.device_put(rng.standard_normal(shape, dtype=np.float32))
+            for _ in range(2))
+    s, b = (jax.device_put(rng.standard_normal((shape[-1],),
+                                               dtype=np.float32))
+            for _ in range(2))
+    row = {"layer_norm": shape}
+    for name, norm in layer_norms.items():
+      fwd = jax.jit(norm)
+      bwd = jax.jit(lambda x, s, b, g, n=norm: jax.vjp(
+          lambda a: n(a, s, b), x)[1](g)[0])
+      row[f"{name}_fwd_ms"] = _median_ms(lambda: fwd(x, s, b), repeats,
+                                         jax.block_until_ready)
+      row[f"{name}_fwd_dx_ms"] = _median_ms(lambda: bwd(x, s, b, g), repeats,
+                                            jax.block_until_ready)
+    rows.append(row)
   return rows
 
 
@@ -87,6 +114,14 @@ def torch_figures(repeats):
     with torch.no_grad():
       fwd = _median_ms(f, repeats)
     both = _median_ms(lambda: torch.autograd.grad(f(), x, g)[0], repeats)
+    out.append((fwd, both))
+  for shape in LN_SHAPES:
+    x = torch.randn(*shape, requires_grad=True)
+    g = torch.randn(*shape)
+    norm = torch.nn.LayerNorm(shape[-1], eps=EPS).requires_grad_(False)
+    with torch.no_grad():
+      fwd = _median_ms(lambda: norm(x), repeats)
+    both = _median_ms(lambda: torch.autograd.grad(norm(x), x, g)[0], repeats)
     out.append((fwd, both))
   return out
 
@@ -106,16 +141,24 @@ def main(argv):
         rows, json.loads(child.stdout.splitlines()[-1])):
       row["pytorch_fwd_ms"], row["pytorch_fwd_dx_ms"] = fwd, both
   names = ["jaxsd", "flax"] + ([] if FLAGS.skip_torch else ["pytorch"])
-  print("| batch x size x channels | "
+  print("| norm, shape | "
         + " | ".join(f"{n} fwd / fwd+dx ms" for n in names) + " |")
   print("| --- |" + " --- |" * len(names))
   for r in rows:
-    b, s, c = r["shape"]
+    if "shape" in r:
+      b, s, c = r["shape"]
+      label = f"GroupNorm+SiLU {b} x {s}x{s} x {c}"
+    else:
+      label = "LayerNorm " + " x ".join(map(str, r["layer_norm"]))
     cells = [f"{r[n + '_fwd_ms']:.2f} / {r[n + '_fwd_dx_ms']:.2f}"
              for n in names]
-    print(f"| {b} x {s}x{s} x {c} | " + " | ".join(cells) + " |")
-  totals = {n: sum(r[n + "_fwd_dx_ms"] for r in rows[:-1]) for n in names}
-  print("SD shapes, fwd+dx summed:", json.dumps(totals))
+    print(f"| {label} | " + " | ".join(cells) + " |")
+  sd_groups = rows[:len(SHAPES) - 1]
+  sd_layers = rows[len(SHAPES):-1]
+  for title, part in (("GroupNorm", sd_groups), ("LayerNorm", sd_layers)):
+    totals = {n: round(sum(r[n + "_fwd_dx_ms"] for r in part), 2)
+              for n in names}
+    print(f"{title} at SD shapes, fwd+dx summed:", json.dumps(totals))
   print(json.dumps(rows))
   from bench_memory import cpu_info  # pylint: disable=g-import-not-at-top
   print(json.dumps(cpu_info()))
