@@ -113,7 +113,7 @@ def _tied_op(op, lhs, rhs, tie_lhs: bool, input_gradient=None):
 # latents, batch 1: the 16x16 and 8x8 levels). There XLA:CPU's
 # convolution path spends most of its time copying the kernel flipped and
 # transposed (3x3x2560x1280: 118 MB); on 2 AVX2 cores the matmul took
-# 17-29 ms against 86-253 at 8x8 and 87-146 against 135-306 at 16x16,
+# 18-37 ms against 90-270 at 8x8 and 72-166 against 138-377 at 16x16,
 # level at 2.5 and slower below (benchmarks/README.md, "Input gradients
 # of small, wide convolutions").
 MATMUL_INPUT_GRADIENT_RATIO = 4
