@@ -16,13 +16,14 @@ calls:
 """
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
+
+from bench_memory import cpu_info
+from bench_memory import median_ms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,16 +38,6 @@ flags.DEFINE_integer("repeats", 10, "Timed calls per figure (median).")
 flags.DEFINE_bool("skip_torch", False, "JAX's figures only.")
 flags.DEFINE_bool("torch_child", False, "Internal: PyTorch's side.")
 FLAGS = flags.FLAGS
-
-
-def _median_ms(fn, repeats, sync=lambda r: r):
-  sync(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 def jax_figures(repeats):
@@ -72,9 +63,9 @@ def jax_figures(repeats):
                 / np.max(np.abs(xla(x, w, g))))
     rows.append(dict(
         shape=(b, s, c_in, c_out),
-        xla_ms=_median_ms(lambda: xla(x, w, g), repeats,
+        xla_ms=median_ms(lambda: xla(x, w, g), repeats,
                           jax.block_until_ready),
-        matmul_ms=_median_ms(lambda: matmul(g, w), repeats,
+        matmul_ms=median_ms(lambda: matmul(g, w), repeats,
                              jax.block_until_ready),
         matmul_rel_err=err,
         jaxsd_uses_matmul=(c_out >= tied_gradient.MATMUL_INPUT_GRADIENT_RATIO
@@ -91,8 +82,8 @@ def torch_figures(repeats):
     conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).requires_grad_(False)
     g = torch.randn(b, c_out, s, s)
     with torch.no_grad():
-      forward = _median_ms(lambda: conv(x), repeats)
-    both = _median_ms(lambda: torch.autograd.grad(conv(x), x, g)[0], repeats)
+      forward = median_ms(lambda: conv(x), repeats)
+    both = median_ms(lambda: torch.autograd.grad(conv(x), x, g)[0], repeats)
     out.append(both - forward)
   return out
 
@@ -120,7 +111,6 @@ def main(argv):
           f"{r['matmul_ms']:.1f} | {torch_ms} | "
           f"{'matmul' if r['jaxsd_uses_matmul'] else 'XLA'} |")
   print(json.dumps(rows))
-  from bench_memory import cpu_info  # pylint: disable=g-import-not-at-top
   print(json.dumps(cpu_info()))
 
 

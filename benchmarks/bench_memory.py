@@ -317,6 +317,18 @@ def proc_status_bytes(key: str) -> int:
   raise KeyError(key)
 
 
+def median_ms(fn, repeats: int, sync=lambda r: r) -> float:
+  """Median ms of `repeats` calls of fn (after one untimed call), each
+  waited for by `sync` (jax.block_until_ready for JAX's arrays)."""
+  sync(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
 def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux KiB
 

@@ -11,13 +11,14 @@ PyTorch side runs in a child process after JAX's.
 """
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
+
+from bench_memory import cpu_info
+from bench_memory import median_ms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,16 +38,6 @@ flags.DEFINE_integer("repeats", 10, "Timed calls per figure (median).")
 flags.DEFINE_bool("skip_torch", False, "JAX's figures only.")
 flags.DEFINE_bool("torch_child", False, "Internal: PyTorch's side.")
 FLAGS = flags.FLAGS
-
-
-def _median_ms(fn, repeats, sync=lambda r: r):
-  sync(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 def jax_figures(repeats):
@@ -73,9 +64,9 @@ def jax_figures(repeats):
       fwd = jax.jit(lambda x, s, b, n=norm: jax.nn.silu(n(x, s, b)))
       bwd = jax.jit(lambda x, s, b, g, n=norm: jax.vjp(
           lambda a: jax.nn.silu(n(a, s, b)), x)[1](g)[0])
-      row[f"{name}_fwd_ms"] = _median_ms(lambda: fwd(x, s, b), repeats,
+      row[f"{name}_fwd_ms"] = median_ms(lambda: fwd(x, s, b), repeats,
                                          jax.block_until_ready)
-      row[f"{name}_fwd_dx_ms"] = _median_ms(lambda: bwd(x, s, b, g), repeats,
+      row[f"{name}_fwd_dx_ms"] = median_ms(lambda: bwd(x, s, b, g), repeats,
                                             jax.block_until_ready)
     rows.append(row)
   layer_norms = {
@@ -94,9 +85,9 @@ def jax_figures(repeats):
       fwd = jax.jit(norm)
       bwd = jax.jit(lambda x, s, b, g, n=norm: jax.vjp(
           lambda a: n(a, s, b), x)[1](g)[0])
-      row[f"{name}_fwd_ms"] = _median_ms(lambda: fwd(x, s, b), repeats,
+      row[f"{name}_fwd_ms"] = median_ms(lambda: fwd(x, s, b), repeats,
                                          jax.block_until_ready)
-      row[f"{name}_fwd_dx_ms"] = _median_ms(lambda: bwd(x, s, b, g), repeats,
+      row[f"{name}_fwd_dx_ms"] = median_ms(lambda: bwd(x, s, b, g), repeats,
                                             jax.block_until_ready)
     rows.append(row)
   return rows
@@ -112,16 +103,16 @@ def torch_figures(repeats):
     norm = torch.nn.GroupNorm(GROUPS, c, eps=EPS).requires_grad_(False)
     f = lambda: torch.nn.functional.silu(norm(x))
     with torch.no_grad():
-      fwd = _median_ms(f, repeats)
-    both = _median_ms(lambda: torch.autograd.grad(f(), x, g)[0], repeats)
+      fwd = median_ms(f, repeats)
+    both = median_ms(lambda: torch.autograd.grad(f(), x, g)[0], repeats)
     out.append((fwd, both))
   for shape in LN_SHAPES:
     x = torch.randn(*shape, requires_grad=True)
     g = torch.randn(*shape)
     norm = torch.nn.LayerNorm(shape[-1], eps=EPS).requires_grad_(False)
     with torch.no_grad():
-      fwd = _median_ms(lambda: norm(x), repeats)
-    both = _median_ms(lambda: torch.autograd.grad(norm(x), x, g)[0], repeats)
+      fwd = median_ms(lambda: norm(x), repeats)
+    both = median_ms(lambda: torch.autograd.grad(norm(x), x, g)[0], repeats)
     out.append((fwd, both))
   return out
 
@@ -160,7 +151,6 @@ def main(argv):
               for n in names}
     print(f"{title} at SD shapes, fwd+dx summed:", json.dumps(totals))
   print(json.dumps(rows))
-  from bench_memory import cpu_info  # pylint: disable=g-import-not-at-top
   print(json.dumps(cpu_info()))
 
 

@@ -158,6 +158,15 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert err < 0.05 * jnp.abs(outs[jnp.float32]).max()
 
 
+def _norm_vjp(module, params, x, d_y):
+  """(output, d_params, d_x) of a norm module at x, pulled back from d_y."""
+  def vjp():
+    out, pullback = jax.vjp(
+        lambda p, a: module.apply({"params": p}, a), params, x)
+    return (out,) + pullback(d_y)
+  return jax.jit(vjp)()
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 5, 32), (2, 6, 5, 96), (3, 4, 64)])
 def test_group_norm_matches_flax(shape):
   """Values and gradients of the hand-written backward against autodiff of
@@ -169,13 +178,9 @@ def test_group_norm_matches_flax(shape):
             "bias": 0.3 * jax.random.normal(keys[2], (c,))}
   d_y = jax.random.normal(keys[3], shape)
 
-  def vjp(module):
-    fn = lambda p, x: module.apply({"params": p}, x)
-    out, pullback = jax.vjp(fn, params, x)
-    return (out,) + pullback(d_y)
-
-  got = jax.jit(lambda: vjp(unet_lib.GroupNorm(32)))()
-  expected = jax.jit(lambda: vjp(flax.linen.GroupNorm(32, epsilon=1e-5)))()
+  got = _norm_vjp(unet_lib.GroupNorm(32), params, x, d_y)
+  expected = _norm_vjp(flax.linen.GroupNorm(32, epsilon=1e-5), params, x,
+                       d_y)
   for g, e in zip(jax.tree_util.tree_leaves(got),
                   jax.tree_util.tree_leaves(expected)):
     np.testing.assert_allclose(g, e, atol=2e-5, rtol=1e-5)
@@ -193,13 +198,8 @@ def test_layer_norm_matches_flax(shape):
             "bias": 0.3 * jax.random.normal(keys[2], (c,))}
   d_y = jax.random.normal(keys[3], shape)
 
-  def vjp(module):
-    fn = lambda p, x: module.apply({"params": p}, x)
-    out, pullback = jax.vjp(fn, params, x)
-    return (out,) + pullback(d_y)
-
-  got = jax.jit(lambda: vjp(unet_lib.LayerNorm()))()
-  expected = jax.jit(lambda: vjp(flax.linen.LayerNorm(epsilon=1e-5)))()
+  got = _norm_vjp(unet_lib.LayerNorm(), params, x, d_y)
+  expected = _norm_vjp(flax.linen.LayerNorm(epsilon=1e-5), params, x, d_y)
   for g, e in zip(jax.tree_util.tree_leaves(got),
                   jax.tree_util.tree_leaves(expected)):
     np.testing.assert_allclose(g, e, atol=2e-5, rtol=1e-5)
