@@ -16,7 +16,6 @@ calls:
 """
 import json
 import os
-import subprocess
 import sys
 
 from absl import app
@@ -24,6 +23,7 @@ from absl import flags
 
 from bench_memory import cpu_info
 from bench_memory import median_ms
+from bench_memory import torch_child_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -95,11 +95,8 @@ def main(argv):
     return
   rows = jax_figures(FLAGS.repeats)
   if not FLAGS.skip_torch:
-    child = subprocess.run(
-        [sys.executable, __file__, "--torch_child",
-         f"--repeats={FLAGS.repeats}"], check=True, capture_output=True,
-        text=True)
-    for row, ms in zip(rows, json.loads(child.stdout.splitlines()[-1])):
+    for row, ms in zip(
+        rows, torch_child_output(__file__, f"--repeats={FLAGS.repeats}")):
       row["pytorch_ms"] = ms
   print("| batch x size x in -> out | XLA ms | matmul ms | PyTorch ms | "
         "jaxsd uses |")

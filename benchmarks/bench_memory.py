@@ -329,6 +329,14 @@ def median_ms(fn, repeats: int, sync=lambda r: r) -> float:
   return 1e3 * statistics.median(times)
 
 
+def torch_child_output(script: str, *args: str):
+  """The JSON last line of `script --torch_child *args`, run in a fresh
+  process (PyTorch's side of a benchmark, after JAX's)."""
+  child = subprocess.run([sys.executable, script, "--torch_child", *args],
+                         check=True, capture_output=True, text=True)
+  return json.loads(child.stdout.splitlines()[-1])
+
+
 def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux KiB
 

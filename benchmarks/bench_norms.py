@@ -11,7 +11,6 @@ PyTorch side runs in a child process after JAX's.
 """
 import json
 import os
-import subprocess
 import sys
 
 from absl import app
@@ -19,6 +18,7 @@ from absl import flags
 
 from bench_memory import cpu_info
 from bench_memory import median_ms
+from bench_memory import torch_child_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,49 +46,38 @@ def jax_figures(repeats):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxsd.models import unet  # pylint: disable=g-import-not-at-top
-  norms = {
+  group_norms = {
       "jaxsd": lambda x, s, b: unet.group_norm(x, s, b, GROUPS, EPS),
       "flax": lambda x, s, b: nn.GroupNorm(GROUPS, epsilon=EPS).apply(
           {"params": {"scale": s, "bias": b}}, x),
   }
-  rng = np.random.default_rng(0)
-  rows = []
-  for batch, size, c in SHAPES:
-    x, g = (jax.device_put(rng.standard_normal((batch, size, size, c),
-                                               dtype=np.float32))
-            for _ in range(2))
-    s, b = (jax.device_put(rng.standard_normal((c,), dtype=np.float32))
-            for _ in range(2))
-    row = {"shape": (batch, size, c)}
-    for name, norm in norms.items():
-      fwd = jax.jit(lambda x, s, b, n=norm: jax.nn.silu(n(x, s, b)))
-      bwd = jax.jit(lambda x, s, b, g, n=norm: jax.vjp(
-          lambda a: jax.nn.silu(n(a, s, b)), x)[1](g)[0])
-      row[f"{name}_fwd_ms"] = median_ms(lambda: fwd(x, s, b), repeats,
-                                         jax.block_until_ready)
-      row[f"{name}_fwd_dx_ms"] = median_ms(lambda: bwd(x, s, b, g), repeats,
-                                            jax.block_until_ready)
-    rows.append(row)
   layer_norms = {
       "jaxsd": lambda x, s, b: unet.layer_norm(x, s, b, EPS),
       "flax": lambda x, s, b: nn.LayerNorm(epsilon=EPS).apply(
           {"params": {"scale": s, "bias": b}}, x),
   }
-  for shape in LN_SHAPES:
+  # (row key, row label, input shape, norms, activation after the norm)
+  cases = ([("shape", (b, s, c), (b, s, s, c), group_norms, jax.nn.silu)
+            for b, s, c in SHAPES]
+           + [("layer_norm", shape, shape, layer_norms, lambda y: y)
+              for shape in LN_SHAPES])
+  rng = np.random.default_rng(0)
+  rows = []
+  for key, label, shape, norms, act in cases:
     x, g = (jax.device_put(rng.standard_normal(shape, dtype=np.float32))
             for _ in range(2))
     s, b = (jax.device_put(rng.standard_normal((shape[-1],),
                                                dtype=np.float32))
             for _ in range(2))
-    row = {"layer_norm": shape}
-    for name, norm in layer_norms.items():
-      fwd = jax.jit(norm)
+    row = {key: label}
+    for name, norm in norms.items():
+      fwd = jax.jit(lambda x, s, b, n=norm: act(n(x, s, b)))
       bwd = jax.jit(lambda x, s, b, g, n=norm: jax.vjp(
-          lambda a: n(a, s, b), x)[1](g)[0])
+          lambda a: act(n(a, s, b)), x)[1](g)[0])
       row[f"{name}_fwd_ms"] = median_ms(lambda: fwd(x, s, b), repeats,
-                                         jax.block_until_ready)
+                                        jax.block_until_ready)
       row[f"{name}_fwd_dx_ms"] = median_ms(lambda: bwd(x, s, b, g), repeats,
-                                            jax.block_until_ready)
+                                           jax.block_until_ready)
     rows.append(row)
   return rows
 
@@ -124,12 +113,8 @@ def main(argv):
     return
   rows = jax_figures(FLAGS.repeats)
   if not FLAGS.skip_torch:
-    child = subprocess.run(
-        [sys.executable, __file__, "--torch_child",
-         f"--repeats={FLAGS.repeats}"], check=True, capture_output=True,
-        text=True)
     for row, (fwd, both) in zip(
-        rows, json.loads(child.stdout.splitlines()[-1])):
+        rows, torch_child_output(__file__, f"--repeats={FLAGS.repeats}")):
       row["pytorch_fwd_ms"], row["pytorch_fwd_dx_ms"] = fwd, both
   names = ["jaxsd", "flax"] + ([] if FLAGS.skip_torch else ["pytorch"])
   print("| norm, shape | "

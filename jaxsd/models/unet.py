@@ -168,13 +168,13 @@ def _layer_norm_bwd(eps, residuals, d_y):
   c = x.shape[-1]
   xhat = (x.astype(jnp.float32) - mean) * rstd
   d_y = d_y.astype(jnp.float32)
-  scale = scale.astype(jnp.float32)
-  d_xhat = d_y * scale
+  scale_f = scale.astype(jnp.float32)
+  d_xhat = d_y * scale_f
   # Sums of products as einsums, as in `_group_norm_bwd`: autodiff of
   # flax's LayerNorm reduces products over the channels, 9.1 ms for one
   # [1, 4096, 960] operand on XLA:CPU against 1.15 as an einsum
   # (benchmarks/README.md, "GroupNorm's backward").
-  mean_d_xhat = jnp.einsum("...c,c->...", d_y, scale)[..., None] / c
+  mean_d_xhat = jnp.einsum("...c,c->...", d_y, scale_f)[..., None] / c
   mean_d_xhat_xhat = jnp.einsum("...c,...c->...", d_xhat, xhat)[..., None] / c
   d_x = rstd * (d_xhat - mean_d_xhat - xhat * mean_d_xhat_xhat)
   rows_d_y, rows_xhat = d_y.reshape(-1, c), xhat.reshape(-1, c)
